@@ -1,0 +1,1 @@
+"""convoy launchers: horovodrun wrapper, local multi-worker cluster, Horovod install script."""

@@ -1,0 +1,1 @@
+"""convoy trainer: flags -> config -> backend -> compiled steps -> loop -> checkpoints, TensorBoard, export."""
