@@ -1,0 +1,47 @@
+"""`python -m trainer`: parse flags into a Config, run train_and_evaluate, report.
+
+Exit codes: 0 done; 1 training failed (e.g. non-finite loss); 2 invalid flags or data;
+128+signal when stopped by SIGTERM/SIGINT after saving a checkpoint (so Kubernetes and
+horovodrun treat it as retryable and the next attempt resumes).
+"""
+import sys
+
+from absl import app, logging
+
+
+def _parse(argv):
+  from trainer.config import ConfigError, config_from_argv
+  try:
+    return config_from_argv(argv)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(config) -> int:
+  # Imported here so a bad command line fails before TensorFlow loads.
+  from datasets.errors import DataError
+  from trainer.config import ConfigError
+  from trainer.loop import Interrupted, NonFiniteLossError, train_and_evaluate
+
+  try:
+    summary = train_and_evaluate(config)
+  except (ConfigError, DataError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except NonFiniteLossError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  except Interrupted as e:
+    logging.warning("%s", e)
+    return 128 + e.signum
+  ev = summary["eval"]
+  print(f"{ev['split']} accuracy {ev['accuracy']:.4f} ({ev['num_examples']} examples), "
+        f"loss {ev['loss']:.4f}; {summary['images_per_sec']:,.0f} img/s over "
+        f"{summary['train_seconds']:.1f} s of training")
+  print(f"TensorBoard: tensorboard --logdir {summary['workdir']}/tensorboard")
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(lambda config: sys.exit(main(config)), flags_parser=_parse)

@@ -1,0 +1,77 @@
+"""The one interface every distribution mode implements.
+
+The step and the loop talk only to this class: where variables live (`scope`), how each worker
+gets its input (`distribute`), how a function runs on every replica (`run`), how gradients and
+metrics are combined (`reduce_gradients`, `sum`), and who writes files (`is_chief`). Nothing
+outside `trainer/backends/` names a strategy or Horovod.
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+from typing import Any, Callable
+
+import tensorflow as tf
+
+# dataset_fn(worker_index, num_workers, per_replica_batch_size) -> tf.data.Dataset of this worker.
+DatasetFn = Callable[[int, int, int], tf.data.Dataset]
+
+
+class Backend(abc.ABC):
+  """A distribution mode. Subclasses set the topology attributes in __init__."""
+
+  name: str
+  num_workers: int = 1
+  worker_index: int = 0
+  num_replicas: int = 1
+  uses_gpu: bool = False
+
+  @property
+  def is_chief(self) -> bool:
+    return self.worker_index == 0
+
+  @property
+  def replicas_per_worker(self) -> int:
+    return self.num_replicas // self.num_workers
+
+  @property
+  def checkpoint_is_collective(self) -> bool:
+    """True when every worker must take part in a save (the chief's copy is the real one)."""
+    return False
+
+  @property
+  def input_state_is_local(self) -> bool:
+    """True when one checkpoint can hold the input position of every replica (one worker)."""
+    return self.num_workers == 1
+
+  def scope(self) -> contextlib.AbstractContextManager:
+    """Context in which model and optimizer variables are created."""
+    return contextlib.nullcontext()
+
+  def distribute(self, dataset_fn: DatasetFn, global_batch_size: int) -> tf.data.Dataset:
+    """This worker's dataset: its share of every global batch, split among its replicas by `run`.
+
+    A plain tf.data pipeline (not a tf.distribute distributed dataset) so that its iterator can
+    be checkpointed with the model.
+    """
+    return dataset_fn(self.worker_index, self.num_workers,
+                      global_batch_size // self.num_workers)
+
+  @abc.abstractmethod
+  def run(self, fn: Callable, *args) -> Any:
+    """Runs fn on every local replica (inside a tf.function), each on its slice of the args."""
+
+  @abc.abstractmethod
+  def sum(self, per_replica: Any) -> Any:
+    """Sum of a per-replica result over all replicas of all workers (inside a tf.function)."""
+
+  @abc.abstractmethod
+  def reduce_gradients(self, grads: list[tf.Tensor]) -> list[tf.Tensor]:
+    """Sums gradients over all replicas; called in the replica context, outside XLA."""
+
+  def broadcast_initial_state(self, variables: list) -> None:
+    """Makes every worker start from worker 0's values (no-op where the strategy does it)."""
+
+  def __repr__(self) -> str:
+    return (f"{self.name}(workers={self.num_workers}, worker_index={self.worker_index}, "
+            f"replicas={self.num_replicas}, gpu={self.uses_gpu})")

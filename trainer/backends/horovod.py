@@ -1,0 +1,42 @@
+"""The Horovod backend: one process per replica, gradients summed by hvd.grouped_allreduce.
+
+Under Keras 3, hvd.DistributedGradientTape and hvd.DistributedOptimizer fail ('Variable' object
+has no attribute 'ref'), so this backend calls the collectives directly on tensors and on the
+underlying tf.Variables.
+"""
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from trainer.backends.base import Backend
+
+
+class HorovodBackend(Backend):
+  name = "horovod"
+
+  def __init__(self, hvd_module, uses_gpu: bool, fp16_allreduce: bool):
+    self._hvd = hvd_module
+    self.num_workers = hvd_module.size()
+    self.worker_index = hvd_module.rank()
+    self.num_replicas = hvd_module.size()
+    self.uses_gpu = uses_gpu
+    self._compression = (hvd_module.Compression.fp16 if fp16_allreduce
+                         else hvd_module.Compression.none)
+
+  def run(self, fn, *args):
+    return fn(*args)
+
+  def sum(self, per_replica):
+    return tf.nest.map_structure(lambda t: self._hvd.allreduce(t, op=self._hvd.Sum), per_replica)
+
+  def reduce_gradients(self, grads):
+    # Sum, not Average: every replica's loss is already divided by the *global* batch (the
+    # convention shared with tf.distribute), so the sum is the gradient of the global mean loss.
+    return self._hvd.grouped_allreduce(list(grads), op=self._hvd.Sum,
+                                       compression=self._compression)
+
+  def broadcast_initial_state(self, variables):
+    # Keras 3 variables wrap a tf.Variable in `.value`; Horovod needs the tf.Variable itself.
+    self._hvd.broadcast_variables(
+        [v.value if isinstance(v, keras.Variable) else v for v in variables], root_rank=0)
