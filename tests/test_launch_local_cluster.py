@@ -1,0 +1,190 @@
+"""launch.local_cluster: TF_CONFIGs, prefixed log streaming, fail-fast and signal forwarding.
+
+Workers are tiny real Python programs (via --worker_cmd) that read TF_CONFIG, so these tests
+exercise the launcher's process handling without starting TensorFlow.
+"""
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from launch import local_cluster  # noqa: E402
+
+# Prints what it was given; fails with status 3 on worker --fail_index; sleeps on --sleep.
+WORKER = textwrap.dedent("""
+    import json, os, signal, sys, time
+    config = json.loads(os.environ["TF_CONFIG"])
+    index = config["task"]["index"]
+    print("CONFIG " + json.dumps({"config": config, "argv": sys.argv[1:], "pid": os.getpid()}),
+          flush=True)
+    print(f"to stderr from {index}", file=sys.stderr, flush=True)
+    args = dict(a.lstrip("-").split("=", 1) for a in sys.argv[1:] if "=" in a)
+    if int(args.get("fail_index", -1)) == index:
+        time.sleep(float(args.get("fail_after_s", 0)))
+        sys.exit(3)
+    if "sleep_s" in args:
+        signal.signal(signal.SIGTERM, lambda *_: (print("got SIGTERM", flush=True), sys.exit(0)))
+        time.sleep(float(args["sleep_s"]))
+""")
+
+
+@pytest.fixture
+def worker_script(tmp_path):
+    path = tmp_path / "worker.py"
+    path.write_text(WORKER)
+    return f"{sys.executable} {path}"
+
+
+def _launch(worker_cmd, *args, workers=3, timeout=60):
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "launch.local_cluster", f"--workers={workers}",
+                           f"--worker_cmd={worker_cmd}", "--grace_s=2", "--", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return proc, time.monotonic() - start
+
+
+def _configs(stdout):
+    found = {}
+    for line in stdout.splitlines():
+        m = re.match(r"\[worker (\d+)\] CONFIG (.*)$", line)
+        if m:
+            found[int(m.group(1))] = json.loads(m.group(2))
+    return found
+
+
+def test_tf_configs_share_the_cluster_and_number_the_tasks():
+    addresses = ["127.0.0.1:1000", "127.0.0.1:1001", "127.0.0.1:1002"]
+    configs = [json.loads(c) for c in local_cluster.tf_configs(addresses)]
+    assert [c["task"] for c in configs] == [{"type": "worker", "index": i} for i in range(3)]
+    assert all(c["cluster"] == {"worker": addresses} for c in configs)
+
+
+def test_worker_command_appends_strategy_and_refuses_another():
+    assert local_cluster.worker_command(["--a=1"], ["py", "w.py"]) == [
+        "py", "w.py", "--strategy=multi_worker", "--a=1"]
+    assert local_cluster.worker_command([])[:3] == [sys.executable, "-m", "trainer"]
+    with pytest.raises(ValueError, match="--strategy=horovod"):
+        local_cluster.worker_command(["--strategy=horovod"])
+
+
+def test_pick_free_ports_are_distinct_and_bindable():
+    ports = local_cluster.pick_free_ports(4)
+    assert len(set(ports)) == 4
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+    base = local_cluster.pick_free_ports(1)[0]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", base))
+        with pytest.raises(OSError, match=f"port {base}"):
+            local_cluster.pick_free_ports(2, port_base=base)
+
+
+def test_every_worker_gets_its_own_index_and_the_same_cluster(worker_script):
+    proc, _ = _launch(worker_script, "--batch=8", "--workdir=/tmp/x")
+    assert proc.returncode == 0, proc.stderr
+    configs = _configs(proc.stdout)
+    assert sorted(configs) == [0, 1, 2]
+    for i, seen in configs.items():
+        assert seen["config"]["task"] == {"type": "worker", "index": i}
+        assert seen["argv"] == ["--strategy=multi_worker", "--batch=8", "--workdir=/tmp/x"]
+    clusters = {json.dumps(seen["config"]["cluster"]) for seen in configs.values()}
+    assert len(clusters) == 1
+    addresses = configs[0]["config"]["cluster"]["worker"]
+    assert len(set(addresses)) == 3 and all(a.startswith("127.0.0.1:") for a in addresses)
+    # stderr is streamed too, with the prefix, to the launcher's stderr.
+    for i in range(3):
+        assert f"[worker {i}] to stderr from {i}" in proc.stderr.splitlines()
+    assert "all 3 workers finished successfully" in proc.stderr
+
+
+def test_one_failing_worker_stops_the_others_quickly(worker_script):
+    # Workers 0 and 2 would sleep for 120 s; worker 1 fails after 0.5 s.
+    proc, elapsed = _launch(worker_script, "--fail_index=1", "--fail_after_s=0.5",
+                            "--sleep_s=120")
+    assert proc.returncode == 3, proc.stderr
+    assert elapsed < 30, f"launcher took {elapsed:.1f} s to give up"
+    assert "FAILED: worker 1 exited with status 3" in proc.stderr
+    # The survivors were stopped by the launcher (they print on SIGTERM), not left running.
+    for i in (0, 2):
+        assert f"[worker {i}] got SIGTERM" in proc.stdout, proc.stdout
+        pid = _configs(proc.stdout)[i]["pid"]
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_workers_that_ignore_sigterm_are_killed_after_the_grace_period(tmp_path):
+    stubborn = tmp_path / "stubborn.py"
+    stubborn.write_text(textwrap.dedent("""
+        import json, os, signal, sys, time
+        index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("up", flush=True)
+        if index == 0:
+            time.sleep(0.5)
+            sys.exit(5)
+        time.sleep(120)
+    """))
+    proc, elapsed = _launch(f"{sys.executable} {stubborn}", workers=2)
+    assert proc.returncode == 5, proc.stderr
+    assert "killing them" in proc.stderr
+    assert elapsed < 30
+
+
+def test_sigterm_to_the_launcher_is_forwarded_to_every_worker(worker_script):
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "launch.local_cluster", "--workers=2",
+         f"--worker_cmd={worker_script}", "--", "--sleep_s=120"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # Wait until both workers have started (they print their CONFIG line first).
+        lines = []
+        deadline = time.monotonic() + 30
+        while sum("CONFIG" in l for l in lines) < 2 and time.monotonic() < deadline:
+            lines.append(launcher.stdout.readline())
+        time.sleep(0.3)  # let the workers install their SIGTERM handlers
+        launcher.send_signal(signal.SIGTERM)
+        out, err = launcher.communicate(timeout=30)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    out = "".join(lines) + out
+    assert launcher.returncode == 128 + signal.SIGTERM, err
+    assert "[worker 0] got SIGTERM" in out and "[worker 1] got SIGTERM" in out, out
+    assert "interrupted by signal 15" in err
+
+
+def test_run_cluster_in_process_reports_success_and_non_utf8_output(tmp_path):
+    script = tmp_path / "bytes.py"
+    script.write_text(textwrap.dedent("""
+        import json, os, sys
+        index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+        sys.stdout.buffer.write(b"raw \\xff bytes\\n")
+        print("partial line without newline from", index, end="")
+    """))
+    out, err = io.StringIO(), io.StringIO()
+    status = local_cluster.run_cluster(2, [], worker_cmd=[sys.executable, str(script)],
+                                       out=out, err=err)
+    assert status == 0, err.getvalue()
+    lines = out.getvalue().splitlines()
+    for i in range(2):
+        assert f"[worker {i}] raw \ufffd bytes" in lines
+        assert f"[worker {i}] partial line without newline from {i}" in lines
+
+
+def test_bad_usage_exits_2_with_one_line():
+    proc = subprocess.run([sys.executable, "-m", "launch.local_cluster", "--workers=0"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "workers" in proc.stderr
