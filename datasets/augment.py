@@ -1,0 +1,123 @@
+"""Training-time augmentation: random flip, shift, rotation and zoom, each its own op.
+
+All ops take a float image batch [B, H, W, C] or a single image [H, W, C], draw independent
+parameters per image, and use stateless random ops keyed by an explicit `seed` (shape [2]
+integers), so they give the same result eagerly and inside `tf.data.map`, and a restored input
+iterator reproduces the same augmented batches. Geometric ops go through one projective-transform
+kernel with bilinear sampling; pixels that come from outside the image repeat the nearest edge
+pixel (as Keras' ImageDataGenerator does by default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import tensorflow as tf
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    flip: bool = False  # random left-right flip (wrong for digits and letters; right for photos)
+    shift: float = 0.0  # max shift as a fraction of width/height
+    rotation_degrees: float = 0.0  # max rotation either way
+    zoom: float = 0.0  # scale drawn from [1 - zoom, 1 + zoom]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.flip or self.shift or self.rotation_degrees or self.zoom)
+
+
+def _seed(seed) -> tf.Tensor:
+    seed = tf.convert_to_tensor(seed)
+    if seed.shape.rank == 0:
+        seed = tf.stack([seed, tf.zeros_like(seed)])
+    return tf.cast(seed, tf.int64)
+
+
+def _batched(op):
+    """Lets a batch op also take one image [H, W, C]."""
+    def wrapper(images, *args, **kwargs):
+        images = tf.convert_to_tensor(images)
+        if images.shape.rank == 3:
+            return op(images[tf.newaxis], *args, **kwargs)[0]
+        return op(images, *args, **kwargs)
+    wrapper.__name__, wrapper.__doc__ = op.__name__, op.__doc__
+    return wrapper
+
+
+def _transform(images: tf.Tensor, transforms: tf.Tensor) -> tf.Tensor:
+    """Samples output pixel (x, y) from input ((a0 x + a1 y + a2), (b0 x + b1 y + b2)) per image."""
+    size = tf.shape(images)[1:3]
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=images, transforms=tf.cast(transforms, tf.float32), output_shape=size,
+        fill_value=0.0, interpolation="BILINEAR", fill_mode="NEAREST")
+
+
+def _uniform(shape, seed, limit):
+    return tf.random.stateless_uniform(shape, seed=_seed(seed), minval=-limit, maxval=limit)
+
+
+def _centre(images):
+    h = tf.cast(tf.shape(images)[1], tf.float32)
+    w = tf.cast(tf.shape(images)[2], tf.float32)
+    return (w - 1) / 2, (h - 1) / 2, w, h
+
+
+@_batched
+def random_flip(images, seed):
+    """Flips each image left-right with probability 1/2."""
+    flip = tf.random.stateless_uniform(tf.shape(images)[:1], seed=_seed(seed)) < 0.5
+    return tf.where(flip[:, tf.newaxis, tf.newaxis, tf.newaxis], tf.reverse(images, axis=[2]), images)
+
+
+@_batched
+def random_shift(images, max_fraction: float, seed):
+    """Shifts each image by up to `max_fraction` of its width and height."""
+    n = tf.shape(images)[0]
+    _, _, w, h = _centre(images)
+    d = _uniform([n, 2], seed, max_fraction) * tf.stack([w, h])
+    zeros, ones = tf.zeros([n]), tf.ones([n])
+    return _transform(images, tf.stack([ones, zeros, -d[:, 0], zeros, ones, -d[:, 1], zeros, zeros], axis=1))
+
+
+@_batched
+def random_rotation(images, max_degrees: float, seed):
+    """Rotates each image about its centre by up to `max_degrees` either way."""
+    n = tf.shape(images)[0]
+    cx, cy, _, _ = _centre(images)
+    angle = _uniform([n], seed, max_degrees * math.pi / 180)
+    cos, sin, zeros = tf.cos(angle), tf.sin(angle), tf.zeros([n])
+    return _transform(images, tf.stack([
+        cos, -sin, cx - cx * cos + cy * sin,
+        sin, cos, cy - cx * sin - cy * cos,
+        zeros, zeros], axis=1))
+
+
+@_batched
+def random_zoom(images, max_fraction: float, seed):
+    """Zooms each image in or out about its centre by a scale in [1 - max_fraction, 1 + max_fraction]."""
+    n = tf.shape(images)[0]
+    cx, cy, _, _ = _centre(images)
+    inverse = 1.0 / (1.0 + _uniform([n], seed, max_fraction))  # output -> input coordinates
+    zeros = tf.zeros([n])
+    return _transform(images, tf.stack([
+        inverse, zeros, cx - cx * inverse,
+        zeros, inverse, cy - cy * inverse,
+        zeros, zeros], axis=1))
+
+
+def apply(images, config: AugmentConfig, seed):
+    """Applies the augmentations `config` enables, each with its own seed derived from `seed`."""
+    if not config.enabled:
+        return images
+    seeds = tf.random.experimental.stateless_split(_seed(seed), num=4)
+    if config.flip:
+        images = random_flip(images, seeds[0])
+    if config.shift:
+        images = random_shift(images, config.shift, seeds[1])
+    if config.rotation_degrees:
+        images = random_rotation(images, config.rotation_degrees, seeds[2])
+    if config.zoom:
+        images = random_zoom(images, config.zoom, seeds[3])
+    return images

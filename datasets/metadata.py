@@ -1,0 +1,172 @@
+"""`metadata.json`: the contract between dataset preparation and the input pipeline.
+
+`datasets.prepare` writes one `metadata.json` next to the TFRecord shards, last, after every shard
+is in place; the pipeline and the trainer read image shape, encoding, classes and example counts
+from it and never hard-code anything per dataset. This module owns the schema, its JSON form and
+the checks done when loading it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from datasets.errors import DataError
+
+FORMAT_VERSION = 1
+METADATA_FILE = "metadata.json"
+SPLITS = ("train", "validation", "test")
+ENCODINGS = ("raw", "encoded")
+
+
+def shard_file_name(split: str, index: int, num_shards: int) -> str:
+    return f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord"
+
+
+@dataclasses.dataclass
+class ShardInfo:
+    file: str  # relative to the dataset directory
+    num_examples: int
+
+
+@dataclasses.dataclass
+class SplitInfo:
+    num_examples: int
+    shards: list[ShardInfo]
+
+
+@dataclasses.dataclass
+class SourceFile:
+    # Relative to the prepare input, so the same input prepared from another place gives the same
+    # metadata bytes. For a class folder, `sha256` digests its sorted "name sha256" manifest.
+    path: str
+    sha256: str
+
+
+@dataclasses.dataclass
+class DatasetMetadata:
+    """What a prepared dataset holds. See DESIGN.md, "metadata.json"."""
+
+    format_version: int
+    name: str
+    source: str  # idx | csv | image_folder | tfds
+    encoding: str  # "raw": uint8 H*W*C bytes; "encoded": the source's JPEG/PNG bytes as they were
+    image_shape: tuple[int, int, int] | None  # (H, W, C); None when encoded sizes vary
+    channels: int
+    num_classes: int
+    class_names: list[str]
+    original_labels: list  # the source's label for each dense class id
+    splits: dict[str, SplitInfo]
+    source_files: list[SourceFile]
+    seed: int
+    dtype: str = "uint8"
+    # The prepare options that, with the source checksums, decide whether a re-run is a no-op.
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Files left out by --skip_bad_images: [{"path": ..., "reason": ...}].
+    skipped: list[dict[str, str]] = dataclasses.field(default_factory=list)
+
+    def num_examples(self, split: str) -> int:
+        return self._split(split).num_examples
+
+    def shard_paths(self, data_dir: str, split: str) -> list[str]:
+        return [os.path.join(data_dir, shard.file) for shard in self._split(split).shards]
+
+    def _split(self, split: str) -> SplitInfo:
+        if split not in self.splits:
+            raise DataError(f"{METADATA_FILE} of dataset '{self.name}': no split '{split}'; "
+                            f"expected one of {', '.join(self.splits)}")
+        return self.splits[split]
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+    def save(self, data_dir: str) -> None:
+        # Temp name + rename: a reader sees the old file or the new one, never half of one.
+        path = os.path.join(data_dir, METADATA_FILE)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(self.to_json())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, data_dir: str) -> "DatasetMetadata":
+        """Reads and checks `data_dir/metadata.json`, and that every shard it lists exists."""
+        if not os.path.isdir(data_dir):
+            raise DataError(f"{data_dir}: no such directory; expected a dataset directory written "
+                            "by `python -m datasets.prepare`")
+        path = os.path.join(data_dir, METADATA_FILE)
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: missing; expected the {METADATA_FILE} that "
+                            "`python -m datasets.prepare` writes last (an unfinished or foreign directory?)")
+        try:
+            with open(path) as f:
+                raw = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: not valid JSON ({e}); expected a metadata object") from None
+        metadata = cls.from_dict(raw, path)
+        for split, info in metadata.splits.items():
+            for shard in info.shards:
+                shard_path = os.path.join(data_dir, shard.file)
+                if not os.path.isfile(shard_path):
+                    raise DataError(f"{shard_path}: missing; {path} lists it as a shard of split "
+                                    f"'{split}' with {shard.num_examples} examples")
+        return metadata
+
+    @classmethod
+    def from_dict(cls, raw: Any, path: str = METADATA_FILE) -> "DatasetMetadata":
+        if not isinstance(raw, dict):
+            raise DataError(f"{path}: top level is {type(raw).__name__}; expected a JSON object")
+        version = raw.get("format_version")
+        if version != FORMAT_VERSION:
+            raise DataError(f"{path}: format_version {version!r}; expected {FORMAT_VERSION} "
+                            "(re-run `python -m datasets.prepare --overwrite` with this version)")
+        try:
+            splits = {
+                name: SplitInfo(num_examples=int(s["num_examples"]),
+                                shards=[ShardInfo(file=str(sh["file"]), num_examples=int(sh["num_examples"]))
+                                        for sh in s["shards"]])
+                for name, s in raw["splits"].items()
+            }
+            shape = raw["image_shape"]
+            metadata = cls(
+                format_version=version,
+                name=str(raw["name"]),
+                source=str(raw["source"]),
+                encoding=str(raw["encoding"]),
+                image_shape=tuple(int(d) for d in shape) if shape is not None else None,
+                channels=int(raw["channels"]),
+                num_classes=int(raw["num_classes"]),
+                class_names=[str(n) for n in raw["class_names"]],
+                original_labels=list(raw["original_labels"]),
+                splits=splits,
+                source_files=[SourceFile(path=str(f["path"]), sha256=str(f["sha256"]))
+                              for f in raw["source_files"]],
+                seed=int(raw["seed"]),
+                dtype=str(raw.get("dtype", "uint8")),
+                options=dict(raw.get("options", {})),
+                skipped=list(raw.get("skipped", [])),
+            )
+        except KeyError as e:
+            raise DataError(f"{path}: missing field {e}; expected every field of DatasetMetadata") from None
+        except (TypeError, ValueError, AttributeError) as e:
+            raise DataError(f"{path}: malformed field ({e}); expected the DatasetMetadata schema") from None
+        metadata._check(path)
+        return metadata
+
+    def _check(self, path: str) -> None:
+        if self.encoding not in ENCODINGS:
+            raise DataError(f"{path}: encoding '{self.encoding}'; expected one of {ENCODINGS}")
+        if self.encoding == "raw" and self.image_shape is None:
+            raise DataError(f"{path}: encoding 'raw' without image_shape; expected [H, W, C]")
+        if self.image_shape is not None and len(self.image_shape) != 3:
+            raise DataError(f"{path}: image_shape {list(self.image_shape)}; expected [H, W, C]")
+        if len(self.class_names) != self.num_classes or len(self.original_labels) != self.num_classes:
+            raise DataError(f"{path}: {len(self.class_names)} class_names and {len(self.original_labels)} "
+                            f"original_labels; expected num_classes = {self.num_classes} of each")
+        for name, info in self.splits.items():
+            total = sum(s.num_examples for s in info.shards)
+            if total != info.num_examples:
+                raise DataError(f"{path}: split '{name}' shards hold {total} examples; expected "
+                                f"num_examples = {info.num_examples}")
