@@ -1,0 +1,294 @@
+"""launch.horovod and the Horovod build: command construction, the build check, real 2-rank runs.
+
+The real runs use `horovodrun --gloo -np 2 -H localhost:2` on 127.0.0.1, so they prove in CI that
+launch/install_horovod.sh produced a Horovod whose TensorFlow ops work under Keras 3.
+"""
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from launch import horovod as hvd_launch  # noqa: E402
+
+ENV = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2",
+       # Two ranks share two cores: one intra-op thread each keeps them from thrashing.
+       "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
+HOROVODRUN = hvd_launch.default_horovodrun()
+
+
+def _executable(path, text):
+    path.write_text(textwrap.dedent(text).lstrip())
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return str(path)
+
+
+def _rank_results(output):
+    """{rank: payload} from lines a rank printed as `RESULT <json>` (horovodrun prefixes them)."""
+    results = {}
+    for line in output.splitlines():
+        m = re.search(r"RESULT (\{.*\})\s*$", line)
+        if m:
+            payload = json.loads(m.group(1))
+            results[payload["rank"]] = payload
+    return results
+
+
+# --- command construction (pure) -----------------------------------------------------------------
+
+def test_command_runs_the_trainer_under_horovodrun_with_gloo(tmp_path):
+    no_file = str(tmp_path / "absent")
+    cmd = hvd_launch.build_command(4, ["--global_batch_size=256"], hosts="a:2,b:2",
+                                   python="/py", mpijob_hostfile=no_file)
+    assert cmd == ["horovodrun", "-np", "4", "-H", "a:2,b:2", "--gloo", "/py", "-m", "trainer",
+                   "--strategy=horovod", "--global_batch_size=256"]
+
+
+def test_command_without_hosts_leaves_horovodrun_default_localhost(tmp_path):
+    cmd = hvd_launch.build_command(2, [], python="/py", mpijob_hostfile=str(tmp_path / "absent"))
+    assert cmd == ["horovodrun", "-np", "2", "--gloo", "/py", "-m", "trainer",
+                   "--strategy=horovod"]
+
+
+def test_mpijob_hostfile_is_used_only_when_no_hosts_are_given(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("job-worker-0 slots=1\njob-worker-1 slots=1\n")
+    auto = hvd_launch.build_command(2, [], use_mpi=True, python="/py",
+                                    mpijob_hostfile=str(hostfile))
+    assert auto[:6] == ["horovodrun", "-np", "2", "--hostfile", str(hostfile), "--mpi"]
+    explicit_hosts = hvd_launch.build_command(2, [], hosts="x:2", mpijob_hostfile=str(hostfile))
+    assert "--hostfile" not in explicit_hosts and explicit_hosts[3:5] == ["-H", "x:2"]
+    other = str(tmp_path / "other")
+    explicit_file = hvd_launch.build_command(2, [], hostfile=other, mpijob_hostfile=str(hostfile))
+    assert explicit_file[3:5] == ["--hostfile", other]
+
+
+def test_stall_timeout_is_forwarded_to_the_trainer_before_its_flags(tmp_path):
+    cmd = hvd_launch.build_command(2, ["--steps=10"], stall_timeout_s=300.0, python="/py",
+                                   horovodrun="/bin/hr", mpijob_hostfile=str(tmp_path / "x"))
+    assert cmd[0] == "/bin/hr"
+    assert cmd[-3:] == ["--strategy=horovod", "--stall_timeout_s=300", "--steps=10"]
+
+
+@pytest.mark.parametrize("np_, kwargs, trainer_args, message", [
+    (0, {}, [], "-np"),
+    (2, {"hosts": "a:2", "hostfile": "f"}, [], "at most one"),
+    (2, {}, ["--strategy=mirrored"], "--strategy=mirrored"),
+])
+def test_invalid_requests_are_rejected(np_, kwargs, trainer_args, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        hvd_launch.build_command(np_, trainer_args, **kwargs)
+
+
+def test_mpi_is_chosen_only_when_built_in_and_installed_unless_forced():
+    gloo_only = hvd_launch.BuildInfo("0.28.1", frozenset({"TensorFlow"}), frozenset({"Gloo"}),
+                                     frozenset({"Gloo"}))
+    both = hvd_launch.BuildInfo("0.28.1", frozenset({"TensorFlow"}),
+                                frozenset({"Gloo", "MPI"}), frozenset({"Gloo", "MPI"}))
+    assert hvd_launch.choose_mpi(None, gloo_only, mpirun_on_path=True) is False
+    assert hvd_launch.choose_mpi(None, both, mpirun_on_path=False) is False
+    assert hvd_launch.choose_mpi(None, both, mpirun_on_path=True) is True
+    assert hvd_launch.choose_mpi(False, both, mpirun_on_path=True) is False
+    assert hvd_launch.choose_mpi(True, gloo_only, mpirun_on_path=False) is True
+
+
+# --- the build check -------------------------------------------------------------------------------
+
+def test_the_installed_build_passes_the_check_with_tensorflow_and_gloo():
+    info = hvd_launch.check_build(HOROVODRUN)
+    assert info.version == "0.28.1"
+    assert "TensorFlow" in info.frameworks
+    assert "Gloo" in info.controllers and "Gloo" in info.tensor_operations
+    assert "MXNet" not in info.frameworks
+
+
+CHECK_BUILD_WITHOUT_TF = """
+    #!/bin/sh
+    cat <<'EOF'
+    Horovod v0.28.1:
+
+    Available Frameworks:
+        [ ] TensorFlow
+        [X] PyTorch
+        [ ] MXNet
+
+    Available Controllers:
+        [ ] MPI
+        [X] Gloo
+    EOF
+"""
+
+
+@pytest.mark.parametrize("fake, expected", [
+    (CHECK_BUILD_WITHOUT_TF, "built without TensorFlow support"),
+    ("#!/bin/sh\necho 'ImportError: undefined symbol: _ZN10tensorflow' >&2\nexit 1\n",
+     "failed (exit 1): ImportError: undefined symbol"),
+    (None, "not found"),
+])
+def test_wrapper_exits_2_with_one_line_when_the_build_check_fails(tmp_path, fake, expected):
+    horovodrun = (str(tmp_path / "missing-horovodrun") if fake is None
+                  else _executable(tmp_path / "horovodrun", fake))
+    proc = subprocess.run([sys.executable, "-m", "launch.horovod", "-np", "2",
+                           f"--horovodrun={horovodrun}", "--", "--steps=1"],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("launch.horovod: "), proc.stderr
+    assert expected in lines[0]
+    assert "install_horovod.sh" in lines[0]  # says how to fix it
+
+
+def test_wrapper_rejects_missing_np_and_conflicting_strategy():
+    for args in (["--", "--steps=1"], ["-np", "2", "--", "--strategy=one_device"]):
+        proc = subprocess.run([sys.executable, "-m", "launch.horovod", *args], cwd=REPO,
+                              env=ENV, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("launch.horovod: "), proc.stderr
+
+
+# --- real 2-rank runs ------------------------------------------------------------------------------
+
+RANK_PROBE = """
+    import json, sys
+    import horovod.tensorflow as hvd
+    hvd.init()
+    print("RESULT " + json.dumps({"rank": hvd.rank(), "size": hvd.size(),
+                                  "local_rank": hvd.local_rank(), "argv": sys.argv[1:]}),
+          flush=True)
+    sys.exit(int(sys.argv[-1].split("=")[1]) if sys.argv[-1].startswith("--exit=") else 0)
+"""
+
+
+def test_wrapper_execs_horovodrun_and_passes_the_exit_status(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text(textwrap.dedent(RANK_PROBE))
+    # Stands in for the interpreter: receives `-m trainer <flags>`, runs the probe with the flags.
+    fake_python = _executable(tmp_path / "python", f"""
+        #!/bin/sh
+        [ "$1 $2" = "-m trainer" ] || {{ echo "unexpected: $*" >&2; exit 99; }}
+        shift 2
+        exec {sys.executable} {probe} "$@"
+    """)
+    base = [sys.executable, "-m", "launch.horovod", "-np", "2", "-H", "localhost:2",
+            f"--python={fake_python}", "--stall_timeout_s=60", "--"]
+    ok = subprocess.run(base + ["--steps=3"], cwd=REPO, env=ENV, capture_output=True,
+                        text=True, timeout=300)
+    assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
+    results = _rank_results(ok.stdout)
+    assert sorted(results) == [0, 1]
+    for r in results.values():
+        assert r["size"] == 2
+        assert r["argv"] == ["--strategy=horovod", "--stall_timeout_s=60", "--steps=3"]
+    assert "--gloo" in ok.stderr  # the wrapper echoes the command it runs
+
+    failing = subprocess.run(base + ["--exit=7"], cwd=REPO, env=ENV, capture_output=True,
+                             text=True, timeout=300)
+    assert failing.returncode != 0
+
+
+ALLREDUCE_AND_TRAIN = """
+    import json
+    import numpy as np
+    import tensorflow as tf
+    import keras
+    import horovod.tensorflow as hvd
+
+    hvd.init()
+    rank, size = hvd.rank(), hvd.size()
+
+    # 1. grouped_allreduce(Average) of rank-dependent tensors: the exact mean over ranks.
+    grads = [tf.constant([1.0, 2.0, 3.0]) * (rank + 1), tf.fill([2, 2], 10.0 * (rank + 1))]
+    averaged = [t.numpy().tolist() for t in hvd.grouped_allreduce(grads, op=hvd.Average)]
+
+    # 2. broadcast_variables on Keras 3 variables (through .value): rank 0's init wins.
+    def make_model(seed):
+        keras.utils.set_random_seed(seed)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
+                                  keras.layers.Dense(3)])
+        return model
+    model = make_model(seed=100 + rank)                 # different init on every rank
+    rank0_init = [v.numpy() for v in make_model(seed=100).variables]
+    hvd.broadcast_variables([v.value for v in model.variables], root_rank=0)
+    init_matches_rank0 = all(np.array_equal(a.numpy(), b)
+                             for a, b in zip(model.variables, rank0_init))
+
+    # 3. Three SGD steps, each rank on its half of a global batch of 16, gradients averaged:
+    #    must equal one process training on the whole batch (same init, same data).
+    data_rng = np.random.default_rng(0)
+    x_all = data_rng.normal(size=(3, 16, 4)).astype("float32")
+    y_all = data_rng.integers(0, 3, size=(3, 16))
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    optimizer = keras.optimizers.SGD(learning_rate=0.5)
+    reference = make_model(seed=100)
+    ref_optimizer = keras.optimizers.SGD(learning_rate=0.5)
+    per_rank = 16 // size
+    for step in range(3):
+        xs = x_all[step, rank * per_rank:(rank + 1) * per_rank]
+        ys = y_all[step, rank * per_rank:(rank + 1) * per_rank]
+        with tf.GradientTape() as tape:
+            loss = loss_fn(ys, model(xs, training=True))
+        g = hvd.grouped_allreduce(tape.gradient(loss, model.trainable_variables), op=hvd.Average)
+        optimizer.apply_gradients(zip(g, model.trainable_variables))
+        with tf.GradientTape() as tape:
+            ref_loss = loss_fn(y_all[step], reference(x_all[step], training=True))
+        ref_optimizer.apply_gradients(
+            zip(tape.gradient(ref_loss, reference.trainable_variables),
+                reference.trainable_variables))
+    flat = np.concatenate([v.numpy().ravel() for v in model.variables])
+    ref_flat = np.concatenate([v.numpy().ravel() for v in reference.variables])
+    gathered = hvd.allgather(tf.constant(flat[None, :])).numpy()   # every rank's weights
+    print("RESULT " + json.dumps({
+        "rank": rank, "size": size, "averaged": averaged, "init_matches_rank0": init_matches_rank0,
+        "ranks_identical": bool(np.array_equal(gathered[0], gathered[1])),
+        "max_diff_vs_single_process": float(np.max(np.abs(flat - ref_flat))),
+    }), flush=True)
+"""
+
+
+def test_real_gloo_run_grouped_allreduce_broadcast_and_training_match_single_process(tmp_path):
+    script = tmp_path / "allreduce_and_train.py"
+    script.write_text(textwrap.dedent(ALLREDUCE_AND_TRAIN))
+    proc = subprocess.run([HOROVODRUN, "--gloo", "-np", "2", "-H", "localhost:2",
+                           sys.executable, str(script)],
+                          cwd=str(tmp_path), env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = _rank_results(proc.stdout)
+    assert sorted(results) == [0, 1], proc.stdout[-4000:]
+    for r in results.values():
+        assert r["size"] == 2
+        # mean of (rank+1) over ranks {0,1} is 1.5: exact in float32.
+        assert r["averaged"] == [[1.5, 3.0, 4.5], [[15.0, 15.0], [15.0, 15.0]]]
+        assert r["init_matches_rank0"] is True
+        assert r["ranks_identical"] is True
+        # Averaging two half-batch means vs one full-batch mean differs only in float32
+        # summation order: 1e-5 absolute on weights of order 1 after 3 steps.
+        assert r["max_diff_vs_single_process"] < 1e-5, r
+
+
+# --- the install script ----------------------------------------------------------------------------
+
+def test_install_script_second_run_is_a_no_op_that_verifies_the_build():
+    proc = subprocess.run(["bash", os.path.join(REPO, "launch", "install_horovod.sh"),
+                           sys.executable], cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "nothing to install" in proc.stderr, proc.stderr[-3000:]
+    assert "[X] TensorFlow" in proc.stdout + proc.stderr
+
+
+def test_install_script_fails_loudly_without_tensorflow(tmp_path):
+    # A bare venv (no TensorFlow): the script must stop before touching apt or pip.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")],
+                   check=True, timeout=120)
+    proc = subprocess.run(["bash", os.path.join(REPO, "launch", "install_horovod.sh"),
+                           str(tmp_path / "venv" / "bin" / "python")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "ERROR: tensorflow is not importable" in proc.stderr, proc.stderr
