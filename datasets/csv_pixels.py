@@ -65,7 +65,7 @@ def _check_header(path: str, header: str) -> tuple[int, bool]:
                     "'label,pixel1,...,pixelK' with K = side*side (784 for 28x28)")
 
 
-def _find_bad_row(path: str, num_columns: int) -> DataError:
+def _find_bad_row(path: str, num_columns: int, from_one: bool) -> DataError:
     """Walks the rows to name the first one numpy rejected."""
     with open(path) as f:
         for line_no, line in enumerate(f, start=1):
@@ -79,7 +79,7 @@ def _find_bad_row(path: str, num_columns: int) -> DataError:
                 try:
                     int(cell)
                 except ValueError:
-                    name = "label" if col == 0 else f"column {col + 1}"
+                    name = "label" if col == 0 else f"pixel{col if from_one else col - 1}"
                     return DataError(f"{path}:{line_no}: {name} is '{cell.strip()[:20]}'; expected an integer")
     return DataError(f"{path}: unreadable CSV; expected integer cells")
 
@@ -109,7 +109,7 @@ def read_csv(path: str) -> tuple[np.ndarray, np.ndarray, bool]:
     try:
         table = np.loadtxt(path, dtype=np.int64, delimiter=",", skiprows=1, comments=None, ndmin=2)
     except ValueError:
-        raise _find_bad_row(path, num_pixels + 1) from None
+        raise _find_bad_row(path, num_pixels + 1, from_one) from None
     if table.shape[0] == 0:
         raise DataError(f"{path}: no data rows; expected one row per image after the header")
     labels, pixels = table[:, 0], table[:, 1:]

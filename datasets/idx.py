@@ -66,6 +66,12 @@ def read_idx(path: str, ndims: tuple[int, ...], what: str) -> np.ndarray:
     return np.frombuffer(data, dtype, offset=header).reshape(dims)
 
 
+def _partner(name: str) -> str:
+    """train-images-idx3-ubyte.gz <-> train-labels-idx1-ubyte.gz."""
+    swap = {"images": "labels", "labels": "images", "idx3": "idx1", "idx1": "idx3"}
+    return re.sub(r"images|labels|idx3|idx1", lambda m: swap[m.group()], name)
+
+
 def find_pairs(input: str) -> dict[str, tuple[str, str]]:
     """split -> (images path, labels path) for an input directory or an `IMAGES,LABELS` pair."""
     if "," in input:
@@ -83,12 +89,11 @@ def find_pairs(input: str) -> dict[str, tuple[str, str]]:
     pairs = {}
     for split in ("train", "test"):
         images, labels = found.get((split, "images")), found.get((split, "labels"))
-        if images and not labels:
-            raise DataError(f"{input}: no labels file for {os.path.basename(images)}; expected "
-                            f"{os.path.basename(images).replace('images', 'labels').replace('idx3', 'idx1')}")
-        if labels and not images:
-            raise DataError(f"{input}: no images file for {os.path.basename(labels)}; expected "
-                            f"{os.path.basename(labels).replace('labels', 'images').replace('idx1', 'idx3')}")
+        if bool(images) != bool(labels):
+            have = images or labels
+            want = _partner(os.path.basename(have))
+            raise DataError(f"{os.path.join(input, want)}: missing; expected it next to "
+                            f"{os.path.basename(have)} (images and labels come in pairs)")
         if images:
             pairs[split] = (images, labels)
     if not pairs:

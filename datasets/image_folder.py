@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import os
+import re
 
 import numpy as np
 
@@ -76,7 +77,8 @@ def check_image(path: str) -> tuple[bytes, tuple[int, int, int] | None, str]:
     try:
         shape = tf.io.decode_image(data, expand_animations=False).shape
     except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
-        reason = str(e.message).split("[Op:")[0].strip().splitlines()[-1]
+        # TF prefixes "{{function_node ...}}" and appends "[Op:...]": keep the decoder's own words.
+        reason = re.sub(r"\{\{.*?\}\}|\[Op:.*?\]", "", str(e.message)).strip().splitlines()[-1].strip()
         return b"", None, f"corrupt image ({reason})"
     return data, tuple(int(d) for d in shape), ""
 

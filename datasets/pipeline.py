@@ -101,6 +101,7 @@ def _decode_raw_batch(metadata: DatasetMetadata, target):
     def decode(serialized):
         parsed = tf.io.parse_example(serialized, _FEATURES)
         images = tf.reshape(tf.io.decode_raw(parsed["image"], tf.uint8), [-1, h, w, c])
+        images.set_shape([serialized.shape[0], h, w, c])  # keep a static batch size when there is one
         return _to_model_input(images, *target), tf.cast(parsed["label"], tf.int32)
     return decode
 

@@ -44,7 +44,7 @@ def index_of(images) -> np.ndarray:
     images = np.asarray(images)
     if images.dtype != np.uint8:
         images = np.round(images * 255).astype(np.int64)
-    flat = images.reshape(images.shape[0], -1).astype(np.int64)
+    flat = images.reshape(images.shape[0], int(np.prod(images.shape[1:]))).astype(np.int64)
     return flat[:, 0] * 256 + flat[:, 1]
 
 

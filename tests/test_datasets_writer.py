@@ -1,0 +1,152 @@
+"""The writer: record bytes, determinism, shard balance, up-to-date checks, crash safety, progress."""
+
+import logging
+import os
+import threading
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from datasets import writer
+from datasets.errors import DataError, OutputExistsError
+from datasets.metadata import DatasetMetadata
+from datasets.prepare import prepare
+
+
+@pytest.mark.parametrize("image_len", [0, 1, 127, 128, 784, 20_000])
+@pytest.mark.parametrize("label", [0, 1, 127, 128, 300, 2**40])
+def test_encode_example_matches_protobuf(image_len, label):
+    image = bytes(np.random.default_rng(image_len).integers(0, 256, image_len, dtype=np.uint8))
+    expected = tf.train.Example(features=tf.train.Features(feature={
+        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
+        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+    })).SerializeToString(deterministic=True)
+    assert writer.encode_example(image, label) == expected
+
+
+def _files(data_dir):
+    return {n: open(os.path.join(data_dir, n), "rb").read() for n in sorted(os.listdir(data_dir))
+            if n != writer.LOCK_FILE}
+
+
+@pytest.fixture
+def small_idx(make_idx_dir, indexed):
+    indexed_images, _ = indexed
+    images = indexed_images(103, 3, 3, seed=7)[..., 0]
+    return make_idx_dir((images, np.arange(103) % 5), (images[:17], np.arange(17) % 5))
+
+
+def test_same_input_and_seed_give_same_bytes(tmp_path, small_idx):
+    a = prepare("idx", small_idx, str(tmp_path / "a"), num_shards=4, seed=3)
+    b = prepare("idx", small_idx, str(tmp_path / "b"), num_shards=4, seed=3)
+    c = prepare("idx", small_idx, str(tmp_path / "c"), num_shards=4, seed=4)
+    assert a == b
+    assert _files(str(tmp_path / "a")) == _files(str(tmp_path / "b"))
+    # Another seed gives another order (and so other shard bytes) over the same examples.
+    shards_a = {n: d for n, d in _files(str(tmp_path / "a")).items() if n.endswith(".tfrecord")}
+    shards_c = {n: d for n, d in _files(str(tmp_path / "c")).items() if n.endswith(".tfrecord")}
+    assert shards_a.keys() == shards_c.keys() and shards_a != shards_c
+    assert c.splits == a.splits  # same counts per shard
+
+
+def test_shards_are_balanced_and_counted(tmp_path, small_idx):
+    metadata = prepare("idx", small_idx, str(tmp_path / "out"), num_shards=10)
+    counts = [s.num_examples for s in metadata.splits["train"].shards]
+    assert sum(counts) == 103 and max(counts) - min(counts) <= 1 and len(counts) == 10
+    for shard, path in zip(metadata.splits["train"].shards, metadata.shard_paths(str(tmp_path / "out"), "train")):
+        assert os.path.basename(path) == shard.file
+        assert sum(1 for _ in tf.data.TFRecordDataset(path)) == shard.num_examples
+    assert [s.file for s in metadata.splits["test"].shards][:2] == [
+        "test-00000-of-00010.tfrecord", "test-00001-of-00010.tfrecord"]
+    # More shards than examples: one example per shard, never an empty shard.
+    assert writer.shard_bounds(3, 8) == [(0, 1), (1, 2), (2, 3)]
+
+
+def test_every_shard_mixes_classes(tmp_path, make_idx_dir):
+    # A class-sorted source (like class folders) still gives every shard every class.
+    labels = np.repeat(np.arange(4), 50)
+    metadata = prepare("idx", make_idx_dir((np.zeros((200, 2, 2), np.uint8), labels)), str(tmp_path / "o"),
+                       num_shards=4)
+    for path in metadata.shard_paths(str(tmp_path / "o"), "train"):
+        parsed = [tf.io.parse_single_example(r, {"label": tf.io.FixedLenFeature([], tf.int64)})["label"].numpy()
+                  for r in tf.data.TFRecordDataset(path)]
+        assert len(set(parsed)) == 4
+
+
+def test_up_to_date_does_nothing_and_overwrite_rewrites(tmp_path, small_idx, idx_writer, tree_snapshot):
+    out = str(tmp_path / "out")
+    first = prepare("idx", small_idx, out, num_shards=3)
+    stamps = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out)}
+
+    assert prepare("idx", small_idx, out, num_shards=3) == first
+    assert stamps == {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out)}
+
+    before = tree_snapshot(out)
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        prepare("idx", small_idx, out, num_shards=3, seed=1)  # other options
+    # A changed source file (not just other options) is also "another dataset".
+    idx_writer(os.path.join(small_idx, "t10k-labels-idx1-ubyte.gz"), np.arange(17) % 4)
+    with pytest.raises(OutputExistsError):
+        prepare("idx", small_idx, out, num_shards=3)
+    assert tree_snapshot(out) == before
+
+    rewritten = prepare("idx", small_idx, out, num_shards=2, overwrite=True)
+    assert len(rewritten.splits["train"].shards) == 2
+    # Shards of the earlier layout are gone; only the new dataset remains.
+    assert sorted(n for n in os.listdir(out) if n.endswith(".tfrecord")) == sorted(
+        s.file for info in rewritten.splits.values() for s in info.shards)
+    assert DatasetMetadata.load(out) == rewritten
+
+
+def test_crash_mid_write_never_looks_complete(tmp_path, small_idx, monkeypatch):
+    out = str(tmp_path / "out")
+    prepare("idx", small_idx, out, num_shards=4)
+    calls = {"n": 0}
+    real_encode = writer.encode_example
+
+    def failing_encode(image, label):  # fault injection: the disk "fills up" mid-way
+        calls["n"] += 1
+        if calls["n"] > 50:
+            raise OSError("No space left on device")
+        return real_encode(image, label)
+
+    monkeypatch.setattr(writer, "encode_example", failing_encode)
+    with pytest.raises(OSError):
+        prepare("idx", small_idx, out, num_shards=4, seed=9, overwrite=True)
+    with pytest.raises(DataError, match="metadata.json: missing"):
+        DatasetMetadata.load(out)
+    assert any(".tmp-" in n for n in os.listdir(out))  # the half-written shard kept its temp name
+
+    monkeypatch.setattr(writer, "encode_example", real_encode)
+    metadata = prepare("idx", small_idx, out, num_shards=4, seed=9)  # no --overwrite needed now
+    assert DatasetMetadata.load(out) == metadata
+    assert not any(".tmp-" in n for n in os.listdir(out))
+
+
+def test_concurrent_prepares_of_one_dir_agree(tmp_path, small_idx):
+    out = str(tmp_path / "out")
+    results, errors = [], []
+
+    def run():
+        try:
+            results.append(prepare("idx", small_idx, out, num_shards=4))
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 3 and results[0] == results[1] == results[2]
+    assert DatasetMetadata.load(out) == results[0]
+
+
+def test_progress_lines_report_rate_and_eta(tmp_path, make_idx_dir, caplog):
+    input_dir = make_idx_dir((np.zeros((3000, 2, 2), np.uint8), np.arange(3000) % 3))
+    with caplog.at_level(logging.INFO):
+        prepare("idx", input_dir, str(tmp_path / "out"), num_shards=2, progress_interval=0.0)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("examples/s" in l and "ETA" in l and "/3000 examples" in l for l in lines)
+    assert any(l.startswith("write: 3000 examples in") for l in lines)
