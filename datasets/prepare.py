@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import time
 import zlib
 
 import numpy as np
@@ -104,6 +105,8 @@ def prepare(source: str, input: str, output_dir: str, *, num_shards: int = DEFAU
         raise DataError(f"--num_shards={num_shards}: expected a positive number of shards per split")
     if not 0 <= validation_fraction < 1:
         raise DataError(f"--validation_fraction={validation_fraction}: expected a fraction in [0, 1)")
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise DataError(f"{output_dir}: is a file; expected --output_dir to be a directory (or not to exist)")
     if source == "tfds":
         tfds_name = tfds_name or input
     options = {"format_version": FORMAT_VERSION, "source": source, "num_shards": num_shards,
@@ -111,6 +114,7 @@ def prepare(source: str, input: str, output_dir: str, *, num_shards: int = DEFAU
                "skip_bad_images": skip_bad_images, "class_names": class_names,
                "tfds_name": tfds_name if source == "tfds" else None}
 
+    start = time.monotonic()
     source_files = _source_files(source, input, tfds_name, tfds_data_dir)
     state = _state(output_dir, source_files, options)
     if not overwrite and isinstance(state, DatasetMetadata):
@@ -133,9 +137,11 @@ def prepare(source: str, input: str, output_dir: str, *, num_shards: int = DEFAU
             return state
         if state != "empty" and not overwrite:
             raise _exists_error(output_dir)
-        return writer.write_dataset(data, output_dir, source=source, num_shards=num_shards, seed=seed,
-                                    source_files=source_files, options=options,
-                                    progress_interval=progress_interval)
+        metadata = writer.write_dataset(data, output_dir, source=source, num_shards=num_shards, seed=seed,
+                                        source_files=source_files, options=options,
+                                        progress_interval=progress_interval)
+    logging.info("prepare: %s ready in %.2f s (read, check and write)", output_dir, time.monotonic() - start)
+    return metadata
 
 
 def _exists_error(output_dir: str) -> OutputExistsError:

@@ -5,8 +5,9 @@ Owns the on-disk protocol:
   shards, is a class-balanced sample even when the source is sorted by class), cut into
   `num_shards` contiguous pieces whose sizes differ by at most one;
 - records are `tf.train.Example{image: bytes, label: int64}`, serialized here by hand: the bytes are
-  the same as protobuf's deterministic serialization (a test checks it) but cost ~1 us instead of
-  ~8 us per example, which is most of the MNIST conversion time budget;
+  the same as protobuf's deterministic serialization (a test checks it), but raw images of one size
+  become one matrix of records built with numpy, framed by `datasets.tfrecord` without TensorFlow
+  (full MNIST: ~0.3 s instead of seconds); encoded images go one by one through TFRecordWriter;
 - shards go to temporary names and are renamed; the old metadata.json is removed before the first
   shard is touched and the new one is written last, so a crash never leaves a directory that
   looks complete; a lock file serializes concurrent prepares of the same directory.
@@ -23,6 +24,8 @@ import zlib
 from typing import Iterator
 
 import numpy as np
+
+from datasets import tfrecord
 from datasets.metadata import (FORMAT_VERSION, METADATA_FILE, DatasetMetadata, ShardInfo, SourceFile,
                                SplitInfo, shard_file_name)
 from datasets.progress import Progress
@@ -80,6 +83,27 @@ def encode_example(image: bytes, label: int) -> bytes:
     return prefix + image + suffix
 
 
+def encode_examples(images: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
+    """`encode_example` of every row of uint8 [n, L] `images` at once, as uint8 [n, record length].
+
+    None when the labels' varints differ in length (labels on both sides of 128, 16384, ...): the
+    records would then differ in length and cannot form one matrix.
+    """
+    n, length = images.shape
+    classes = np.unique(labels)
+    framings = [_framing(length, int(c)) for c in classes]
+    if len({len(suffix) for _, suffix in framings}) != 1:
+        return None
+    # The prefix depends on the label only through its varint length, so it is the same for all.
+    prefix = np.frombuffer(framings[0][0], np.uint8)
+    suffixes = np.stack([np.frombuffer(suffix, np.uint8) for _, suffix in framings])
+    records = np.empty((n, len(prefix) + length + suffixes.shape[1]), dtype=np.uint8)
+    records[:, :len(prefix)] = prefix
+    records[:, len(prefix):len(prefix) + length] = images
+    records[:, len(prefix) + length:] = suffixes[np.searchsorted(classes, labels)]
+    return records
+
+
 # --- layout -----------------------------------------------------------------------------------
 
 def shard_bounds(num_examples: int, num_shards: int) -> list[tuple[int, int]]:
@@ -109,20 +133,26 @@ def output_lock(output_dir: str) -> Iterator[None]:
 
 
 def _write_shard(path: str, split: SplitData, indices: np.ndarray, progress: Progress) -> None:
-    import tensorflow as tf  # the TFRecord framing (length + CRC32C) comes from TF's writer
-
     tmp = f"{path}{_TMP_MARK}{os.getpid()}"
-    raw = isinstance(split.images, np.ndarray)
-    if raw:
-        # One contiguous gather, then a view per row: no per-example copies beyond the record.
-        rows = split.images[indices].reshape(len(indices), -1)
-    with tf.io.TFRecordWriter(tmp) as writer:
-        for k, i in enumerate(indices):
-            image = rows[k].tobytes() if raw else split.images[i]
-            writer.write(encode_example(image, int(split.labels[i])))
-            if k % 1024 == 1023:
-                progress.update(1024)
-    progress.update(len(indices) % 1024)
+    records = None
+    if isinstance(split.images, np.ndarray):
+        records = encode_examples(split.images[indices].reshape(len(indices), -1), split.labels[indices])
+    if records is not None:
+        with open(tmp, "wb") as f:
+            f.write(tfrecord.frame(records))
+        progress.update(len(indices))
+    else:
+        import tensorflow as tf  # variable-length records: TF's writer does the framing
+
+        with tf.io.TFRecordWriter(tmp) as out:
+            for k, i in enumerate(indices):
+                image = split.images[i]
+                if isinstance(image, np.ndarray):
+                    image = image.tobytes()
+                out.write(encode_example(image, int(split.labels[i])))
+                if k % 256 == 255:
+                    progress.update(256)
+        progress.update(len(indices) % 256)
     os.replace(tmp, path)
 
 
@@ -138,8 +168,6 @@ def write_dataset(data: SourceData, output_dir: str, *, source: str, num_shards:
                   source_files: list[SourceFile], options: dict,
                   progress_interval: float = 2.0) -> DatasetMetadata:
     """Writes every split of `data` and then metadata.json. The caller holds `output_lock`."""
-    import tensorflow  # noqa: F401  (imported before the clock starts, so progress shows write speed)
-
     metadata_path = os.path.join(output_dir, METADATA_FILE)
     if os.path.exists(metadata_path):
         os.remove(metadata_path)  # from here on the directory no longer claims to hold a dataset

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from datasets import writer
+from datasets import tfrecord, writer
 from datasets.errors import DataError, OutputExistsError
 from datasets.metadata import DatasetMetadata
 from datasets.prepare import prepare
@@ -23,6 +23,40 @@ def test_encode_example_matches_protobuf(image_len, label):
         "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
     })).SerializeToString(deterministic=True)
     assert writer.encode_example(image, label) == expected
+
+
+def test_encode_examples_rows_match_encode_example():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (20, 13), dtype=np.uint8)
+    labels = rng.integers(0, 100, 20)
+    records = writer.encode_examples(images, labels)
+    assert [r.tobytes() for r in records] == [writer.encode_example(i.tobytes(), l) for i, l in zip(images, labels)]
+    # Labels whose varints differ in length cannot share one matrix: the caller falls back.
+    assert writer.encode_examples(images[:2], np.array([5, 300])) is None
+
+
+@pytest.mark.parametrize("length", [1, 16, 795])
+def test_numpy_framing_matches_tfrecord_writer(tmp_path, length):
+    records = np.random.default_rng(length).integers(0, 256, (37, length), dtype=np.uint8)
+    with tf.io.TFRecordWriter(str(tmp_path / "tf.tfrecord")) as out:
+        for row in records:
+            out.write(row.tobytes())
+    assert tfrecord.frame(records) == (tmp_path / "tf.tfrecord").read_bytes()
+
+
+def test_many_classes_take_the_variable_length_path(tmp_path, make_idx_dir, indexed):
+    indexed_images, index_of = indexed
+    images = indexed_images(300, 2, 2, seed=4)[..., 0]
+    labels = np.arange(300) % 200  # dense ids up to 199: 1- and 2-byte varints in one shard
+    metadata = prepare("idx", make_idx_dir((images, labels)), str(tmp_path / "out"), num_shards=2)
+    ds = tf.data.TFRecordDataset(metadata.shard_paths(str(tmp_path / "out"), "train"))
+    parsed = [tf.io.parse_single_example(r, {"image": tf.io.FixedLenFeature([], tf.string),
+                                             "label": tf.io.FixedLenFeature([], tf.int64)}) for r in ds]
+    got = np.stack([np.frombuffer(p["image"].numpy(), np.uint8) for p in parsed])
+    ids = index_of(got)
+    np.testing.assert_array_equal(got.reshape(-1, 2, 2), images[ids])
+    np.testing.assert_array_equal([p["label"].numpy() for p in parsed], labels[ids])
+    assert sorted(ids) == list(range(300))
 
 
 def _files(data_dir):
@@ -103,22 +137,22 @@ def test_crash_mid_write_never_looks_complete(tmp_path, small_idx, monkeypatch):
     out = str(tmp_path / "out")
     prepare("idx", small_idx, out, num_shards=4)
     calls = {"n": 0}
-    real_encode = writer.encode_example
+    real_frame = tfrecord.frame
 
-    def failing_encode(image, label):  # fault injection: the disk "fills up" mid-way
+    def failing_frame(records):  # fault injection: the disk "fills up" at the third shard
         calls["n"] += 1
-        if calls["n"] > 50:
+        if calls["n"] == 3:
             raise OSError("No space left on device")
-        return real_encode(image, label)
+        return real_frame(records)
 
-    monkeypatch.setattr(writer, "encode_example", failing_encode)
+    monkeypatch.setattr(tfrecord, "frame", failing_frame)
     with pytest.raises(OSError):
         prepare("idx", small_idx, out, num_shards=4, seed=9, overwrite=True)
     with pytest.raises(DataError, match="metadata.json: missing"):
         DatasetMetadata.load(out)
     assert any(".tmp-" in n for n in os.listdir(out))  # the half-written shard kept its temp name
 
-    monkeypatch.setattr(writer, "encode_example", real_encode)
+    monkeypatch.setattr(tfrecord, "frame", real_frame)
     metadata = prepare("idx", small_idx, out, num_shards=4, seed=9)  # no --overwrite needed now
     assert DatasetMetadata.load(out) == metadata
     assert not any(".tmp-" in n for n in os.listdir(out))
