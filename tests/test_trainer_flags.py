@@ -36,6 +36,7 @@ def test_unknown_flag_is_rejected(tmp_path):
     (("--lr_schedule=step",), ("--lr_schedule=step", "--lr_step_boundaries")),
     (("--label_smoothing=1.5",), ("--label_smoothing",)),
     (("--profile_steps=5",), ("--profile_steps",)),
+    (("--deterministic", "--xla=on"), ("--deterministic", "--xla=off")),
 ])
 def test_bad_values_are_rejected(tmp_path, flags, words):
   result = run_trainer(*flags, f"--workdir={tmp_path / 'run'}", check=False, timeout=60)

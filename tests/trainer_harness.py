@@ -47,18 +47,19 @@ def summary(workdir: str) -> dict:
     return json.load(f)
 
 
-def checkpoint_weights(workdir: str) -> dict[str, np.ndarray]:
-  """The model variables of the newest checkpoint in WORKDIR, keyed by checkpoint name."""
+def checkpoint_weights(workdir: str) -> list[np.ndarray]:
+  """The model weights of the newest checkpoint in WORKDIR (an MNIST-sample run)."""
   import tensorflow as tf
+  from trainer.models import build_model
   path = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
   assert path, f"no checkpoint in {workdir}"
-  reader = tf.train.load_checkpoint(path)
-  names = [n for n in reader.get_variable_to_shape_map()
-           if n.startswith("model/") and n.endswith("VARIABLE_VALUE")]
-  assert names, f"no model variables in {path}"
-  return {n: reader.get_tensor(n) for n in names}
+  with open(os.path.join(workdir, "config.json")) as f:
+    model_name = json.load(f)["model"]
+  model = build_model(model_name, (28, 28, 1), 10)
+  tf.train.Checkpoint(model=model).restore(path).expect_partial().assert_existing_objects_matched()
+  return model.get_weights()
 
 
-def max_weight_difference(a: dict, b: dict) -> float:
-  assert a.keys() == b.keys()
-  return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+def max_weight_difference(a: list, b: list) -> float:
+  assert [w.shape for w in a] == [w.shape for w in b]
+  return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))

@@ -1,6 +1,7 @@
 """Checkpoints: what a run saves, where, who writes, and the order in which a run resumes.
 
-One format for every backend: `model`, `optimizer` and `step`, plus the training input position
+One format for every backend: `model` (+ `model_state`, its RNG states), `optimizer` and `step`,
+plus the training input position
 under a key naming the input topology, so a checkpoint written by one backend resumes under
 another (the input position is simply not restored when the topology changed).
 
@@ -27,7 +28,11 @@ class Checkpointer:
     self.all_workers_save = all_workers_save
     self.directory = os.path.join(workdir, "checkpoints")
     self._scratch = os.path.join(workdir, "tmp", f"checkpoints-worker-{worker_index}")
-    objects = {"model": model, "optimizer": optimizer, "step": step}
+    # Keras 3 layers do not expose their random seed-generator states (dropout masks) to
+    # tf.train.Checkpoint; listing the non-trainable variables saves them, so a resumed run draws
+    # the same masks as an uninterrupted one.
+    objects = {"model": model, "model_state": list(model.non_trainable_variables),
+               "optimizer": optimizer, "step": step}
     if input_iterator is not None:
       objects[input_key] = input_iterator
     self._model = model

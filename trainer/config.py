@@ -180,6 +180,9 @@ def _check(c: Config, *, check_paths: bool) -> None:
                       "A,B with 0 <= A < B")
   if c.image_size and min(c.image_size) <= 0:
     raise ConfigError(f"--image_size={c.image_size}: expected positive HEIGHT,WIDTH")
+  if c.deterministic and c.xla == "on":
+    raise ConfigError("--deterministic with --xla=on: XLA has no deterministic pooling gradient;"
+                      " use --xla=off (or auto)")
   if c.fp16_allreduce and c.strategy not in ("horovod", "auto"):
     raise ConfigError(f"--fp16_allreduce works with --strategy=horovod, not {c.strategy}")
   if check_paths and c.data_dir:

@@ -53,13 +53,13 @@ flags.DEFINE_float("stall_timeout_s", 0.0, "Exit non-zero, dumping stacks, when 
                    "progress is made for this long (0: off).")
 
 # Optimisation.
-flags.DEFINE_integer("global_batch_size", 128, "Examples per step summed over all replicas.")
+flags.DEFINE_integer("global_batch_size", 64, "Examples per step summed over all replicas.")
 flags.DEFINE_integer("train_steps", 0, "Training steps (0: use --epochs).")
-flags.DEFINE_float("epochs", 3.0, "Epochs over the training split, when --train_steps is 0.")
+flags.DEFINE_float("epochs", 15.0, "Epochs over the training split, when --train_steps is 0.")
 flags.DEFINE_enum("optimizer", "adam", OPTIMIZERS, "Optimizer.")
 flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate (before --scale_lr).")
 flags.DEFINE_float("momentum", 0.9, "Momentum for `momentum` and `rmsprop`.")
-flags.DEFINE_enum("lr_schedule", "constant", SCHEDULES, "Learning-rate schedule after warmup.")
+flags.DEFINE_enum("lr_schedule", "cosine", SCHEDULES, "Learning-rate schedule after warmup.")
 flags.DEFINE_integer("warmup_steps", 0, "Linear warmup steps.")
 flags.DEFINE_list("lr_step_boundaries", [], "step schedule: fractions of training (e.g. 0.5,0.75) "
                   "where the rate is multiplied by --lr_step_factor.")
