@@ -23,7 +23,6 @@ import functools
 import os
 import re
 import shutil
-import stat
 import subprocess
 import sys
 import textwrap
