@@ -1,9 +1,9 @@
 """Checkpoints: what a run saves, where, who writes, and the order in which a run resumes.
 
 One format for every backend: `model` (+ `model_state`, its RNG states), `optimizer` and `step`,
-plus the training input position
-under a key naming the input topology, so a checkpoint written by one backend resumes under
-another (the input position is simply not restored when the topology changed).
+plus the training input position under a key naming the input topology, so a checkpoint written
+by one backend resumes under another (the input position is simply not restored when the
+topology changed).
 
 Resume order: the newest checkpoint in WORKDIR/checkpoints, else --init_checkpoint (model weights
 only), else from scratch. Only the chief writes WORKDIR/checkpoints; backends whose save is a

@@ -1,6 +1,6 @@
 """The run configuration: flags parsed once into a frozen `Config`, checked before TensorFlow starts.
 
-`config_from_argv` is the only reader of `trainer.flags`; everything downstream receives a Config
+`config_from_argv` is the only reader of the flags defined in `trainer.flags`; everything downstream receives a Config
 (or values unpacked from it). Checks that need no TensorFlow happen here, so a bad command line
 fails in milliseconds with one line naming the flag.
 """
@@ -12,10 +12,6 @@ import os
 import time
 
 from absl import flags
-
-from trainer import flags as trainer_flags
-
-FLAGS = flags.FLAGS
 
 
 class ConfigError(ValueError):
@@ -82,6 +78,11 @@ class Config:
 
 def config_from_argv(argv: list[str], *, check_paths: bool = True) -> Config:
   """Parses a full command line (argv[0] is the program) into a Config; raises ConfigError."""
+  # Imported here, not at the top: defining the trainer's flags is a side effect that only the
+  # command line wants (a library user or a benchmark may define flags of the same names).
+  from trainer import flags as trainer_flags  # pylint: disable=import-outside-toplevel
+  del trainer_flags
+  FLAGS = flags.FLAGS
   FLAGS.unparse_flags()  # A second parse in one process must not inherit the first one's values.
   try:
     leftover = FLAGS(argv)
@@ -224,6 +225,3 @@ def _int_pair(name: str, items: list[str]) -> tuple[int, int] | None:
 def _one_line(message: str) -> str:
   return " ".join(message.split())
 
-
-# Keep a reference so linters see the import is needed: importing defines the flags.
-_ = trainer_flags

@@ -1,0 +1,110 @@
+"""Harness step vs Keras `model.fit`: the same model, batch and tf.data pipeline, in one process.
+
+    python benchmarks/compare_keras_fit.py [--data_dir=OUT] [--model=tutorial_cnn]
+        [--batch_size=128] [--steps=300] [--repeats=3]
+
+Both sides train the same architecture with Adam on batches from the same `input_fn`, fp32, on one
+device. The harness runs its compiled multi-step train loop (what `python -m trainer` runs); Keras
+runs `fit` with its defaults. Each side is warmed up (tracing, pipeline fill) and then timed over
+`--steps` steps, alternating sides `--repeats` times; the best repeat of each counts. Prints one
+JSON line with `harness_images_per_sec`, `keras_fit_images_per_sec` and `ratio`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from datasets import embedded  # noqa: E402
+from datasets.metadata import DatasetMetadata  # noqa: E402
+from datasets.pipeline import input_fn  # noqa: E402
+from trainer import models, optimizers, step as step_lib  # noqa: E402
+from trainer.backends import create_backend  # noqa: E402
+
+flags.DEFINE_string("data_dir", "", "Prepared dataset (default: the embedded MNIST sample).")
+flags.DEFINE_string("model", "tutorial_cnn", "Model from the trainer's zoo.")
+flags.DEFINE_integer("batch_size", 128, "Global batch size (one device).")
+flags.DEFINE_integer("steps", 300, "Timed steps per repeat.")
+flags.DEFINE_integer("steps_per_loop", 100, "Harness steps per compiled call.")
+flags.DEFINE_integer("repeats", 3, "Timed repeats per side (best counts).")
+FLAGS = flags.FLAGS
+
+
+def _dataset(metadata, data_dir, batch_size, seed):
+    return input_fn(metadata, data_dir, "train", batch_size, training=True, seed=seed)
+
+
+def _time_harness(backend, metadata, data_dir, input_shape) -> float:
+    with backend.scope():
+        model = models.build_model(FLAGS.model, input_shape, metadata.num_classes)
+        optimizer = optimizers.build_optimizer(
+            "adam", optimizers.WarmupSchedule("constant", 1e-3, 10**6), momentum=0.0,
+            weight_decay=0.0, clip_grad_norm=0.0, loss_scaling=False)
+        optimizer.build(model.trainable_variables)
+        step = tf.Variable(0, dtype=tf.int64, trainable=False)
+    steps = step_lib.build_steps(model, optimizer, backend, step,
+                                 global_batch_size=FLAGS.batch_size,
+                                 num_classes=metadata.num_classes, label_smoothing=0.0, xla=False)
+    iterator = iter(backend.distribute(
+        lambda w, n, b: _dataset(metadata, data_dir, b, seed=0), FLAGS.batch_size))
+    per_call = min(FLAGS.steps_per_loop, FLAGS.steps)
+
+    def timed():
+        start = time.perf_counter()
+        for _ in range(FLAGS.steps // per_call):
+            sums, _ = steps.train_loop(iterator, tf.constant(per_call))
+            float(sums["loss"])  # Wait for the device, as the trainer does each chunk.
+        return time.perf_counter() - start
+
+    timed()  # Warm-up: tracing and pipeline fill.
+    return timed
+
+
+def _time_keras_fit(metadata, data_dir, input_shape):
+    model = models.build_model(FLAGS.model, input_shape, metadata.num_classes)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    dataset = _dataset(metadata, data_dir, FLAGS.batch_size, seed=0)
+
+    def timed():
+        start = time.perf_counter()
+        model.fit(dataset, steps_per_epoch=FLAGS.steps, epochs=1, verbose=0)
+        return time.perf_counter() - start
+
+    timed()  # Warm-up.
+    return timed
+
+
+def main(argv):
+    del argv
+    backend = create_backend("one_device")
+    data_dir = FLAGS.data_dir or embedded.sample_data_dir()
+    metadata = DatasetMetadata.load(data_dir)
+    input_shape = models.resolve_input_shape(FLAGS.model, metadata.image_shape,
+                                             metadata.channels, None)
+    harness = _time_harness(backend, metadata, data_dir, input_shape)
+    keras_fit = _time_keras_fit(metadata, data_dir, input_shape)
+    harness_s, keras_s = [], []
+    for _ in range(FLAGS.repeats):  # Alternate so drift in machine load hits both sides.
+        harness_s.append(harness())
+        keras_s.append(keras_fit())
+    images = FLAGS.steps * FLAGS.batch_size
+    harness_ips, keras_ips = images / min(harness_s), images / min(keras_s)
+    print(json.dumps({
+        "benchmark": "compare_keras_fit", "model": FLAGS.model, "dataset": metadata.name,
+        "batch_size": FLAGS.batch_size, "precision": "fp32", "steps": FLAGS.steps,
+        "repeats": FLAGS.repeats, "harness_images_per_sec": round(harness_ips, 1),
+        "keras_fit_images_per_sec": round(keras_ips, 1), "ratio": round(harness_ips / keras_ips, 3),
+    }))
+
+
+if __name__ == "__main__":
+    app.run(main)
