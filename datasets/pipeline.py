@@ -1,6 +1,6 @@
 """The tf.data input pipeline: prepared shards -> per-replica batches for one worker.
 
-Training: this worker's share of the shards, files interleaved in parallel, records shuffled
+Training: this worker's share of the shards, files read in parallel (in chunks), records shuffled
 (seeded) while still serialized (cheap to buffer), repeated forever, then batched and decoded per
 batch (one `parse_example` + `decode_raw` per batch instead of per example: that is what makes
 ~150k MNIST images/s possible on two cores), augmented, normalized, prefetched.
@@ -34,6 +34,8 @@ _FEATURES = {
 }
 # Files read at once per worker: enough to mix shards and keep both cores busy.
 _CYCLE_LENGTH = 8
+# Records handed over at once by a parallel file reader.
+_CHUNK = 64
 
 
 def normalize(images_uint8) -> tf.Tensor:
@@ -120,13 +122,29 @@ def _decode_encoded_example(target):
 
 
 def _batches(records: tf.data.Dataset, metadata: DatasetMetadata, target, batch_size: int,
-             drop_remainder: bool) -> tf.data.Dataset:
-    """Serialized records -> (uint8 images [B, H, W, C], int32 labels [B])."""
+             drop_remainder: bool, finish) -> tf.data.Dataset:
+    """Serialized records -> finish(uint8 images [B, H, W, C], int32 labels [B]).
+
+    `finish` (normalize, pad, ...) runs in the same map as the decode: one stage fewer per batch.
+    """
     if metadata.encoding == "raw":
+        decode = _decode_raw_batch(metadata, target)
         return records.batch(batch_size, drop_remainder=drop_remainder).map(
-            _decode_raw_batch(metadata, target), num_parallel_calls=AUTOTUNE)
+            lambda serialized: finish(*decode(serialized)), num_parallel_calls=AUTOTUNE)
     return records.map(_decode_encoded_example(target), num_parallel_calls=AUTOTUNE).batch(
-        batch_size, drop_remainder=drop_remainder)
+        batch_size, drop_remainder=drop_remainder).map(finish, num_parallel_calls=AUTOTUNE)
+
+
+def _read_files(files: tf.data.Dataset, cycle_length: int) -> tf.data.Dataset:
+    """Records of `files`, read `cycle_length` files at a time in parallel, deterministically.
+
+    Each parallel reader hands over chunks of records, not single records: with per-record
+    hand-over the thread synchronisation costs more than the reading (~110k vs ~200k+ MNIST
+    records/s on two cores). Shards are written in random order, so chunks do not hurt mixing.
+    """
+    chunks = files.interleave(lambda path: tf.data.TFRecordDataset(path).batch(_CHUNK),
+                              cycle_length=cycle_length, num_parallel_calls=AUTOTUNE, deterministic=True)
+    return chunks.unbatch()
 
 
 def _synthetic(metadata, target, batch_size, training, seed, num_batches):
@@ -182,25 +200,22 @@ def _train(share, metadata, target, batch_size, worker_index, num_workers, augme
     files = tf.data.Dataset.from_tensor_slices(share.files)
     if share.by_example:
         # A fixed file order is what makes "every num_workers-th example" the same split everywhere.
-        records = files.interleave(tf.data.TFRecordDataset, cycle_length=_CYCLE_LENGTH,
-                                   num_parallel_calls=AUTOTUNE, deterministic=True)
-        records = records.shard(num_workers, worker_index).repeat()
+        records = _read_files(files, _CYCLE_LENGTH).shard(num_workers, worker_index).repeat()
     else:
         files = files.shuffle(len(share.files), seed=worker_seed, reshuffle_each_iteration=True).repeat()
-        records = files.interleave(tf.data.TFRecordDataset, cycle_length=min(_CYCLE_LENGTH, len(share.files)),
-                                   num_parallel_calls=AUTOTUNE, deterministic=True)
+        records = _read_files(files, min(_CYCLE_LENGTH, len(share.files)))
     records = records.shuffle(shuffle_buffer, seed=worker_seed, reshuffle_each_iteration=True)
-    ds = _batches(records, metadata, target, batch_size, drop_remainder=True)
-    if augment.enabled:
-        base = tf.constant([seed, worker_index], tf.int64)
-        ds = ds.enumerate().map(
-            lambda step, batch: (augment_lib.apply(
-                normalize(batch[0]), augment,
-                tf.random.experimental.stateless_fold_in(base, step)), batch[1]),
-            num_parallel_calls=AUTOTUNE)
-    else:
-        ds = ds.map(lambda images, labels: (normalize(images), labels), num_parallel_calls=AUTOTUNE)
-    return ds
+    if not augment.enabled:
+        return _batches(records, metadata, target, batch_size, True,
+                        lambda images, labels: (normalize(images), labels))
+    ds = _batches(records, metadata, target, batch_size, True, lambda images, labels: (images, labels))
+    # The batch counter keys the stateless random ops, so a restored iterator augments identically.
+    base = tf.constant([seed, worker_index], tf.int64)
+    return ds.enumerate().map(
+        lambda step, batch: (augment_lib.apply(normalize(batch[0]), augment,
+                                               tf.random.experimental.stateless_fold_in(base, step)),
+                             batch[1]),
+        num_parallel_calls=AUTOTUNE)
 
 
 def _eval(share, metadata, target, batch_size, worker_index, num_workers, num_batches):
@@ -224,7 +239,7 @@ def _eval(share, metadata, target, batch_size, worker_index, num_workers, num_ba
         return (tf.ensure_shape(images, [batch_size, h, w, c]), tf.ensure_shape(labels, [batch_size]),
                 tf.ensure_shape(weights, [batch_size]))
 
-    ds = _batches(records, metadata, target, batch_size, drop_remainder=False).map(pad)
+    ds = _batches(records, metadata, target, batch_size, False, pad)
     padding = tf.data.Dataset.from_tensors((tf.zeros([batch_size, h, w, c]), tf.zeros([batch_size], tf.int32),
                                             tf.zeros([batch_size]))).repeat(total - real)
     return ds.concatenate(padding)
