@@ -115,7 +115,7 @@ if ((${#apt_pkgs[@]})); then
   # Fresh images start with empty package lists, so update once, and only when installing.
   SUDO=(); ((EUID == 0)) || SUDO=(sudo)
   "${SUDO[@]}" apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${apt_pkgs[@]}"
+  "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_pkgs[@]}"
 fi
 [[ -f $PY_INCLUDE/Python.h ]] || die "Python.h not found in $PY_INCLUDE even after installing headers"
 

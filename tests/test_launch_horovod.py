@@ -101,40 +101,54 @@ def test_mpi_is_chosen_only_when_built_in_and_installed_unless_forced():
 
 # --- the build check -------------------------------------------------------------------------------
 
-def test_the_installed_build_passes_the_check_with_tensorflow_and_gloo():
-    info = hvd_launch.check_build(HOROVODRUN)
-    assert info.version == "0.28.1"
-    assert "TensorFlow" in info.frameworks
-    assert "Gloo" in info.controllers and "Gloo" in info.tensor_operations
-    assert "MXNet" not in info.frameworks
+# What `horovodrun --check-build` prints (0.28.1), with the TensorFlow box as a parameter.
+CHECK_BUILD_OUTPUT = """Horovod v0.28.1:
 
+Available Frameworks:
+    [{tf}] TensorFlow
+    [X] PyTorch
+    [ ] MXNet
 
-CHECK_BUILD_WITHOUT_TF = """
-    #!/bin/sh
-    cat <<'EOF'
-    Horovod v0.28.1:
-
-    Available Frameworks:
-        [ ] TensorFlow
-        [X] PyTorch
-        [ ] MXNet
-
-    Available Controllers:
-        [ ] MPI
-        [X] Gloo
-    EOF
+Available Controllers:
+    [ ] MPI
+    [X] Gloo
 """
 
 
+def _stub_horovodrun(tmp_path, tensorflow: bool, launch_exit: int = 0) -> str:
+    """A stand-in horovodrun binary: the check-build report, and `launched: ARGS` otherwise."""
+    report = CHECK_BUILD_OUTPUT.format(tf="X" if tensorflow else " ")
+    path = tmp_path / "horovodrun"
+    path.write_text("#!/bin/sh\n"
+                    'if [ "$1" = "--check-build" ]; then\n'
+                    f"cat <<'EOF'\n{report}EOF\nexit 0\nfi\n"
+                    'echo "launched: $*"\n'
+                    f"exit {launch_exit}\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_check_build_report_is_parsed_per_section():
+    info = hvd_launch.parse_check_build(CHECK_BUILD_OUTPUT.format(tf="X"))
+    assert info == hvd_launch.BuildInfo("0.28.1", frozenset({"TensorFlow", "PyTorch"}),
+                                        frozenset({"Gloo"}), frozenset())
+    assert "TensorFlow" not in hvd_launch.parse_check_build(
+        CHECK_BUILD_OUTPUT.format(tf=" ")).frameworks
+
+
 @pytest.mark.parametrize("fake, expected", [
-    (CHECK_BUILD_WITHOUT_TF, "built without TensorFlow support"),
+    ("no-tensorflow", "built without TensorFlow support"),
     ("#!/bin/sh\necho 'ImportError: undefined symbol: _ZN10tensorflow' >&2\nexit 1\n",
      "failed (exit 1): ImportError: undefined symbol"),
     (None, "not found"),
 ])
 def test_wrapper_exits_2_with_one_line_when_the_build_check_fails(tmp_path, fake, expected):
-    horovodrun = (str(tmp_path / "missing-horovodrun") if fake is None
-                  else _executable(tmp_path / "horovodrun", fake))
+    if fake == "no-tensorflow":
+        horovodrun = _stub_horovodrun(tmp_path, tensorflow=False)
+    elif fake is None:
+        horovodrun = str(tmp_path / "missing-horovodrun")
+    else:
+        horovodrun = _executable(tmp_path / "horovodrun", fake)
     proc = subprocess.run([sys.executable, "-m", "launch.horovod", "-np", "2",
                            f"--horovodrun={horovodrun}", "--", "--steps=1"],
                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60)
@@ -162,11 +176,10 @@ RANK_PROBE = """
     print("RESULT " + json.dumps({"rank": hvd.rank(), "size": hvd.size(),
                                   "local_rank": hvd.local_rank(), "argv": sys.argv[1:]}),
           flush=True)
-    sys.exit(int(sys.argv[-1].split("=")[1]) if sys.argv[-1].startswith("--exit=") else 0)
 """
 
 
-def test_wrapper_execs_horovodrun_and_passes_the_exit_status(tmp_path):
+def test_wrapper_runs_two_real_ranks_with_the_trainer_flags(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(textwrap.dedent(RANK_PROBE))
     # Stands in for the interpreter: receives `-m trainer <flags>`, runs the probe with the flags.
@@ -188,9 +201,17 @@ def test_wrapper_execs_horovodrun_and_passes_the_exit_status(tmp_path):
         assert r["argv"] == ["--strategy=horovod", "--stall_timeout_s=60", "--steps=3"]
     assert "--gloo" in ok.stderr  # the wrapper echoes the command it runs
 
-    failing = subprocess.run(base + ["--exit=7"], cwd=REPO, env=ENV, capture_output=True,
-                             text=True, timeout=300)
-    assert failing.returncode != 0
+
+def test_wrapper_exit_status_is_horovodrun_s(tmp_path):
+    # A stand-in horovodrun (a real --check-build takes ~15 s): reports a TensorFlow build, then
+    # exits 7 for the launch, which must become the wrapper's own exit status.
+    horovodrun = _stub_horovodrun(tmp_path, tensorflow=True, launch_exit=7)
+    proc = subprocess.run([sys.executable, "-m", "launch.horovod", "-np", "3", "--nompi",
+                           f"--horovodrun={horovodrun}", "--python=/py", "--", "--steps=1"],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 7, proc.stderr
+    assert proc.stdout.strip() == ("launched: -np 3 --gloo /py -m trainer --strategy=horovod "
+                                   "--steps=1")
 
 
 ALLREDUCE_AND_TRAIN = """
@@ -280,7 +301,11 @@ def test_install_script_second_run_is_a_no_op_that_verifies_the_build():
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "nothing to install" in proc.stderr, proc.stderr[-3000:]
-    assert "[X] TensorFlow" in proc.stdout + proc.stderr
+    # The script ends with the real `horovodrun --check-build` report.
+    info = hvd_launch.parse_check_build(proc.stdout)
+    assert info.version == "0.28.1"
+    assert "TensorFlow" in info.frameworks and "MXNet" not in info.frameworks
+    assert "Gloo" in info.controllers and "Gloo" in info.tensor_operations
 
 
 def test_install_script_fails_loudly_without_tensorflow(tmp_path):
