@@ -2,10 +2,11 @@
 
 All ops take a float image batch [B, H, W, C] or a single image [H, W, C], draw independent
 parameters per image, and use stateless random ops keyed by an explicit `seed` (shape [2]
-integers), so they give the same result eagerly and inside `tf.data.map`, and a restored input
-iterator reproduces the same augmented batches. Geometric ops go through one projective-transform
-kernel with bilinear sampling; pixels that come from outside the image repeat the nearest edge
-pixel (as Keras' ImageDataGenerator does by default).
+integers, or one integer), so they give the same result eagerly and inside `tf.data.map`, and a
+restored input iterator reproduces the same augmented batches. Geometric ops are affine maps
+resampled by one projective-transform kernel with bilinear sampling; pixels that come from outside
+the image repeat the nearest edge pixel (as Keras' ImageDataGenerator does by default). `apply`
+composes the enabled geometric maps and resamples once.
 """
 
 from __future__ import annotations
@@ -46,12 +47,18 @@ def _batched(op):
     return wrapper
 
 
-def _transform(images: tf.Tensor, transforms: tf.Tensor) -> tf.Tensor:
-    """Samples output pixel (x, y) from input ((a0 x + a1 y + a2), (b0 x + b1 y + b2)) per image."""
-    size = tf.shape(images)[1:3]
+def _transform(images: tf.Tensor, matrices: tf.Tensor) -> tf.Tensor:
+    """Resamples each image: output pixel (x, y, 1) comes from input pixel matrices[i] @ (x, y, 1)."""
+    flat = tf.reshape(matrices, [-1, 9])[:, :8]  # affine: the last row is (0, 0, 1)
     return tf.raw_ops.ImageProjectiveTransformV3(
-        images=images, transforms=tf.cast(transforms, tf.float32), output_shape=size,
+        images=images, transforms=flat, output_shape=tf.shape(images)[1:3],
         fill_value=0.0, interpolation="BILINEAR", fill_mode="NEAREST")
+
+
+def _affine(a0, a1, a2, b0, b1, b2):
+    """[n, 3, 3] output->input matrices from per-image rows (a0 a1 a2), (b0 b1 b2), (0 0 1)."""
+    zeros, ones = tf.zeros_like(a0), tf.ones_like(a0)
+    return tf.reshape(tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros, ones], axis=1), [-1, 3, 3])
 
 
 def _uniform(shape, seed, limit):
@@ -71,53 +78,70 @@ def random_flip(images, seed):
     return tf.where(flip[:, tf.newaxis, tf.newaxis, tf.newaxis], tf.reverse(images, axis=[2]), images)
 
 
-@_batched
-def random_shift(images, max_fraction: float, seed):
-    """Shifts each image by up to `max_fraction` of its width and height."""
+def _shift_matrices(images, max_fraction, seed):
     n = tf.shape(images)[0]
     _, _, w, h = _centre(images)
     d = _uniform([n, 2], seed, max_fraction) * tf.stack([w, h])
     zeros, ones = tf.zeros([n]), tf.ones([n])
-    return _transform(images, tf.stack([ones, zeros, -d[:, 0], zeros, ones, -d[:, 1], zeros, zeros], axis=1))
+    return _affine(ones, zeros, -d[:, 0], zeros, ones, -d[:, 1])
+
+
+def _rotation_matrices(images, max_degrees, seed):
+    cx, cy, _, _ = _centre(images)
+    angle = _uniform(tf.shape(images)[:1], seed, max_degrees * math.pi / 180)
+    cos, sin = tf.cos(angle), tf.sin(angle)
+    return _affine(cos, -sin, cx - cx * cos + cy * sin, sin, cos, cy - cx * sin - cy * cos)
+
+
+def _zoom_matrices(images, max_fraction, seed):
+    cx, cy, _, _ = _centre(images)
+    inverse = 1.0 / (1.0 + _uniform(tf.shape(images)[:1], seed, max_fraction))  # output -> input scale
+    zeros = tf.zeros_like(inverse)
+    return _affine(inverse, zeros, cx - cx * inverse, zeros, inverse, cy - cy * inverse)
+
+
+@_batched
+def random_shift(images, max_fraction: float, seed):
+    """Shifts each image by up to `max_fraction` of its width and height."""
+    return _transform(images, _shift_matrices(images, max_fraction, seed))
 
 
 @_batched
 def random_rotation(images, max_degrees: float, seed):
     """Rotates each image about its centre by up to `max_degrees` either way."""
-    n = tf.shape(images)[0]
-    cx, cy, _, _ = _centre(images)
-    angle = _uniform([n], seed, max_degrees * math.pi / 180)
-    cos, sin, zeros = tf.cos(angle), tf.sin(angle), tf.zeros([n])
-    return _transform(images, tf.stack([
-        cos, -sin, cx - cx * cos + cy * sin,
-        sin, cos, cy - cx * sin - cy * cos,
-        zeros, zeros], axis=1))
+    return _transform(images, _rotation_matrices(images, max_degrees, seed))
 
 
 @_batched
 def random_zoom(images, max_fraction: float, seed):
     """Zooms each image in or out about its centre by a scale in [1 - max_fraction, 1 + max_fraction]."""
-    n = tf.shape(images)[0]
-    cx, cy, _, _ = _centre(images)
-    inverse = 1.0 / (1.0 + _uniform([n], seed, max_fraction))  # output -> input coordinates
-    zeros = tf.zeros([n])
-    return _transform(images, tf.stack([
-        inverse, zeros, cx - cx * inverse,
-        zeros, inverse, cy - cy * inverse,
-        zeros, zeros], axis=1))
+    return _transform(images, _zoom_matrices(images, max_fraction, seed))
 
 
-def apply(images, config: AugmentConfig, seed):
-    """Applies the augmentations `config` enables, each with its own seed derived from `seed`."""
-    if not config.enabled:
-        return images
+@_batched
+def _apply_batch(images, config: AugmentConfig, seed):
     seeds = tf.random.experimental.stateless_split(_seed(seed), num=4)
     if config.flip:
         images = random_flip(images, seeds[0])
+    # Shift, then rotation, then zoom, composed into one matrix: one resampling instead of three
+    # (sharper, and ~3x cheaper), with the same parameters the separate ops would draw.
+    matrices = []
     if config.shift:
-        images = random_shift(images, config.shift, seeds[1])
+        matrices.append(_shift_matrices(images, config.shift, seeds[1]))
     if config.rotation_degrees:
-        images = random_rotation(images, config.rotation_degrees, seeds[2])
+        matrices.append(_rotation_matrices(images, config.rotation_degrees, seeds[2]))
     if config.zoom:
-        images = random_zoom(images, config.zoom, seeds[3])
+        matrices.append(_zoom_matrices(images, config.zoom, seeds[3]))
+    if matrices:
+        composed = matrices[0]
+        for m in matrices[1:]:
+            composed = tf.matmul(composed, m)  # output->input maps compose in application order
+        images = _transform(images, composed)
     return images
+
+
+def apply(images, config: AugmentConfig, seed):
+    """Applies the augmentations `config` enables (flip, then shift, rotation, zoom), seeded by `seed`."""
+    if not config.enabled:
+        return images
+    return _apply_batch(images, config, seed)
