@@ -530,6 +530,19 @@ def operator_hostfile(mpijob: dict) -> str:
                    for i in range(spec["mpiReplicaSpecs"]["Worker"]["replicas"]))
 
 
+def launch_horovod_request(argv: list[str]) -> tuple:
+    """(np, trainer args, hostfile, stall timeout) as `python -m launch.horovod` parses argv."""
+    if hasattr(hvd_launch, "parse_args"):
+        r = hvd_launch.parse_args(argv)
+        return r.np, list(r.trainer_args), r.hostfile, r.stall_timeout_s
+    try:  # launch.horovod before it had parse_args: the same registry, parsed as its main() does
+        rest = hvd_launch._FLAGS(list(argv))[1:]
+        f = hvd_launch._FLAGS
+        return f.np, rest, f.hostfile, f.stall_timeout_s
+    finally:
+        hvd_launch._FLAGS.unparse_flags()
+
+
 def trainer_invocations(objs: list[dict], tmp_path) -> list[tuple[str, list[str], dict, dict]]:
     """(where, trainer argv, pod spec and container the trainer runs in) for each workload."""
     out = []
@@ -540,17 +553,10 @@ def trainer_invocations(objs: list[dict], tmp_path) -> list[tuple[str, list[str]
             assert launcher["command"] == ["convoy-mpi-launcher"]
             recorded = run_launcher_script(launcher.get("args", []), operator_hostfile(wl), tmp_path)
             assert recorded[:2] == ["-m", "launch.horovod"], recorded
-            own = ["launch.horovod"] + recorded[2:]
             # launch.horovod's own parser and command builder, as in the launcher pod.
-            try:
-                rest = hvd_launch._FLAGS(own)[1:]
-                cmd = hvd_launch.build_command(
-                    hvd_launch._FLAGS.np, rest, hostfile=hvd_launch._FLAGS.hostfile,
-                    use_mpi=True, stall_timeout_s=hvd_launch._FLAGS.stall_timeout_s,
-                    python="python3")
-                np = hvd_launch._FLAGS.np
-            finally:
-                hvd_launch._FLAGS.unparse_flags()
+            np, rest, hostfile, stall = launch_horovod_request(["launch.horovod"] + recorded[2:])
+            cmd = hvd_launch.build_command(np, rest, hostfile=hostfile, use_mpi=True,
+                                           stall_timeout_s=stall, python="python3")
             workers = spec["Worker"]["replicas"]
             assert np == workers * wl["spec"].get("slotsPerWorker", 1)
             i = cmd.index("trainer")
