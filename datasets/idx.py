@@ -117,6 +117,8 @@ def read(input: str) -> SourceData:
         if images.shape[0] != labels.shape[0]:
             raise DataError(f"{labels_path}: {labels.shape[0]} labels; expected {images.shape[0]}, "
                             f"the number of images in {os.path.basename(images_path)}")
+        if images.shape[0] == 0:
+            raise DataError(f"{images_path}: 0 images; expected at least one")
         if images.dtype != np.uint8:
             raise DataError(f"{images_path}: IDX type {images.dtype}; expected uint8 pixels (type 0x08)")
         if not np.issubdtype(labels.dtype, np.integer) or (labels.size and labels.min() < 0):

@@ -84,7 +84,7 @@ def read(name: str, data_dir: str | None) -> SourceData:
     splits = {}
     for tfds_split in b.info.splits:
         split = _SPLIT_ALIASES.get(tfds_split)
-        if split is None or split in splits:
+        if split is None or split in splits or b.info.splits[tfds_split].num_examples == 0:
             continue
         if fixed:
             # One batch of the whole split: TFDS decodes in C++, no per-example Python.
