@@ -16,7 +16,8 @@ this process (exec), so its exit status and signals are horovodrun's own.
 - `--stall_timeout_s` is forwarded to the trainer, whose step watchdog turns a stalled rank into a
   non-zero exit instead of a hung job.
 
-`build_command` is a pure function so the command line is unit-testable.
+`parse_args` (argv -> `Request`) and `build_command` (-> the horovodrun argv) are importable and
+free of side effects, so a test can check what a command line (e.g. a launcher pod's) would run.
 """
 
 from __future__ import annotations
@@ -169,6 +170,38 @@ def build_command(np: int,
     return cmd
 
 
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One parsed command line of this wrapper."""
+    np: int
+    trainer_args: tuple
+    hosts: Optional[str] = None
+    hostfile: Optional[str] = None
+    mpi: Optional[bool] = None
+    stall_timeout_s: Optional[float] = None
+    horovodrun: Optional[str] = None
+    python: str = sys.executable
+
+
+def parse_args(argv: Sequence[str]) -> Request:
+    """Parses `prog [flags] -- <trainer flags>`; raises flags.Error or ValueError when invalid.
+
+    Leaves the module's flag registry unparsed again, so it can be called repeatedly (tests,
+    tools that check what a launcher pod would run).
+    """
+    try:
+        rest = _FLAGS(list(argv))[1:]
+        request = Request(np=_FLAGS.np, trainer_args=tuple(rest), hosts=_FLAGS.H,
+                          hostfile=_FLAGS.hostfile, mpi=_FLAGS.mpi,
+                          stall_timeout_s=_FLAGS.stall_timeout_s, horovodrun=_FLAGS.horovodrun,
+                          python=_FLAGS.python)
+    finally:
+        _FLAGS.unparse_flags()
+    validate_request(request.np, request.trainer_args, hosts=request.hosts,
+                     hostfile=request.hostfile)
+    return request
+
+
 def main(argv: Sequence[str]) -> int:
     """Parses `argv` (argv[0] is the program), checks the build and execs horovodrun."""
     own_args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
@@ -176,22 +209,21 @@ def main(argv: Sequence[str]) -> int:
         print(__doc__ + "\nflags:\n" + _FLAGS.get_help(), file=sys.stderr)
         return 0
     try:
-        rest = _FLAGS(list(argv))[1:]
-        validate_request(_FLAGS.np, rest, hosts=_FLAGS.H, hostfile=_FLAGS.hostfile)
+        request = parse_args(argv)
     except (flags.Error, ValueError) as e:
         print(f"launch.horovod: {e}", file=sys.stderr)
         return EXIT_NOT_STARTED
     # `--check-build` imports TensorFlow in several subprocesses (~15 s on 2 loaded cores); it is
     # still cheaper than N ranks each failing on `import horovod.tensorflow`.
-    horovodrun = _FLAGS.horovodrun or default_horovodrun()
+    horovodrun = request.horovodrun or default_horovodrun()
     try:
         info = check_build(horovodrun)
     except BuildCheckError as e:
         print(f"launch.horovod: {e}", file=sys.stderr)
         return EXIT_NOT_STARTED
-    cmd = build_command(_FLAGS.np, rest, hosts=_FLAGS.H, hostfile=_FLAGS.hostfile,
-                        use_mpi=choose_mpi(_FLAGS.mpi, info),
-                        stall_timeout_s=_FLAGS.stall_timeout_s, python=_FLAGS.python,
+    cmd = build_command(request.np, request.trainer_args, hosts=request.hosts,
+                        hostfile=request.hostfile, use_mpi=choose_mpi(request.mpi, info),
+                        stall_timeout_s=request.stall_timeout_s, python=request.python,
                         horovodrun=horovodrun)
     print("launch.horovod: " + shlex.join(cmd), file=sys.stderr, flush=True)
     # exec, not a child: horovodrun's exit status becomes ours, and SIGTERM from Kubernetes (sent

@@ -77,6 +77,20 @@ def test_stall_timeout_is_forwarded_to_the_trainer_before_its_flags(tmp_path):
     assert cmd[-3:] == ["--strategy=horovod", "--stall_timeout_s=300", "--steps=10"]
 
 
+def test_parse_args_splits_own_flags_from_trainer_flags_and_can_be_repeated():
+    argv = ["launch.horovod", "-np", "4", "--hostfile", "/etc/mpi/hostfile", "--mpi",
+            "--stall_timeout_s=120", "--", "--global_batch_size=256", "--model=lenet"]
+    for _ in range(2):  # the flag registry is left unparsed, so parsing again gives the same
+        request = hvd_launch.parse_args(argv)
+        assert request == hvd_launch.Request(
+            np=4, trainer_args=("--global_batch_size=256", "--model=lenet"),
+            hostfile="/etc/mpi/hostfile", mpi=True, stall_timeout_s=120.0,
+            python=sys.executable)
+    assert hvd_launch.parse_args(["p", "-np", "2", "-H", "a:1,b:1", "--nompi"]).mpi is False
+    with pytest.raises(ValueError, match="at most one"):
+        hvd_launch.parse_args(["p", "-np", "2", "-H", "a:2", "--hostfile", "f"])
+
+
 @pytest.mark.parametrize("np_, kwargs, trainer_args, message", [
     (0, {}, [], "-np"),
     (2, {"hosts": "a:2", "hostfile": "f"}, [], "at most one"),
