@@ -1,6 +1,8 @@
 """Round trips per source: what prepare writes reads back as exactly the input pixels and labels."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +12,8 @@ from datasets import embedded, pipeline
 from datasets.errors import DataError
 from datasets.metadata import DatasetMetadata
 from datasets.prepare import prepare
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def read_records(data_dir, split):
@@ -265,3 +269,16 @@ def test_tfds_not_prepared_says_how(tmp_path):
     message = str(e.value)
     assert "\n" not in message and str(tmp_path / "empty") in message and "tfds build mnist" in message
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_tfds_cli_needs_no_builder_code(tmp_path, tfds_dir):
+    # A fresh interpreter has never seen the builder classes: TFDS must load the prepared files
+    # read-only, which is how a training cluster without the dataset's code uses it.
+    out = str(tmp_path / "out")
+    result = subprocess.run([sys.executable, "-m", "datasets.prepare", "--source=tfds",
+                             "--tfds_name=convoy_tiny_fixed", f"--tfds_data_dir={tfds_dir}", f"--output_dir={out}"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    metadata = DatasetMetadata.load(out)
+    assert metadata.name == "convoy_tiny_fixed" and metadata.num_examples("train") == 12
+    assert metadata.num_examples("test") == 5 and metadata.class_names == ["zero", "one", "two"]
