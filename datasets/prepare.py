@@ -1,7 +1,7 @@
 """Raw source -> sharded TFRecords + metadata.json: the `prepare` function and its CLI.
 
-    python -m datasets.prepare --source=idx|csv|image_folder|tfds --input=... --output_dir=OUT \
-        [--num_shards=16] [--validation_fraction=0] [--seed=0] [--overwrite] [--skip_bad_images] \
+    python -m datasets.prepare --source=idx|csv|image_folder|tfds --input=... --output_dir=OUT
+        [--num_shards=16] [--validation_fraction=0] [--seed=0] [--overwrite] [--skip_bad_images]
         [--class_names=auto] [--tfds_name=...] [--tfds_data_dir=...]
 
 Order of work, chosen so that bad input never touches OUT and a re-run is cheap:
