@@ -39,7 +39,8 @@ def main(config) -> int:
   print(f"{ev['split']} accuracy {ev['accuracy']:.4f} ({ev['num_examples']} examples), "
         f"loss {ev['loss']:.4f}; {summary['images_per_sec']:,.0f} img/s over "
         f"{summary['train_seconds']:.1f} s of training")
-  print(f"TensorBoard: tensorboard --logdir {summary['workdir']}/tensorboard")
+  if summary["is_chief"]:
+    print(f"TensorBoard: tensorboard --logdir {summary['workdir']}/tensorboard")
   return 0
 
 

@@ -7,6 +7,7 @@ stop; a non-finite loss stops the run naming the step, leaving the last good che
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -255,6 +256,8 @@ def train_and_evaluate(config: Config) -> dict:
 
   checkpointer.save()
   last_eval = _log_eval(evaluate(), current, summaries)
+  # Every worker logs this: equal fingerprints prove the replicas ended with identical weights.
+  logging.info("weights fingerprint %s", _fingerprint(model.get_weights()))
   summaries.close()
 
   summary = {
@@ -267,6 +270,7 @@ def train_and_evaluate(config: Config) -> dict:
       "num_replicas": backend.num_replicas, "global_batch": global_batch,
       "per_replica_batch": per_replica_batch, "precision": config.precision, "xla": xla,
       "data_dir": data_dir, "workdir": workdir, "resumed_from_step": start_step,
+      "is_chief": backend.is_chief,
   }
   if config.export and backend.is_chief:
     summary["export"] = export.export_model(model, config.model, input_shape,
@@ -282,6 +286,13 @@ def _log_eval(result: dict, step: int, summaries: Summaries) -> dict:
                result["loss"], result["accuracy"], result["num_examples"])
   summaries.scalars(step, {"eval/loss": result["loss"], "eval/accuracy": result["accuracy"]})
   return result
+
+
+def _fingerprint(weights) -> str:
+  digest = hashlib.sha256()
+  for w in weights:
+    digest.update(w.tobytes())
+  return digest.hexdigest()[:16]
 
 
 class _NoWatchdog:

@@ -62,9 +62,9 @@ def build_steps(model: keras.Model, optimizer: keras.optimizers.Optimizer, backe
     # The loss-scale optimizer skips updates with non-finite gradients; count them for the logs.
     finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
     optimizer.apply(grads, variables)
-    return {"loss": loss, "correct": correct,
-            "count": tf.cast(tf.shape(labels)[0], tf.float32),
-            "skipped": 1.0 - tf.cast(finite, tf.float32)}
+    return backend.reduce_sum({"loss": loss, "correct": correct,
+                               "count": tf.cast(tf.shape(labels)[0], tf.float32),
+                               "skipped": 1.0 - tf.cast(finite, tf.float32)})
 
   @tf.function(jit_compile=xla)
   def forward(images):
@@ -74,9 +74,9 @@ def build_steps(model: keras.Model, optimizer: keras.optimizers.Optimizer, backe
     logits = forward(images)
     per_example = sparse_cross_entropy(labels, logits, num_classes)
     correct = tf.cast(tf.equal(_predictions(logits), labels), tf.float32)
-    return {"loss_sum": tf.reduce_sum(per_example * weights),
-            "correct": tf.reduce_sum(correct * weights),
-            "count": tf.reduce_sum(weights)}
+    return backend.reduce_sum({"loss_sum": tf.reduce_sum(per_example * weights),
+                               "correct": tf.reduce_sum(correct * weights),
+                               "count": tf.reduce_sum(weights)})
 
   @tf.function
   def train_loop(iterator, num_steps):
@@ -84,8 +84,9 @@ def build_steps(model: keras.Model, optimizer: keras.optimizers.Optimizer, backe
     sums = {k: tf.constant(0.0) for k in TRAIN_METRICS}
     steps_run = tf.constant(0, tf.int64)
     for _ in tf.range(num_steps):
-      images, labels = next(iterator)
-      out = backend.sum(backend.run(replica_train_step, images, labels))
+      with _after(sums):
+        images, labels = next(iterator)
+      out = backend.local_result(backend.run(replica_train_step, images, labels))
       step.assign_add(1)
       steps_run += 1
       sums = {k: sums[k] + out[k] for k in TRAIN_METRICS}
@@ -97,12 +98,20 @@ def build_steps(model: keras.Model, optimizer: keras.optimizers.Optimizer, backe
   def eval_loop(iterator, num_steps):
     sums = {k: tf.constant(0.0) for k in EVAL_METRICS}
     for _ in tf.range(num_steps):
-      images, labels, weights = next(iterator)
-      out = backend.sum(backend.run(replica_eval_step, images, labels, weights))
+      with _after(sums):
+        images, labels, weights = next(iterator)
+      out = backend.local_result(backend.run(replica_eval_step, images, labels, weights))
       sums = {k: sums[k] + out[k] for k in EVAL_METRICS}
     return sums
 
   return Steps(train_loop=train_loop, eval_loop=eval_loop)
+
+
+def _after(previous_step_outputs):
+  # Steps must not overlap: the collectives of two steps would be in flight under the same name
+  # (Horovod rejects that). Fetching the next batch only after the previous step's reduced
+  # metrics exist orders them, as the weight updates already do in training.
+  return tf.control_dependencies(tf.nest.flatten(previous_step_outputs))
 
 
 def _predictions(logits):

@@ -2,7 +2,8 @@
 
 The step and the loop talk only to this class: where variables live (`scope`), how each worker
 gets its input (`distribute`), how a function runs on every replica (`run`), how gradients and
-metrics are combined (`reduce_gradients`, `sum`), and who writes files (`is_chief`). Nothing
+metrics are combined (`reduce_gradients`, `reduce_sum`, `local_result`), and who writes files
+(`is_chief`). Nothing
 outside `trainer/backends/` names a strategy or Horovod.
 """
 from __future__ import annotations
@@ -62,8 +63,12 @@ class Backend(abc.ABC):
     """Runs fn on every local replica (inside a tf.function), each on its slice of the args."""
 
   @abc.abstractmethod
-  def sum(self, per_replica: Any) -> Any:
-    """Sum of a per-replica result over all replicas of all workers (inside a tf.function)."""
+  def reduce_sum(self, values: Any) -> Any:
+    """Sums a structure of tensors over all replicas; called in the replica context."""
+
+  @abc.abstractmethod
+  def local_result(self, per_replica: Any) -> Any:
+    """One replica's copy of a `run` result that is identical on all replicas (e.g. reduced)."""
 
   @abc.abstractmethod
   def reduce_gradients(self, grads: list[tf.Tensor]) -> list[tf.Tensor]:

@@ -27,8 +27,18 @@ class HorovodBackend(Backend):
   def run(self, fn, *args):
     return fn(*args)
 
-  def sum(self, per_replica):
-    return tf.nest.map_structure(lambda t: self._hvd.allreduce(t, op=self._hvd.Sum), per_replica)
+  def reduce_sum(self, values):
+    # One packed all-reduce: Horovod names collectives after their input tensors, and small
+    # metric tensors from different steps can share a name and collide while in flight.
+    flat = tf.nest.flatten(values)
+    sizes = [int(tf.size(t)) for t in flat]
+    packed = tf.concat([tf.reshape(tf.cast(t, tf.float32), [-1]) for t in flat], axis=0)
+    summed = tf.split(self._hvd.allreduce(packed, op=self._hvd.Sum), sizes)
+    return tf.nest.pack_sequence_as(
+        values, [tf.cast(tf.reshape(s, t.shape), t.dtype) for s, t in zip(summed, flat)])
+
+  def local_result(self, per_replica):
+    return per_replica
 
   def reduce_gradients(self, grads):
     # Sum, not Average: every replica's loss is already divided by the *global* batch (the

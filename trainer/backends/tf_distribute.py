@@ -31,8 +31,14 @@ class _StrategyBackend(Backend):
       args = self.strategy.experimental_distribute_values_from_function(replica_slice)
     return self.strategy.run(fn, args=args)
 
-  def sum(self, per_replica):
-    return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+  def reduce_sum(self, values):
+    return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, values)
+
+  def local_result(self, per_replica):
+    # experimental_local_results also accepts the plain value `run` returns when a worker has a
+    # single replica (MultiWorkerMirrored with one device per worker).
+    return tf.nest.map_structure(lambda v: self.strategy.experimental_local_results(v)[0],
+                                 per_replica)
 
   def reduce_gradients(self, grads):
     return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
