@@ -20,9 +20,9 @@ SPLITS = {"train": 8000, "test": 2000}
 
 
 def default_cache_dir() -> str:
-    """`$CONVOY_CACHE/mnist_sample`, else `~/.cache/convoy/mnist_sample`."""
-    root = os.environ.get("CONVOY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "convoy")
-    return os.path.join(root, "mnist_sample")
+    """`$CONVOY_CACHE` when set, else `~/.cache/convoy/mnist_sample`."""
+    return os.environ.get("CONVOY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "convoy",
+                                                          "mnist_sample")
 
 
 def sample_data_dir(cache_root: str | None = None) -> str:

@@ -282,3 +282,10 @@ def test_tfds_cli_needs_no_builder_code(tmp_path, tfds_dir):
     metadata = DatasetMetadata.load(out)
     assert metadata.name == "convoy_tiny_fixed" and metadata.num_examples("train") == 12
     assert metadata.num_examples("test") == 5 and metadata.class_names == ["zero", "one", "two"]
+
+
+def test_embedded_cache_dir_follows_convoy_cache(monkeypatch, tmp_path, sample_dir):
+    monkeypatch.setenv("CONVOY_CACHE", str(tmp_path / "env_cache"))
+    assert embedded.default_cache_dir() == str(tmp_path / "env_cache")
+    monkeypatch.delenv("CONVOY_CACHE")
+    assert embedded.default_cache_dir().endswith(os.path.join(".cache", "convoy", "mnist_sample"))
