@@ -284,7 +284,7 @@ def test_tfds_cli_needs_no_builder_code(tmp_path, tfds_dir):
     assert metadata.num_examples("test") == 5 and metadata.class_names == ["zero", "one", "two"]
 
 
-def test_embedded_cache_dir_follows_convoy_cache(monkeypatch, tmp_path, sample_dir):
+def test_embedded_cache_dir_follows_convoy_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("CONVOY_CACHE", str(tmp_path / "env_cache"))
     assert embedded.default_cache_dir() == str(tmp_path / "env_cache")
     monkeypatch.delenv("CONVOY_CACHE")
