@@ -46,7 +46,7 @@ print(int(tf.test.is_built_with_cuda()))
 print(sysconfig.get_paths()["include"])
 print(sysconfig.get_path("scripts"))
 EOF
-)
+) || die "could not run $PYTHON"
 [[ $facts == ERROR* ]] && die "${facts#ERROR } (install tensorflow first, e.g. pip install -e '.[cpu]')"
 { read -r PREFIX; read -r PY_VERSION; read -r TF_VERSION; read -r TF_CUDA; read -r PY_INCLUDE; read -r SCRIPTS_DIR; } <<<"$facts"
 [[ -n $SCRIPTS_DIR ]] || die "could not query $PYTHON (got: $facts)"
@@ -129,10 +129,12 @@ echo '#include "xla/hlo/builder/xla_builder.h"' \
   >"$COMPAT_INCLUDE/tensorflow/compiler/xla/client/xla_builder.h"
 export CPLUS_INCLUDE_PATH="$COMPAT_INCLUDE${CPLUS_INCLUDE_PATH:+:$CPLUS_INCLUDE_PATH}"
 
-# --- Horovod's runtime dependencies --------------------------------------------------------------
+# --- Python-side dependencies -------------------------------------------------------------------
 # Horovod itself is installed with --no-deps (its metadata would otherwise pull `tensorflow`, a
-# second TensorFlow next to tensorflow-cpu). cffi is needed only by the PyTorch binding we disable.
-"$PYTHON" -m pip install --quiet cloudpickle psutil pyyaml packaging
+# second TensorFlow next to tensorflow-cpu), so its runtime deps are named here; cffi is needed
+# only by the PyTorch binding we disable. --no-build-isolation builds with the environment's own
+# setuptools and wheel, which Python 3.12+ venvs no longer contain.
+"$PYTHON" -m pip install --quiet cloudpickle psutil pyyaml packaging setuptools wheel
 
 # --- Build flags -------------------------------------------------------------------------------
 export HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1
