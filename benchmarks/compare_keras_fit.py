@@ -37,8 +37,9 @@ flags.DEFINE_integer("repeats", 3, "Timed repeats per side (best counts).")
 FLAGS = flags.FLAGS
 
 
-def _dataset(metadata, data_dir, batch_size, seed):
-    return input_fn(metadata, data_dir, "train", batch_size, training=True, seed=seed)
+def _dataset(metadata, data_dir, batch_size, input_shape):
+    return input_fn(metadata, data_dir, "train", batch_size, training=True, seed=0,
+                    image_size=input_shape[:2], channels=input_shape[2])
 
 
 def _time_harness(backend, metadata, data_dir, input_shape) -> float:
@@ -53,7 +54,7 @@ def _time_harness(backend, metadata, data_dir, input_shape) -> float:
                                  global_batch_size=FLAGS.batch_size,
                                  num_classes=metadata.num_classes, label_smoothing=0.0, xla=False)
     iterator = iter(backend.distribute(
-        lambda w, n, b: _dataset(metadata, data_dir, b, seed=0), FLAGS.batch_size))
+        lambda w, n, b: _dataset(metadata, data_dir, b, input_shape), FLAGS.batch_size))
     per_call = min(FLAGS.steps_per_loop, FLAGS.steps)
 
     def timed():
@@ -72,7 +73,7 @@ def _time_keras_fit(metadata, data_dir, input_shape):
     model.compile(optimizer=keras.optimizers.Adam(1e-3),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
-    dataset = _dataset(metadata, data_dir, FLAGS.batch_size, seed=0)
+    dataset = _dataset(metadata, data_dir, FLAGS.batch_size, input_shape)
 
     def timed():
         start = time.perf_counter()

@@ -1,0 +1,157 @@
+"""Data-parallel scaling on one machine: 1 process vs 2 Horovod ranks vs 2 MultiWorkerMirrored workers.
+
+    python benchmarks/scaling.py [--data_dir=OUT] [--model=tutorial_cnn] [--global_batch_size=128]
+        [--train_steps=300]
+
+Runs the real trainer CLI four times on the same data and global batch: one process with the
+machine's default threads, one process with 1 intra-op thread, `horovodrun --gloo -np 2` and
+`launch.local_cluster --workers 2`, each of the two-process runs with 1 thread per process (so
+two processes share the cores instead of fighting over them). Throughput is the trainer's own
+steady-state `images_per_sec` from summary.json.
+
+It then measures the all-reduce alone: the same two-process set-ups sum tensors shaped like the
+model's gradients, and the fraction of a two-process step spent in that all-reduce is
+all-reduce time / step time. Prints one JSON line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from absl import app, flags  # noqa: E402
+
+flags.DEFINE_string("data_dir", "", "Prepared dataset (default: the embedded MNIST sample).")
+flags.DEFINE_string("model", "tutorial_cnn", "Model.")
+flags.DEFINE_integer("global_batch_size", 128, "Global batch, the same in every set-up.")
+flags.DEFINE_integer("train_steps", 300, "Steps per run.")
+flags.DEFINE_integer("allreduce_iterations", 200, "Timed all-reduces in the probe.")
+flags.DEFINE_boolean("probe", False, "Internal: run the all-reduce probe in this process.")
+flags.DEFINE_enum("strategy", "horovod", ["horovod", "multi_worker"],
+                  "Internal: the probe's backend (launch.local_cluster passes multi_worker).")
+FLAGS = flags.FLAGS
+
+ONE_THREAD = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
+
+
+def _env(extra=None):
+    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2")
+    env.update(extra or {})
+    return env
+
+
+def _trainer_flags(workdir):
+    return [f"--workdir={workdir}", f"--model={FLAGS.model}",
+            f"--global_batch_size={FLAGS.global_batch_size}",
+            f"--train_steps={FLAGS.train_steps}", "--steps_per_loop=50", "--log_every_steps=100",
+            "--checkpoint_every_steps=0", "--export=false", "--lr_schedule=constant",
+            *([f"--data_dir={FLAGS.data_dir}"] if FLAGS.data_dir else [])]
+
+
+def _run(command, env):
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:6])}... failed:\n{result.stdout[-2000:]}\n"
+                           f"{result.stderr[-3000:]}")
+    return result.stdout + result.stderr
+
+
+def _images_per_sec(workdir):
+    with open(os.path.join(workdir, "summary.json")) as f:
+        return json.load(f)["images_per_sec"]
+
+
+def _horovodrun(np_, *command):
+    return [os.path.join(os.path.dirname(sys.executable), "horovodrun"), "--gloo", "-np",
+            str(np_), "-H", f"localhost:{np_}", *command]
+
+
+def _probe_result(output):
+    # Launchers prefix each rank's lines ("[1]<stdout>:", "[worker 0] "); rank 0's figure counts.
+    return float(re.findall(r"ALLREDUCE_MS ([0-9.]+)", output)[0])
+
+
+def _probe(kind):
+    """Times the sum of gradient-shaped tensors across the processes of this job."""
+    import tensorflow as tf
+    from trainer import models
+    from trainer.backends import create_backend
+    backend = create_backend(kind)  # First: collectives must be configured before TF starts.
+    shapes = [v.shape for v in models.build_model(FLAGS.model, (28, 28, 1), 10).trainable_variables]
+    def fake_gradients(previous_total):
+        # Made inside the replica function (MultiWorkerMirrored cannot all-reduce tensors captured
+        # from outside it) and from the previous result, so two all-reduces never overlap.
+        return [tf.fill(shape, 1e-3) + previous_total * 0.0 for shape in shapes]
+
+    @tf.function
+    def reduce_many(n):
+        total = tf.constant(0.0)
+        for _ in tf.range(n):
+            reduced = backend.local_result(backend.run(
+                lambda t: backend.reduce_gradients(fake_gradients(t)), total))
+            total += tf.reshape(reduced[0], [-1])[0]
+        return total
+
+    with backend.scope():
+        reduce_many(tf.constant(5)).numpy()  # Warm-up: tracing, connection set-up.
+        start = time.perf_counter()
+        reduce_many(tf.constant(FLAGS.allreduce_iterations)).numpy()
+        elapsed = time.perf_counter() - start
+    print(f"ALLREDUCE_MS {1000 * elapsed / FLAGS.allreduce_iterations:.4f}", flush=True)
+
+
+def main(argv):
+    del argv
+    if FLAGS.probe:
+        _probe(FLAGS.strategy)
+        return
+    trainer = [sys.executable, "-m", "trainer"]
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {
+            "one_process": (trainer + ["--strategy=one_device"], _env()),
+            "one_process_one_thread": (trainer + ["--strategy=one_device"], _env(ONE_THREAD)),
+            "horovod_2": (_horovodrun(2, *trainer, "--strategy=horovod"), _env(ONE_THREAD)),
+            "multi_worker_2": ([sys.executable, "-m", "launch.local_cluster", "--workers", "2",
+                                "--"], _env(ONE_THREAD)),
+        }
+        for name, (command, env) in runs.items():
+            workdir = os.path.join(tmp, name)
+            _run(command + _trainer_flags(workdir), env)
+            results[name] = _images_per_sec(workdir)
+        probe = [sys.executable, os.path.abspath(__file__), f"--model={FLAGS.model}"]
+        horovod_ms = _probe_result(_run(_horovodrun(2, *probe, "--probe", "--strategy=horovod"),
+                                        _env(ONE_THREAD)))
+        mwms_ms = _probe_result(_run(
+            [sys.executable, "-m", "launch.local_cluster", "--workers", "2", "--worker_cmd",
+             " ".join(probe + ["--probe"]), "--"], _env(ONE_THREAD)))
+
+    def step_ms(images_per_sec):
+        return 1000.0 * FLAGS.global_batch_size / images_per_sec
+
+    print(json.dumps({
+        "benchmark": "scaling", "model": FLAGS.model, "global_batch_size": FLAGS.global_batch_size,
+        "train_steps": FLAGS.train_steps, "dataset": FLAGS.data_dir or "embedded sample",
+        "images_per_sec": results,
+        # Same two cores in every set-up: >1 means two processes use them better than one.
+        "speedup_vs_one_process": {k: round(results[k] / results["one_process"], 3)
+                                   for k in ("horovod_2", "multi_worker_2")},
+        # Against two perfectly independent 1-thread processes (the ideal for 2 x 1 thread).
+        "scaling_efficiency": {k: round(results[k] / (2 * results["one_process_one_thread"]), 3)
+                               for k in ("horovod_2", "multi_worker_2")},
+        "allreduce_ms": {"horovod_2": horovod_ms, "multi_worker_2": mwms_ms},
+        "allreduce_fraction_of_step": {
+            "horovod_2": round(horovod_ms / step_ms(results["horovod_2"]), 3),
+            "multi_worker_2": round(mwms_ms / step_ms(results["multi_worker_2"]), 3)},
+    }))
+
+
+if __name__ == "__main__":
+    app.run(main)
