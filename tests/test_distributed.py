@@ -30,183 +30,183 @@ WEIGHT_TOLERANCE = 1e-5  # Same full-batch gradient; only the all-reduce's summa
 
 
 def _write_idx(path, array):
-  header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I",
-                                                                       *array.shape)
-  with gzip.open(path, "wb") as f:
-    f.write(header + array.astype(np.uint8).tobytes())
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I",
+                                                                         *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
 
 
 @pytest.fixture(scope="module")
 def tiny_mnist(tmp_path_factory):
-  """64 train examples in 2 shards of 32, 101 test examples (not divisible by 2 or 3)."""
-  from datasets import idx
-  from datasets.prepare import prepare
-  sample = os.path.join(REPO, "datasets", "sample", "mnist")
-  raw = tmp_path_factory.mktemp("raw")
-  for prefix, count in (("train", 64), ("t10k", 101)):
-    images = idx.read_idx(os.path.join(sample, f"{prefix}-images-idx3-ubyte.gz"), (3,), "images")
-    labels = idx.read_idx(os.path.join(sample, f"{prefix}-labels-idx1-ubyte.gz"), (1,), "labels")
-    _write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", images[:count])
-    _write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", labels[:count])
-  out = str(tmp_path_factory.mktemp("tiny_mnist"))
-  metadata = prepare("idx", str(raw), out, num_shards=2)
-  assert [s.num_examples for s in metadata.splits["train"].shards] == [32, 32]
-  assert metadata.splits["test"].num_examples == 101
-  return out
+    """64 train examples in 2 shards of 32, 101 test examples (not divisible by 2 or 3)."""
+    from datasets import idx
+    from datasets.prepare import prepare
+    sample = os.path.join(REPO, "datasets", "sample", "mnist")
+    raw = tmp_path_factory.mktemp("raw")
+    for prefix, count in (("train", 64), ("t10k", 101)):
+        images = idx.read_idx(os.path.join(sample, f"{prefix}-images-idx3-ubyte.gz"), (3,), "images")
+        labels = idx.read_idx(os.path.join(sample, f"{prefix}-labels-idx1-ubyte.gz"), (1,), "labels")
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", images[:count])
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", labels[:count])
+    out = str(tmp_path_factory.mktemp("tiny_mnist"))
+    metadata = prepare("idx", str(raw), out, num_shards=2)
+    assert [s.num_examples for s in metadata.splits["train"].shards] == [32, 32]
+    assert metadata.splits["test"].num_examples == 101
+    return out
 
 
 def _flags(data_dir, workdir, *extra):
-  return (f"--data_dir={data_dir}", f"--workdir={workdir}", "--model=tutorial_cnn",
-          "--optimizer=momentum", "--learning_rate=0.05", "--lr_schedule=constant",
-          "--global_batch_size=64", "--shuffle_buffer=1", f"--train_steps={TRAIN_STEPS}",
-          "--steps_per_loop=4", "--log_every_steps=4", "--checkpoint_every_steps=0",
-          "--export=false", *extra)
+    return (f"--data_dir={data_dir}", f"--workdir={workdir}", "--model=tutorial_cnn",
+            "--optimizer=momentum", "--learning_rate=0.05", "--lr_schedule=constant",
+            "--global_batch_size=64", "--shuffle_buffer=1", f"--train_steps={TRAIN_STEPS}",
+            "--steps_per_loop=4", "--log_every_steps=4", "--checkpoint_every_steps=0",
+            "--export=false", *extra)
 
 
 def _fingerprints(output):
-  return re.findall(r"weights fingerprint ([0-9a-f]{16})", output)
+    return re.findall(r"weights fingerprint ([0-9a-f]{16})", output)
 
 
 def _assert_only_chief_wrote(workdir):
-  events = glob.glob(os.path.join(workdir, "tensorboard", "**", "events.out.tfevents.*"),
-                     recursive=True)
-  assert len(events) == 1, events
-  scratch = os.path.join(workdir, "tmp")
-  assert not os.path.exists(scratch) or not any(os.scandir(scratch)), os.listdir(scratch)
+    events = glob.glob(os.path.join(workdir, "tensorboard", "**", "events.out.tfevents.*"),
+                       recursive=True)
+    assert len(events) == 1, events
+    scratch = os.path.join(workdir, "tmp")
+    assert not os.path.exists(scratch) or not any(os.scandir(scratch)), os.listdir(scratch)
 
 
 def _horovodrun(*flags, np_=2, timeout=600):
-  horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
-  command = [horovodrun, "--gloo", "-np", str(np_), "-H", f"localhost:{np_}",
-             *trainer_command("--strategy=horovod", *flags)]
-  return subprocess.run(command, cwd=REPO, env=trainer_env(ONE_THREAD), capture_output=True,
-                        text=True, timeout=timeout)
+    horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+    command = [horovodrun, "--gloo", "-np", str(np_), "-H", f"localhost:{np_}",
+               *trainer_command("--strategy=horovod", *flags)]
+    return subprocess.run(command, cwd=REPO, env=trainer_env(ONE_THREAD), capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def _local_cluster(workers, *flags, timeout=600):
-  command = [sys.executable, "-m", "launch.local_cluster", "--workers", str(workers), "--",
-             *flags]
-  return subprocess.run(command, cwd=REPO, env=trainer_env(ONE_THREAD), capture_output=True,
-                        text=True, timeout=timeout)
+    command = [sys.executable, "-m", "launch.local_cluster", "--workers", str(workers), "--",
+               *flags]
+    return subprocess.run(command, cwd=REPO, env=trainer_env(ONE_THREAD), capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def _check(result):
-  assert result.returncode == 0, (result.stdout[-4000:], result.stderr[-8000:])
-  return result.stdout + result.stderr
+    assert result.returncode == 0, (result.stdout[-4000:], result.stderr[-8000:])
+    return result.stdout + result.stderr
 
 
 @pytest.fixture(scope="module")
 def single_process(tiny_mnist, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("single"))
-  run_trainer(*_flags(tiny_mnist, workdir), env=ONE_THREAD)
-  return workdir
+    workdir = str(tmp_path_factory.mktemp("single"))
+    run_trainer(*_flags(tiny_mnist, workdir), env=ONE_THREAD)
+    return workdir
 
 
 @pytest.fixture(scope="module")
 def horovod_run(tiny_mnist, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("horovod"))
-  output = _check(_horovodrun(*_flags(tiny_mnist, workdir)))
-  return workdir, output
+    workdir = str(tmp_path_factory.mktemp("horovod"))
+    output = _check(_horovodrun(*_flags(tiny_mnist, workdir)))
+    return workdir, output
 
 
 def test_horovod_two_ranks_match_single_process(horovod_run, single_process):
-  workdir, output = horovod_run
-  s = summary(workdir)
-  assert (s["strategy"], s["num_workers"], s["num_replicas"], s["per_replica_batch"]) == (
-      "horovod", 2, 2, 32)
-  assert s["final_step"] == TRAIN_STEPS
-  fingerprints = _fingerprints(output)
-  assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1], fingerprints
-  assert max_weight_difference(checkpoint_weights(workdir),
-                               checkpoint_weights(single_process)) < WEIGHT_TOLERANCE
-  assert s["eval"]["num_examples"] == 101
-  assert abs(s["eval"]["loss"] - summary(single_process)["eval"]["loss"]) < 1e-4
-  _assert_only_chief_wrote(workdir)
+    workdir, output = horovod_run
+    s = summary(workdir)
+    assert (s["strategy"], s["num_workers"], s["num_replicas"], s["per_replica_batch"]) == (
+        "horovod", 2, 2, 32)
+    assert s["final_step"] == TRAIN_STEPS
+    fingerprints = _fingerprints(output)
+    assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1], fingerprints
+    assert max_weight_difference(checkpoint_weights(workdir),
+                                 checkpoint_weights(single_process)) < WEIGHT_TOLERANCE
+    assert s["eval"]["num_examples"] == 101
+    assert abs(s["eval"]["loss"] - summary(single_process)["eval"]["loss"]) < 1e-4
+    _assert_only_chief_wrote(workdir)
 
 
 def test_multi_worker_two_workers_match_single_process(tiny_mnist, single_process, tmp_path):
-  workdir = str(tmp_path / "mwms")
-  output = _check(_local_cluster(2, *_flags(tiny_mnist, workdir)))
-  s = summary(workdir)
-  assert (s["strategy"], s["num_workers"], s["num_replicas"]) == ("multi_worker", 2, 2)
-  fingerprints = _fingerprints(output)
-  assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1], fingerprints
-  assert max_weight_difference(checkpoint_weights(workdir),
-                               checkpoint_weights(single_process)) < WEIGHT_TOLERANCE
-  assert s["eval"]["num_examples"] == 101
-  _assert_only_chief_wrote(workdir)
+    workdir = str(tmp_path / "mwms")
+    output = _check(_local_cluster(2, *_flags(tiny_mnist, workdir)))
+    s = summary(workdir)
+    assert (s["strategy"], s["num_workers"], s["num_replicas"]) == ("multi_worker", 2, 2)
+    fingerprints = _fingerprints(output)
+    assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1], fingerprints
+    assert max_weight_difference(checkpoint_weights(workdir),
+                                 checkpoint_weights(single_process)) < WEIGHT_TOLERANCE
+    assert s["eval"]["num_examples"] == 101
+    _assert_only_chief_wrote(workdir)
 
 
 def test_three_workers_evaluate_every_example_once(tiny_mnist, tmp_path):
-  workdir = str(tmp_path / "three")
-  # 63 = 3 workers x 21; 101 eval examples over 3 workers need padding on two of them.
-  flags = _flags(tiny_mnist, workdir, "--global_batch_size=63")
-  output = _check(_local_cluster(3, *flags))
-  distributed = summary(workdir)["eval"]
-  assert distributed["num_examples"] == 101
-  assert len(set(re.findall(r"eval at step \d+: (loss [\d.]+ accuracy [\d.]+)", output))) == 1, \
-      "the workers disagree about the evaluation"
-  # The same checkpoint evaluated by one process gives the same figures.
-  run_trainer(*flags, "--strategy=one_device")
-  single = summary(workdir)["eval"]
-  assert summary(workdir)["resumed_from_step"] == TRAIN_STEPS
-  assert single["num_examples"] == 101
-  assert single["accuracy"] == pytest.approx(distributed["accuracy"], abs=1e-9)
-  assert single["loss"] == pytest.approx(distributed["loss"], abs=1e-5)
+    workdir = str(tmp_path / "three")
+    # 63 = 3 workers x 21; 101 eval examples over 3 workers need padding on two of them.
+    flags = _flags(tiny_mnist, workdir, "--global_batch_size=63")
+    output = _check(_local_cluster(3, *flags))
+    distributed = summary(workdir)["eval"]
+    assert distributed["num_examples"] == 101
+    assert len(set(re.findall(r"eval at step \d+: (loss [\d.]+ accuracy [\d.]+)", output))) == 1, \
+        "the workers disagree about the evaluation"
+    # The same checkpoint evaluated by one process gives the same figures.
+    run_trainer(*flags, "--strategy=one_device")
+    single = summary(workdir)["eval"]
+    assert summary(workdir)["resumed_from_step"] == TRAIN_STEPS
+    assert single["num_examples"] == 101
+    assert single["accuracy"] == pytest.approx(distributed["accuracy"], abs=1e-9)
+    assert single["loss"] == pytest.approx(distributed["loss"], abs=1e-5)
 
 
 def test_horovod_checkpoint_resumes_under_one_device_and_back(horovod_run, single_process,
                                                               tiny_mnist, tmp_path):
-  from_horovod = str(tmp_path / "from_horovod")
-  shutil.copytree(horovod_run[0], from_horovod)
-  resumed = run_trainer(*_flags(tiny_mnist, from_horovod, "--train_steps=12",
-                                "--strategy=one_device"), env=ONE_THREAD)
-  assert f"at step {TRAIN_STEPS}" in resumed.stderr
-  assert summary(from_horovod)["final_step"] == 12
+    from_horovod = str(tmp_path / "from_horovod")
+    shutil.copytree(horovod_run[0], from_horovod)
+    resumed = run_trainer(*_flags(tiny_mnist, from_horovod, "--train_steps=12",
+                                  "--strategy=one_device"), env=ONE_THREAD)
+    assert f"at step {TRAIN_STEPS}" in resumed.stderr
+    assert summary(from_horovod)["final_step"] == 12
 
-  from_single = str(tmp_path / "from_single")
-  shutil.copytree(single_process, from_single)
-  output = _check(_horovodrun(*_flags(tiny_mnist, from_single, "--train_steps=12")))
-  assert output.count(f"at step {TRAIN_STEPS}") == 2, "both ranks must resume from the checkpoint"
-  s = summary(from_single)
-  assert (s["strategy"], s["final_step"], s["resumed_from_step"]) == ("horovod", 12, TRAIN_STEPS)
+    from_single = str(tmp_path / "from_single")
+    shutil.copytree(single_process, from_single)
+    output = _check(_horovodrun(*_flags(tiny_mnist, from_single, "--train_steps=12")))
+    assert output.count(f"at step {TRAIN_STEPS}") == 2, "both ranks must resume from the checkpoint"
+    s = summary(from_single)
+    assert (s["strategy"], s["final_step"], s["resumed_from_step"]) == ("horovod", 12, TRAIN_STEPS)
 
 
 def test_killed_worker_stops_the_job_within_the_stall_timeout_and_rerun_resumes(tiny_mnist,
                                                                                 tmp_path):
-  from launch.local_cluster import pick_free_ports, tf_configs
-  workdir = str(tmp_path / "killed")
-  stall_timeout = 30
-  flags = _flags(tiny_mnist, workdir, "--train_steps=100000", "--checkpoint_every_steps=8",
-                 f"--stall_timeout_s={stall_timeout}", "--strategy=multi_worker")
-  # Started directly, not through local_cluster: like pods of a TFJob, nothing else notices that
-  # a peer died, so only the survivor's own failure detection (or watchdog) can end it.
-  configs = tf_configs([f"127.0.0.1:{port}" for port in pick_free_ports(2)])
-  workers = [subprocess.Popen(trainer_command(*flags), cwd=REPO,
-                              env=trainer_env({**ONE_THREAD, "TF_CONFIG": config}),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for config in configs]
-  try:
-    for line in workers[0].stdout:
-      if "saved checkpoint" in line:
-        break
-    workers[1].send_signal(signal.SIGKILL)
-    killed_at = time.monotonic()
-    workers[1].wait(timeout=30)
-    rest = workers[0].communicate(timeout=stall_timeout + 60)[0]
-    elapsed = time.monotonic() - killed_at
-  finally:
-    for w in workers:
-      if w.poll() is None:
-        w.kill()
-  assert workers[0].returncode != 0, rest[-3000:]
-  assert elapsed < stall_timeout + 30, f"survivor took {elapsed:.0f}s to give up"
+    from launch.local_cluster import pick_free_ports, tf_configs
+    workdir = str(tmp_path / "killed")
+    stall_timeout = 30
+    flags = _flags(tiny_mnist, workdir, "--train_steps=100000", "--checkpoint_every_steps=8",
+                   f"--stall_timeout_s={stall_timeout}", "--strategy=multi_worker")
+    # Started directly, not through local_cluster: like pods of a TFJob, nothing else notices that
+    # a peer died, so only the survivor's own failure detection (or watchdog) can end it.
+    configs = tf_configs([f"127.0.0.1:{port}" for port in pick_free_ports(2)])
+    workers = [subprocess.Popen(trainer_command(*flags), cwd=REPO,
+                                env=trainer_env({**ONE_THREAD, "TF_CONFIG": config}),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for config in configs]
+    try:
+        for line in workers[0].stdout:
+            if "saved checkpoint" in line:
+                break
+        workers[1].send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        workers[1].wait(timeout=30)
+        rest = workers[0].communicate(timeout=stall_timeout + 60)[0]
+        elapsed = time.monotonic() - killed_at
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+    assert workers[0].returncode != 0, rest[-3000:]
+    assert elapsed < stall_timeout + 30, f"survivor took {elapsed:.0f}s to give up"
 
-  import tensorflow as tf
-  saved = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
-  saved_step = int(saved.rsplit("-", 1)[1])
-  assert saved_step >= 8
-  final = saved_step + 8
-  output = _check(_local_cluster(2, *_flags(tiny_mnist, workdir, f"--train_steps={final}")))
-  assert f"resumed from {saved} at step {saved_step}" in output
-  assert summary(workdir)["final_step"] == final
+    import tensorflow as tf
+    saved = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+    saved_step = int(saved.rsplit("-", 1)[1])
+    assert saved_step >= 8
+    final = saved_step + 8
+    output = _check(_local_cluster(2, *_flags(tiny_mnist, workdir, f"--train_steps={final}")))
+    assert f"resumed from {saved} at step {saved_step}" in output
+    assert summary(workdir)["final_step"] == final

@@ -10,39 +10,39 @@ from absl import app, logging
 
 
 def _parse(argv):
-  from trainer.config import ConfigError, config_from_argv
-  try:
-    return config_from_argv(argv)
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    from trainer.config import ConfigError, config_from_argv
+    try:
+        return config_from_argv(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main(config) -> int:
-  # Imported here so a bad command line fails before TensorFlow loads.
-  from datasets.errors import DataError
-  from trainer.config import ConfigError
-  from trainer.loop import Interrupted, NonFiniteLossError, train_and_evaluate
+    # Imported here so a bad command line fails before TensorFlow loads.
+    from datasets.errors import DataError
+    from trainer.config import ConfigError
+    from trainer.loop import Interrupted, NonFiniteLossError, train_and_evaluate
 
-  try:
-    summary = train_and_evaluate(config)
-  except (ConfigError, DataError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except NonFiniteLossError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  except Interrupted as e:
-    logging.warning("%s", e)
-    return 128 + e.signum
-  ev = summary["eval"]
-  print(f"{ev['split']} accuracy {ev['accuracy']:.4f} ({ev['num_examples']} examples), "
-        f"loss {ev['loss']:.4f}; {summary['images_per_sec']:,.0f} img/s over "
-        f"{summary['train_seconds']:.1f} s of training")
-  if summary["is_chief"]:
-    print(f"TensorBoard: tensorboard --logdir {summary['workdir']}/tensorboard")
-  return 0
+    try:
+        summary = train_and_evaluate(config)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Interrupted as e:
+        logging.warning("%s", e)
+        return 128 + e.signum
+    ev = summary["eval"]
+    print(f"{ev['split']} accuracy {ev['accuracy']:.4f} ({ev['num_examples']} examples), "
+          f"loss {ev['loss']:.4f}; {summary['images_per_sec']:,.0f} img/s over "
+          f"{summary['train_seconds']:.1f} s of training")
+    if summary["is_chief"]:
+        print(f"TensorBoard: tensorboard --logdir {summary['workdir']}/tensorboard")
+    return 0
 
 
 if __name__ == "__main__":
-  app.run(lambda config: sys.exit(main(config)), flags_parser=_parse)
+    app.run(lambda config: sys.exit(main(config)), flags_parser=_parse)

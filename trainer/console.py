@@ -8,34 +8,34 @@ from absl import logging
 
 
 def format_eta(seconds: float) -> str:
-  return str(datetime.timedelta(seconds=int(max(seconds, 0))))
+    return str(datetime.timedelta(seconds=int(max(seconds, 0))))
 
 
 class Progress:
-  """Prints training progress for one worker; only the chief draws the bar."""
+    """Prints training progress for one worker; only the chief draws the bar."""
 
-  def __init__(self, total_steps: int, prefix: str = "", show_bar: bool | None = None):
-    self.total_steps = total_steps
-    self.prefix = prefix
-    self.show_bar = sys.stdout.isatty() if show_bar is None else show_bar
+    def __init__(self, total_steps: int, prefix: str = "", show_bar: bool | None = None):
+        self.total_steps = total_steps
+        self.prefix = prefix
+        self.show_bar = sys.stdout.isatty() if show_bar is None else show_bar
 
-  def line(self, step: int, logs: dict[str, float], images_per_sec: float,
-           eta_seconds: float) -> None:
-    text = (f"{self.prefix}step {step}/{self.total_steps}  loss {logs['loss']:.4f}  "
-            f"acc {logs['accuracy']:.4f}  {images_per_sec:,.0f} img/s  "
-            f"ETA {format_eta(eta_seconds)}")
-    if self.show_bar:
-      sys.stdout.write("\r" + " " * 100 + "\r")
-    logging.info("%s", text)
+    def line(self, step: int, logs: dict[str, float], images_per_sec: float,
+             eta_seconds: float) -> None:
+        text = (f"{self.prefix}step {step}/{self.total_steps}  loss {logs['loss']:.4f}  "
+                f"acc {logs['accuracy']:.4f}  {images_per_sec:,.0f} img/s  "
+                f"ETA {format_eta(eta_seconds)}")
+        if self.show_bar:
+            sys.stdout.write("\r" + " " * 100 + "\r")
+        logging.info("%s", text)
 
-  def bar(self, step: int) -> None:
-    if not self.show_bar:
-      return
-    width = 30
-    done = int(width * step / max(self.total_steps, 1))
-    sys.stdout.write(f"\r[{'=' * done}{'.' * (width - done)}] {step}/{self.total_steps}")
-    sys.stdout.flush()
+    def bar(self, step: int) -> None:
+        if not self.show_bar:
+            return
+        width = 30
+        done = int(width * step / max(self.total_steps, 1))
+        sys.stdout.write(f"\r[{'=' * done}{'.' * (width - done)}] {step}/{self.total_steps}")
+        sys.stdout.flush()
 
-  def close(self) -> None:
-    if self.show_bar:
-      sys.stdout.write("\n")
+    def close(self) -> None:
+        if self.show_bar:
+            sys.stdout.write("\n")

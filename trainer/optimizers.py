@@ -15,86 +15,86 @@ import tensorflow as tf
 
 
 class _PreReducedGradients:
-  """Mixin: gradients handed to apply() are already summed over replicas."""
+    """Mixin: gradients handed to apply() are already summed over replicas."""
 
-  def _all_reduce_sum_gradients(self, grads_and_vars):
-    return grads_and_vars
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        return grads_and_vars
 
 
 @functools.cache
 def _pre_reduced(cls: type) -> type:
-  return type(cls.__name__, (_PreReducedGradients, cls), {})
+    return type(cls.__name__, (_PreReducedGradients, cls), {})
 
 
 class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
-  """Linear warmup to `peak`, then constant, step, cosine or one-cycle decay to `total_steps`."""
+    """Linear warmup to `peak`, then constant, step, cosine or one-cycle decay to `total_steps`."""
 
-  def __init__(self, kind: str, peak: float, total_steps: int, warmup_steps: int = 0,
-               step_boundaries: tuple[float, ...] = (), step_factor: float = 0.1):
-    self.kind = kind
-    self.peak = float(peak)
-    self.total_steps = max(int(total_steps), 1)
-    self.warmup_steps = int(warmup_steps)
-    self.step_boundaries = tuple(step_boundaries)
-    self.step_factor = float(step_factor)
+    def __init__(self, kind: str, peak: float, total_steps: int, warmup_steps: int = 0,
+                 step_boundaries: tuple[float, ...] = (), step_factor: float = 0.1):
+        self.kind = kind
+        self.peak = float(peak)
+        self.total_steps = max(int(total_steps), 1)
+        self.warmup_steps = int(warmup_steps)
+        self.step_boundaries = tuple(step_boundaries)
+        self.step_factor = float(step_factor)
 
-  def __call__(self, step):
-    step = tf.cast(step, tf.float32)
-    total = float(self.total_steps)
-    if self.kind == "one_cycle":
-      # Up for the first 30% (or the warmup, if given), then cosine annealing to ~0.
-      rise = float(self.warmup_steps or max(1, int(0.3 * total)))
-      up = self.peak * (0.1 + 0.9 * step / rise)
-      fall_t = tf.clip_by_value((step - rise) / max(total - rise, 1.0), 0.0, 1.0)
-      down = self.peak * 0.5 * (1.0 + tf.cos(math.pi * fall_t))
-      return tf.where(step < rise, up, down)
-    warmup = float(self.warmup_steps)
-    after = tf.maximum(step - warmup, 0.0)
-    decay_steps = max(total - warmup, 1.0)
-    if self.kind == "constant":
-      rate = tf.constant(self.peak)
-    elif self.kind == "cosine":
-      rate = self.peak * 0.5 * (1.0 + tf.cos(math.pi * tf.minimum(after / decay_steps, 1.0)))
-    elif self.kind == "step":
-      passed = tf.add_n([tf.cast(step >= b * total, tf.float32) for b in self.step_boundaries])
-      rate = self.peak * tf.pow(self.step_factor, passed)
-    else:
-      raise ValueError(f"unknown schedule {self.kind}")
-    if self.warmup_steps:
-      rate = tf.where(step < warmup, self.peak * (step + 1.0) / warmup, rate)
-    return rate
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        total = float(self.total_steps)
+        if self.kind == "one_cycle":
+            # Up for the first 30% (or the warmup, if given), then cosine annealing to ~0.
+            rise = float(self.warmup_steps or max(1, int(0.3 * total)))
+            up = self.peak * (0.1 + 0.9 * step / rise)
+            fall_t = tf.clip_by_value((step - rise) / max(total - rise, 1.0), 0.0, 1.0)
+            down = self.peak * 0.5 * (1.0 + tf.cos(math.pi * fall_t))
+            return tf.where(step < rise, up, down)
+        warmup = float(self.warmup_steps)
+        after = tf.maximum(step - warmup, 0.0)
+        decay_steps = max(total - warmup, 1.0)
+        if self.kind == "constant":
+            rate = tf.constant(self.peak)
+        elif self.kind == "cosine":
+            rate = self.peak * 0.5 * (1.0 + tf.cos(math.pi * tf.minimum(after / decay_steps, 1.0)))
+        elif self.kind == "step":
+            passed = tf.add_n([tf.cast(step >= b * total, tf.float32) for b in self.step_boundaries])
+            rate = self.peak * tf.pow(self.step_factor, passed)
+        else:
+            raise ValueError(f"unknown schedule {self.kind}")
+        if self.warmup_steps:
+            rate = tf.where(step < warmup, self.peak * (step + 1.0) / warmup, rate)
+        return rate
 
-  def get_config(self):
-    return {"kind": self.kind, "peak": self.peak, "total_steps": self.total_steps,
-            "warmup_steps": self.warmup_steps, "step_boundaries": self.step_boundaries,
-            "step_factor": self.step_factor}
+    def get_config(self):
+        return {"kind": self.kind, "peak": self.peak, "total_steps": self.total_steps,
+                "warmup_steps": self.warmup_steps, "step_boundaries": self.step_boundaries,
+                "step_factor": self.step_factor}
 
 
 def peak_learning_rate(learning_rate: float, global_batch_size: int, scale_lr: bool,
                        base_batch_size: int) -> float:
-  """The linear scaling rule (Goyal et al.) when asked for: lr grows with the global batch."""
-  return learning_rate * global_batch_size / base_batch_size if scale_lr else learning_rate
+    """The linear scaling rule (Goyal et al.) when asked for: lr grows with the global batch."""
+    return learning_rate * global_batch_size / base_batch_size if scale_lr else learning_rate
 
 
 def build_optimizer(name: str, schedule: keras.optimizers.schedules.LearningRateSchedule, *,
                     momentum: float, weight_decay: float, clip_grad_norm: float,
                     loss_scaling: bool) -> keras.optimizers.Optimizer:
-  """The optimizer for `name`, wrapped in dynamic loss scaling when `loss_scaling` (fp16)."""
-  common = {"learning_rate": schedule, "weight_decay": weight_decay or None,
-            "global_clipnorm": clip_grad_norm or None}
-  if name == "sgd":
-    optimizer = _pre_reduced(keras.optimizers.SGD)(**common)
-  elif name == "momentum":
-    optimizer = _pre_reduced(keras.optimizers.SGD)(momentum=momentum, **common)
-  elif name == "adam":
-    optimizer = _pre_reduced(keras.optimizers.Adam)(**common)
-  elif name == "adamw":
-    common["weight_decay"] = weight_decay
-    optimizer = _pre_reduced(keras.optimizers.AdamW)(**common)
-  elif name == "rmsprop":
-    optimizer = _pre_reduced(keras.optimizers.RMSprop)(momentum=momentum, **common)
-  else:
-    raise ValueError(f"unknown optimizer {name}")
-  if loss_scaling:
-    optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-  return optimizer
+    """The optimizer for `name`, wrapped in dynamic loss scaling when `loss_scaling` (fp16)."""
+    common = {"learning_rate": schedule, "weight_decay": weight_decay or None,
+              "global_clipnorm": clip_grad_norm or None}
+    if name == "sgd":
+        optimizer = _pre_reduced(keras.optimizers.SGD)(**common)
+    elif name == "momentum":
+        optimizer = _pre_reduced(keras.optimizers.SGD)(momentum=momentum, **common)
+    elif name == "adam":
+        optimizer = _pre_reduced(keras.optimizers.Adam)(**common)
+    elif name == "adamw":
+        common["weight_decay"] = weight_decay
+        optimizer = _pre_reduced(keras.optimizers.AdamW)(**common)
+    elif name == "rmsprop":
+        optimizer = _pre_reduced(keras.optimizers.RMSprop)(momentum=momentum, **common)
+    else:
+        raise ValueError(f"unknown optimizer {name}")
+    if loss_scaling:
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer

@@ -20,99 +20,99 @@ EVAL_METRICS = ("loss_sum", "correct", "count")
 
 @dataclasses.dataclass
 class Steps:
-  """Compiled loops over a distributed iterator; each returns metrics summed over replicas."""
-  train_loop: tf.types.experimental.GenericFunction
-  eval_loop: tf.types.experimental.GenericFunction
+    """Compiled loops over a distributed iterator; each returns metrics summed over replicas."""
+    train_loop: tf.types.experimental.GenericFunction
+    eval_loop: tf.types.experimental.GenericFunction
 
 
 def sparse_cross_entropy(labels, logits, num_classes: int, label_smoothing: float = 0.0):
-  """Per-example cross entropy from float32 logits (with optional label smoothing)."""
-  logits = tf.cast(logits, tf.float32)
-  if label_smoothing:
-    targets = tf.one_hot(labels, num_classes)
-    targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
-    return tf.nn.softmax_cross_entropy_with_logits(targets, logits)
-  return tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+    """Per-example cross entropy from float32 logits (with optional label smoothing)."""
+    logits = tf.cast(logits, tf.float32)
+    if label_smoothing:
+        targets = tf.one_hot(labels, num_classes)
+        targets = targets * (1.0 - label_smoothing) + label_smoothing / num_classes
+        return tf.nn.softmax_cross_entropy_with_logits(targets, logits)
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
 
 
 def build_steps(model: keras.Model, optimizer: keras.optimizers.Optimizer, backend: Backend,
                 step: tf.Variable, *, global_batch_size: int, num_classes: int,
                 label_smoothing: float, xla: bool) -> Steps:
-  """Builds the train and eval loops for `model` under `backend`."""
-  loss_scaling = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-  variables = model.trainable_variables
+    """Builds the train and eval loops for `model` under `backend`."""
+    loss_scaling = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    variables = model.trainable_variables
 
-  @tf.function(jit_compile=xla)
-  def grads_fn(images, labels):
-    with tf.GradientTape() as tape:
-      logits = model(images, training=True)
-      per_example = sparse_cross_entropy(labels, logits, num_classes, label_smoothing)
-      # Divided by the global batch so that summing over replicas gives the global mean.
-      loss = tf.reduce_sum(per_example) / global_batch_size
-      if model.losses:
-        loss += tf.add_n(model.losses) / backend.num_replicas
-      scaled = optimizer.scale_loss(loss) if loss_scaling else loss
-    grads = tape.gradient(scaled, variables)
-    correct = tf.reduce_sum(tf.cast(tf.equal(_predictions(logits), labels), tf.float32))
-    return loss, grads, correct
+    @tf.function(jit_compile=xla)
+    def grads_fn(images, labels):
+        with tf.GradientTape() as tape:
+            logits = model(images, training=True)
+            per_example = sparse_cross_entropy(labels, logits, num_classes, label_smoothing)
+            # Divided by the global batch so that summing over replicas gives the global mean.
+            loss = tf.reduce_sum(per_example) / global_batch_size
+            if model.losses:
+                loss += tf.add_n(model.losses) / backend.num_replicas
+            scaled = optimizer.scale_loss(loss) if loss_scaling else loss
+        grads = tape.gradient(scaled, variables)
+        correct = tf.reduce_sum(tf.cast(tf.equal(_predictions(logits), labels), tf.float32))
+        return loss, grads, correct
 
-  def replica_train_step(images, labels):
-    loss, grads, correct = grads_fn(images, labels)
-    grads = backend.reduce_gradients(grads)
-    # The loss-scale optimizer skips updates with non-finite gradients; count them for the logs.
-    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
-    optimizer.apply(grads, variables)
-    return backend.reduce_sum({"loss": loss, "correct": correct,
-                               "count": tf.cast(tf.shape(labels)[0], tf.float32),
-                               "skipped": 1.0 - tf.cast(finite, tf.float32)})
+    def replica_train_step(images, labels):
+        loss, grads, correct = grads_fn(images, labels)
+        grads = backend.reduce_gradients(grads)
+        # The loss-scale optimizer skips updates with non-finite gradients; count them for the logs.
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+        optimizer.apply(grads, variables)
+        return backend.reduce_sum({"loss": loss, "correct": correct,
+                                   "count": tf.cast(tf.shape(labels)[0], tf.float32),
+                                   "skipped": 1.0 - tf.cast(finite, tf.float32)})
 
-  @tf.function(jit_compile=xla)
-  def forward(images):
-    return model(images, training=False)
+    @tf.function(jit_compile=xla)
+    def forward(images):
+        return model(images, training=False)
 
-  def replica_eval_step(images, labels, weights):
-    logits = forward(images)
-    per_example = sparse_cross_entropy(labels, logits, num_classes)
-    correct = tf.cast(tf.equal(_predictions(logits), labels), tf.float32)
-    return backend.reduce_sum({"loss_sum": tf.reduce_sum(per_example * weights),
-                               "correct": tf.reduce_sum(correct * weights),
-                               "count": tf.reduce_sum(weights)})
+    def replica_eval_step(images, labels, weights):
+        logits = forward(images)
+        per_example = sparse_cross_entropy(labels, logits, num_classes)
+        correct = tf.cast(tf.equal(_predictions(logits), labels), tf.float32)
+        return backend.reduce_sum({"loss_sum": tf.reduce_sum(per_example * weights),
+                                   "correct": tf.reduce_sum(correct * weights),
+                                   "count": tf.reduce_sum(weights)})
 
-  @tf.function
-  def train_loop(iterator, num_steps):
-    """Runs up to num_steps steps; stops early at a non-finite loss. Returns (sums, steps_run)."""
-    sums = {k: tf.constant(0.0) for k in TRAIN_METRICS}
-    steps_run = tf.constant(0, tf.int64)
-    for _ in tf.range(num_steps):
-      with _after(sums):
-        images, labels = next(iterator)
-      out = backend.local_result(backend.run(replica_train_step, images, labels))
-      step.assign_add(1)
-      steps_run += 1
-      sums = {k: sums[k] + out[k] for k in TRAIN_METRICS}
-      if not tf.math.is_finite(out["loss"]):
-        break
-    return sums, steps_run
+    @tf.function
+    def train_loop(iterator, num_steps):
+        """Runs up to num_steps steps; stops early at a non-finite loss. Returns (sums, steps_run)."""
+        sums = {k: tf.constant(0.0) for k in TRAIN_METRICS}
+        steps_run = tf.constant(0, tf.int64)
+        for _ in tf.range(num_steps):
+            with _after(sums):
+                images, labels = next(iterator)
+            out = backend.local_result(backend.run(replica_train_step, images, labels))
+            step.assign_add(1)
+            steps_run += 1
+            sums = {k: sums[k] + out[k] for k in TRAIN_METRICS}
+            if not tf.math.is_finite(out["loss"]):
+                break
+        return sums, steps_run
 
-  @tf.function
-  def eval_loop(iterator, num_steps):
-    sums = {k: tf.constant(0.0) for k in EVAL_METRICS}
-    for _ in tf.range(num_steps):
-      with _after(sums):
-        images, labels, weights = next(iterator)
-      out = backend.local_result(backend.run(replica_eval_step, images, labels, weights))
-      sums = {k: sums[k] + out[k] for k in EVAL_METRICS}
-    return sums
+    @tf.function
+    def eval_loop(iterator, num_steps):
+        sums = {k: tf.constant(0.0) for k in EVAL_METRICS}
+        for _ in tf.range(num_steps):
+            with _after(sums):
+                images, labels, weights = next(iterator)
+            out = backend.local_result(backend.run(replica_eval_step, images, labels, weights))
+            sums = {k: sums[k] + out[k] for k in EVAL_METRICS}
+        return sums
 
-  return Steps(train_loop=train_loop, eval_loop=eval_loop)
+    return Steps(train_loop=train_loop, eval_loop=eval_loop)
 
 
 def _after(previous_step_outputs):
-  # Steps must not overlap: the collectives of two steps would be in flight under the same name
-  # (Horovod rejects that). Fetching the next batch only after the previous step's reduced
-  # metrics exist orders them, as the weight updates already do in training.
-  return tf.control_dependencies(tf.nest.flatten(previous_step_outputs))
+    # Steps must not overlap: the collectives of two steps would be in flight under the same name
+    # (Horovod rejects that). Fetching the next batch only after the previous step's reduced
+    # metrics exist orders them, as the weight updates already do in training.
+    return tf.control_dependencies(tf.nest.flatten(previous_step_outputs))
 
 
 def _predictions(logits):
-  return tf.argmax(logits, axis=-1, output_type=tf.int32)
+    return tf.argmax(logits, axis=-1, output_type=tf.int32)

@@ -18,71 +18,71 @@ _HOROVOD_ENV = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 
 
 def resolve_strategy(strategy: str, num_gpus: int) -> str:
-  """`auto` -> a concrete strategy name, from the launcher's environment and the GPUs seen."""
-  if strategy != "auto":
-    return strategy
-  from trainer.backends.tf_distribute import tf_config_task_count
-  if any(k in os.environ for k in _HOROVOD_ENV):
-    return "horovod"
-  if tf_config_task_count() > 1:
-    return "multi_worker"
-  return "mirrored" if num_gpus > 1 else "one_device"
+    """`auto` -> a concrete strategy name, from the launcher's environment and the GPUs seen."""
+    if strategy != "auto":
+        return strategy
+    from trainer.backends.tf_distribute import tf_config_task_count
+    if any(k in os.environ for k in _HOROVOD_ENV):
+        return "horovod"
+    if tf_config_task_count() > 1:
+        return "multi_worker"
+    return "mirrored" if num_gpus > 1 else "one_device"
 
 
 def create_backend(strategy: str, gpus: tuple[int, ...] = (), num_cpu_devices: int = 1,
                    fp16_allreduce: bool = False) -> Backend:
-  """Configures devices and returns the backend for `strategy` (may be `auto`)."""
-  physical_gpus = tf.config.list_physical_devices("GPU")
-  if gpus:
-    missing = [i for i in gpus if i >= len(physical_gpus)]
-    if missing:
-      raise ConfigError(f"--gpus={','.join(map(str, gpus))}: GPU {missing[0]} does not exist "
-                        f"({len(physical_gpus)} visible)")
-    physical_gpus = [physical_gpus[i] for i in gpus]
-  strategy = resolve_strategy(strategy, len(physical_gpus))
+    """Configures devices and returns the backend for `strategy` (may be `auto`)."""
+    physical_gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        missing = [i for i in gpus if i >= len(physical_gpus)]
+        if missing:
+            raise ConfigError(f"--gpus={','.join(map(str, gpus))}: GPU {missing[0]} does not exist "
+                              f"({len(physical_gpus)} visible)")
+        physical_gpus = [physical_gpus[i] for i in gpus]
+    strategy = resolve_strategy(strategy, len(physical_gpus))
 
-  if strategy == "horovod":
-    return _horovod_backend(physical_gpus, fp16_allreduce)
+    if strategy == "horovod":
+        return _horovod_backend(physical_gpus, fp16_allreduce)
 
-  tf.config.set_visible_devices(physical_gpus, "GPU")
-  for gpu in physical_gpus:
-    # Grow on demand so several processes (or TensorBoard, eval) can share a GPU.
-    tf.config.experimental.set_memory_growth(gpu, True)
-  if num_cpu_devices > 1:
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * num_cpu_devices)
+    tf.config.set_visible_devices(physical_gpus, "GPU")
+    for gpu in physical_gpus:
+        # Grow on demand so several processes (or TensorBoard, eval) can share a GPU.
+        tf.config.experimental.set_memory_growth(gpu, True)
+    if num_cpu_devices > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * num_cpu_devices)
 
-  from trainer.backends import tf_distribute
-  if strategy == "multi_worker":
-    return tf_distribute.MultiWorkerBackend(uses_gpu=bool(physical_gpus))
-  if physical_gpus:
-    devices = [f"/gpu:{i}" for i in range(len(physical_gpus))]
-  else:
-    devices = [f"/cpu:{i}" for i in range(num_cpu_devices)]
-  if strategy == "mirrored":
-    return tf_distribute.MirroredBackend(devices)
-  if strategy == "one_device":
-    return tf_distribute.OneDeviceBackend(devices[0])
-  raise ConfigError(f"--strategy={strategy}: unknown (expected one of auto, one_device, mirrored,"
-                    " multi_worker, horovod)")
+    from trainer.backends import tf_distribute
+    if strategy == "multi_worker":
+        return tf_distribute.MultiWorkerBackend(uses_gpu=bool(physical_gpus))
+    if physical_gpus:
+        devices = [f"/gpu:{i}" for i in range(len(physical_gpus))]
+    else:
+        devices = [f"/cpu:{i}" for i in range(num_cpu_devices)]
+    if strategy == "mirrored":
+        return tf_distribute.MirroredBackend(devices)
+    if strategy == "one_device":
+        return tf_distribute.OneDeviceBackend(devices[0])
+    raise ConfigError(f"--strategy={strategy}: unknown (expected one of auto, one_device, mirrored,"
+                      " multi_worker, horovod)")
 
 
 def _horovod_backend(physical_gpus, fp16_allreduce: bool) -> Backend:
-  try:
-    import horovod.tensorflow as hvd
-  except ImportError as e:
-    raise ConfigError(f"--strategy=horovod: Horovod is not installed ({e}); run "
-                      "`bash launch/install_horovod.sh`") from None
-  from trainer.backends.horovod import HorovodBackend
-  hvd.init()
-  if physical_gpus:
-    # One GPU per process, chosen by the rank's index on its machine.
-    gpu = physical_gpus[hvd.local_rank() % len(physical_gpus)]
-    tf.config.set_visible_devices([gpu], "GPU")
-    tf.config.experimental.set_memory_growth(gpu, True)
-  else:
-    tf.config.set_visible_devices([], "GPU")
-  logging.info("horovod: rank %d of %d (local rank %d)", hvd.rank(), hvd.size(),
-               hvd.local_rank())
-  return HorovodBackend(hvd, uses_gpu=bool(physical_gpus), fp16_allreduce=fp16_allreduce)
+    try:
+        import horovod.tensorflow as hvd
+    except ImportError as e:
+        raise ConfigError(f"--strategy=horovod: Horovod is not installed ({e}); run "
+                          "`bash launch/install_horovod.sh`") from None
+    from trainer.backends.horovod import HorovodBackend
+    hvd.init()
+    if physical_gpus:
+        # One GPU per process, chosen by the rank's index on its machine.
+        gpu = physical_gpus[hvd.local_rank() % len(physical_gpus)]
+        tf.config.set_visible_devices([gpu], "GPU")
+        tf.config.experimental.set_memory_growth(gpu, True)
+    else:
+        tf.config.set_visible_devices([], "GPU")
+    logging.info("horovod: rank %d of %d (local rank %d)", hvd.rank(), hvd.size(),
+                 hvd.local_rank())
+    return HorovodBackend(hvd, uses_gpu=bool(physical_gpus), fp16_allreduce=fp16_allreduce)

@@ -19,64 +19,64 @@ DatasetFn = Callable[[int, int, int], tf.data.Dataset]
 
 
 class Backend(abc.ABC):
-  """A distribution mode. Subclasses set the topology attributes in __init__."""
+    """A distribution mode. Subclasses set the topology attributes in __init__."""
 
-  name: str
-  num_workers: int = 1
-  worker_index: int = 0
-  num_replicas: int = 1
-  uses_gpu: bool = False
+    name: str
+    num_workers: int = 1
+    worker_index: int = 0
+    num_replicas: int = 1
+    uses_gpu: bool = False
 
-  @property
-  def is_chief(self) -> bool:
-    return self.worker_index == 0
+    @property
+    def is_chief(self) -> bool:
+        return self.worker_index == 0
 
-  @property
-  def replicas_per_worker(self) -> int:
-    return self.num_replicas // self.num_workers
+    @property
+    def replicas_per_worker(self) -> int:
+        return self.num_replicas // self.num_workers
 
-  @property
-  def checkpoint_is_collective(self) -> bool:
-    """True when every worker must take part in a save (the chief's copy is the real one)."""
-    return False
+    @property
+    def checkpoint_is_collective(self) -> bool:
+        """True when every worker must take part in a save (the chief's copy is the real one)."""
+        return False
 
-  @property
-  def input_state_is_local(self) -> bool:
-    """True when one checkpoint can hold the input position of every replica (one worker)."""
-    return self.num_workers == 1
+    @property
+    def input_state_is_local(self) -> bool:
+        """True when one checkpoint can hold the input position of every replica (one worker)."""
+        return self.num_workers == 1
 
-  def scope(self) -> contextlib.AbstractContextManager:
-    """Context in which model and optimizer variables are created."""
-    return contextlib.nullcontext()
+    def scope(self) -> contextlib.AbstractContextManager:
+        """Context in which model and optimizer variables are created."""
+        return contextlib.nullcontext()
 
-  def distribute(self, dataset_fn: DatasetFn, global_batch_size: int) -> tf.data.Dataset:
-    """This worker's dataset: its share of every global batch, split among its replicas by `run`.
+    def distribute(self, dataset_fn: DatasetFn, global_batch_size: int) -> tf.data.Dataset:
+        """This worker's dataset: its share of every global batch, split among its replicas by `run`.
 
-    A plain tf.data pipeline (not a tf.distribute distributed dataset) so that its iterator can
-    be checkpointed with the model.
-    """
-    return dataset_fn(self.worker_index, self.num_workers,
-                      global_batch_size // self.num_workers)
+        A plain tf.data pipeline (not a tf.distribute distributed dataset) so that its iterator can
+        be checkpointed with the model.
+        """
+        return dataset_fn(self.worker_index, self.num_workers,
+                          global_batch_size // self.num_workers)
 
-  @abc.abstractmethod
-  def run(self, fn: Callable, *args) -> Any:
-    """Runs fn on every local replica (inside a tf.function), each on its slice of the args."""
+    @abc.abstractmethod
+    def run(self, fn: Callable, *args) -> Any:
+        """Runs fn on every local replica (inside a tf.function), each on its slice of the args."""
 
-  @abc.abstractmethod
-  def reduce_sum(self, values: Any) -> Any:
-    """Sums a structure of tensors over all replicas; called in the replica context."""
+    @abc.abstractmethod
+    def reduce_sum(self, values: Any) -> Any:
+        """Sums a structure of tensors over all replicas; called in the replica context."""
 
-  @abc.abstractmethod
-  def local_result(self, per_replica: Any) -> Any:
-    """One replica's copy of a `run` result that is identical on all replicas (e.g. reduced)."""
+    @abc.abstractmethod
+    def local_result(self, per_replica: Any) -> Any:
+        """One replica's copy of a `run` result that is identical on all replicas (e.g. reduced)."""
 
-  @abc.abstractmethod
-  def reduce_gradients(self, grads: list[tf.Tensor]) -> list[tf.Tensor]:
-    """Sums gradients over all replicas; called in the replica context, outside XLA."""
+    @abc.abstractmethod
+    def reduce_gradients(self, grads: list[tf.Tensor]) -> list[tf.Tensor]:
+        """Sums gradients over all replicas; called in the replica context, outside XLA."""
 
-  def broadcast_initial_state(self, variables: list) -> None:
-    """Makes every worker start from worker 0's values (no-op where the strategy does it)."""
+    def broadcast_initial_state(self, variables: list) -> None:
+        """Makes every worker start from worker 0's values (no-op where the strategy does it)."""
 
-  def __repr__(self) -> str:
-    return (f"{self.name}(workers={self.num_workers}, worker_index={self.worker_index}, "
-            f"replicas={self.num_replicas}, gpu={self.uses_gpu})")
+    def __repr__(self) -> str:
+        return (f"{self.name}(workers={self.num_workers}, worker_index={self.worker_index}, "
+                f"replicas={self.num_replicas}, gpu={self.uses_gpu})")

@@ -13,40 +13,40 @@ from trainer.backends.base import Backend
 
 
 class HorovodBackend(Backend):
-  name = "horovod"
+    name = "horovod"
 
-  def __init__(self, hvd_module, uses_gpu: bool, fp16_allreduce: bool):
-    self._hvd = hvd_module
-    self.num_workers = hvd_module.size()
-    self.worker_index = hvd_module.rank()
-    self.num_replicas = hvd_module.size()
-    self.uses_gpu = uses_gpu
-    self._compression = (hvd_module.Compression.fp16 if fp16_allreduce
-                         else hvd_module.Compression.none)
+    def __init__(self, hvd_module, uses_gpu: bool, fp16_allreduce: bool):
+        self._hvd = hvd_module
+        self.num_workers = hvd_module.size()
+        self.worker_index = hvd_module.rank()
+        self.num_replicas = hvd_module.size()
+        self.uses_gpu = uses_gpu
+        self._compression = (hvd_module.Compression.fp16 if fp16_allreduce
+                             else hvd_module.Compression.none)
 
-  def run(self, fn, *args):
-    return fn(*args)
+    def run(self, fn, *args):
+        return fn(*args)
 
-  def reduce_sum(self, values):
-    # One packed all-reduce: Horovod names collectives after their input tensors, and small
-    # metric tensors from different steps can share a name and collide while in flight.
-    flat = tf.nest.flatten(values)
-    sizes = [int(tf.size(t)) for t in flat]
-    packed = tf.concat([tf.reshape(tf.cast(t, tf.float32), [-1]) for t in flat], axis=0)
-    summed = tf.split(self._hvd.allreduce(packed, op=self._hvd.Sum), sizes)
-    return tf.nest.pack_sequence_as(
-        values, [tf.cast(tf.reshape(s, t.shape), t.dtype) for s, t in zip(summed, flat)])
+    def reduce_sum(self, values):
+        # One packed all-reduce: Horovod names collectives after their input tensors, and small
+        # metric tensors from different steps can share a name and collide while in flight.
+        flat = tf.nest.flatten(values)
+        sizes = [int(tf.size(t)) for t in flat]
+        packed = tf.concat([tf.reshape(tf.cast(t, tf.float32), [-1]) for t in flat], axis=0)
+        summed = tf.split(self._hvd.allreduce(packed, op=self._hvd.Sum), sizes)
+        return tf.nest.pack_sequence_as(
+            values, [tf.cast(tf.reshape(s, t.shape), t.dtype) for s, t in zip(summed, flat)])
 
-  def local_result(self, per_replica):
-    return per_replica
+    def local_result(self, per_replica):
+        return per_replica
 
-  def reduce_gradients(self, grads):
-    # Sum, not Average: every replica's loss is already divided by the *global* batch (the
-    # convention shared with tf.distribute), so the sum is the gradient of the global mean loss.
-    return self._hvd.grouped_allreduce(list(grads), op=self._hvd.Sum,
-                                       compression=self._compression)
+    def reduce_gradients(self, grads):
+        # Sum, not Average: every replica's loss is already divided by the *global* batch (the
+        # convention shared with tf.distribute), so the sum is the gradient of the global mean loss.
+        return self._hvd.grouped_allreduce(list(grads), op=self._hvd.Sum,
+                                           compression=self._compression)
 
-  def broadcast_initial_state(self, variables):
-    # Keras 3 variables wrap a tf.Variable in `.value`; Horovod needs the tf.Variable itself.
-    self._hvd.broadcast_variables(
-        [v.value if isinstance(v, keras.Variable) else v for v in variables], root_rank=0)
+    def broadcast_initial_state(self, variables):
+        # Keras 3 variables wrap a tf.Variable in `.value`; Horovod needs the tf.Variable itself.
+        self._hvd.broadcast_variables(
+            [v.value if isinstance(v, keras.Variable) else v for v in variables], root_rank=0)
