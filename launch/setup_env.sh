@@ -27,5 +27,12 @@ if [[ ! -f "$stamp" ]]; then
 fi
 
 if [[ "${1:-}" == "--test" ]]; then
+  # The image tests check the MPIJob ssh configs with the real sshd and ssh.
+  missing=()
+  [[ -x /usr/sbin/sshd ]] || missing+=(openssh-server)
+  command -v ssh >/dev/null || missing+=(openssh-client)
+  if (( ${#missing[@]} )); then
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
   bash launch/install_horovod.sh "$VENV_PY"
 fi

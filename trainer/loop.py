@@ -243,8 +243,10 @@ def train_and_evaluate(config: Config) -> dict:
                 summaries.stop_profile()
             if eval_every.due(current) and current < total_steps:
                 last_eval = _log_eval(evaluate(), current, summaries)
+                watchdog.beat(current)  # Evaluation is progress too (and runs collectives).
             if checkpoint_every.due(current):
                 checkpointer.save()
+                watchdog.beat(current)
             if stop.signum is not None:
                 checkpointer.save()
                 raise Interrupted(stop.signum)
@@ -306,7 +308,8 @@ class _NoWatchdog:
 def _watchdog(timeout_s: float):
     if timeout_s <= 0:
         return _NoWatchdog()
-    from launch.watchdog import StallWatchdog
-    watchdog = StallWatchdog(timeout_s)
+    from trainer.watchdog import StallWatchdog
+    # The first chunk also traces (and on GPUs XLA-compiles) the step: give it ten minutes more.
+    watchdog = StallWatchdog(timeout_s, first_beat_timeout_s=timeout_s + 600)
     watchdog.start()
     return watchdog

@@ -1,4 +1,4 @@
-"""launch.watchdog: a stalled loop exits non-zero with stacks; a beating loop is left alone.
+"""trainer.watchdog: a stalled loop exits non-zero with stacks; a beating loop is left alone.
 
 Each case runs in its own process because a stall ends the process with os._exit.
 """
@@ -11,7 +11,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from launch.watchdog import STALL_EXIT_CODE, StallWatchdog  # noqa: E402
+from trainer.watchdog import STALL_EXIT_CODE, StallWatchdog  # noqa: E402
 
 
 def _run(code: str, timeout: float = 60) -> tuple:
@@ -25,7 +25,7 @@ def _run(code: str, timeout: float = 60) -> tuple:
 def test_stall_after_beats_dumps_stacks_and_exits_non_zero_within_timeout():
     proc, elapsed = _run("""
         import threading, time
-        from launch.watchdog import StallWatchdog
+        from trainer.watchdog import StallWatchdog
 
         def hung_collective():   # stands in for an all-reduce whose peer died
             threading.Event().wait()
@@ -53,7 +53,7 @@ def test_stall_after_beats_dumps_stacks_and_exits_non_zero_within_timeout():
 def test_regular_beats_keep_the_process_alive_and_stop_disarms():
     proc, _ = _run("""
         import time
-        from launch.watchdog import StallWatchdog
+        from trainer.watchdog import StallWatchdog
         wd = StallWatchdog(timeout_s=0.5).start()
         for step in range(30):          # 1.5 s in total, three times the timeout
             time.sleep(0.05)
@@ -70,7 +70,7 @@ def test_regular_beats_keep_the_process_alive_and_stop_disarms():
 def test_stall_before_first_beat_and_on_stall_callback():
     proc, _ = _run("""
         import sys, time
-        from launch.watchdog import StallWatchdog
+        from trainer.watchdog import StallWatchdog
         def report(step, idle_s):
             print(f"on_stall step={step} idle={idle_s:.1f}", flush=True)
         StallWatchdog(timeout_s=30, first_beat_timeout_s=0.5, on_stall=report).start()
@@ -109,7 +109,7 @@ def test_stop_returns_promptly_and_start_twice_is_an_error():
 def test_importing_the_watchdog_pulls_in_neither_tensorflow_nor_horovod():
     proc, _ = _run("""
         import sys
-        import launch.watchdog
+        import trainer.watchdog
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "horovod"))
         print(heavy)
     """)
