@@ -758,11 +758,14 @@ def test_tensorboard_is_cluster_internal_and_reads_the_runs_volume():
 # --- the kustomizations shown in k8s/README.md -----------------------------------------------
 
 def readme_examples() -> dict[str, str]:
-    """{relative path: content} of every `<!-- example: PATH -->` code block in k8s/README.md."""
-    with open(os.path.join(K8S, "README.md")) as f:
-        text = f.read()
-    found = re.findall(r"<!-- example: (\S+) -->\s*```[a-z]*\n(.*?)```", text, re.S)
-    return dict(found)
+    """{relative path: content} of every `<!-- example: PATH -->` code block in k8s/README.md
+    and the top-level README.md."""
+    found = {}
+    for readme in (os.path.join(K8S, "README.md"), os.path.join(REPO, "README.md")):
+        with open(readme) as f:
+            found.update(re.findall(r"<!-- example: (\S+) -->\s*```[a-z]*\n(.*?)```", f.read(),
+                                    re.S))
+    return found
 
 
 def render_example(directory: str, tmp_path) -> list[dict]:
@@ -809,6 +812,20 @@ def test_readme_example_retargets_the_horovod_job(tmp_path):
     assert config.global_batch_size == 2048 and config.learning_rate == pytest.approx(0.004)
     check_paths_on_claims("example", config, pod_spec, c)
     # The launcher's -np follows: 4 workers x 8 slots (trainer_invocations checks np == 32).
+    assert operator_hostfile(mpijob).count("slots=8") == 4
+
+
+def test_top_level_readme_example_scales_the_horovod_job(tmp_path):
+    objs = render_example("my-runs/horovod-4x8", tmp_path)
+    ((_, _, config, pod_spec, c),) = check_rendered(objs, tmp_path)
+    mpijob = one(objs, "MPIJob")
+    worker = mpijob["spec"]["mpiReplicaSpecs"]["Worker"]
+    assert worker["replicas"] == 4 and mpijob["spec"]["slotsPerWorker"] == 8
+    assert worker["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert all(c["image"] == "registry.example.com/ml/convoy-gpu:0.2.0"
+               for _, tmpl in pod_templates(mpijob) for c in tmpl["spec"]["containers"])
+    assert config.global_batch_size == 2048
+    check_paths_on_claims("example", config, pod_spec, c)
     assert operator_hostfile(mpijob).count("slots=8") == 4
 
 
