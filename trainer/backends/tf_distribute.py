@@ -24,10 +24,14 @@ class _StrategyBackend(Backend):
     def run(self, fn, *args):
         replicas = self.replicas_per_worker
         if replicas > 1:
+            # Split where the batch is (host memory), so each device receives only its slice.
+            flat = tf.nest.flatten(args)
+            slices = [tf.split(t, replicas) for t in flat]
+
             def replica_slice(context):
                 # Replica ids count across workers; this worker's replicas take consecutive slices.
                 index = context.replica_id_in_sync_group % replicas
-                return tf.nest.map_structure(lambda t: tf.split(t, replicas)[index], args)
+                return tf.nest.pack_sequence_as(args, [s[index] for s in slices])
             args = self.strategy.experimental_distribute_values_from_function(replica_slice)
         return self.strategy.run(fn, args=args)
 
