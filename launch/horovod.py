@@ -33,6 +33,8 @@ from typing import Optional, Sequence
 
 from absl import flags
 
+from launch.cli import print_help_if_asked
+
 # Where Kubeflow's MPIJob mounts the hostfile in the launcher pod.
 MPIJOB_HOSTFILE = "/etc/mpi/hostfile"
 
@@ -204,9 +206,7 @@ def parse_args(argv: Sequence[str]) -> Request:
 
 def main(argv: Sequence[str]) -> int:
     """Parses `argv` (argv[0] is the program), checks the build and execs horovodrun."""
-    own_args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
-    if any(a in ("-h", "-help", "--help") for a in own_args):
-        print(__doc__ + "\nflags:\n" + _FLAGS.get_help(), file=sys.stderr)
+    if print_help_if_asked(argv, __doc__, _FLAGS):
         return 0
     try:
         request = parse_args(argv)

@@ -35,6 +35,8 @@ from typing import IO, Mapping, Optional, Sequence
 
 from absl import flags
 
+from launch.cli import print_help_if_asked
+
 _FLAGS = flags.FlagValues()  # private: must not collide with the trainer's global flags
 flags.DEFINE_integer("workers", None, "Number of worker processes.", lower_bound=1,
                      flag_values=_FLAGS)
@@ -222,9 +224,7 @@ def _signal_all(procs, signum) -> None:
 
 
 def main(argv: Sequence[str]) -> int:
-    own_args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
-    if any(a in ("-h", "-help", "--help") for a in own_args):
-        print(__doc__ + "\nflags:\n" + _FLAGS.get_help(), file=sys.stderr)
+    if print_help_if_asked(argv, __doc__, _FLAGS):
         return 0
     try:
         rest = _FLAGS(list(argv))[1:]
