@@ -119,17 +119,19 @@ def reference(tmp_path_factory):
     # Not --deterministic: XLA has no deterministic pooling gradient. The input order is seeded
     # either way, so runs differ only by float summation order.
     run_trainer(*FAST_FLAGS, f"--workdir={workdir}", "--train_steps=20")
-    return checkpoint_weights(workdir)
+    return workdir
 
 
 def test_mirrored_over_two_cpu_devices_matches_one_device(reference, tmp_path):
+    reference_dir = reference
     workdir = str(tmp_path / "mirrored")
     run_trainer(*FAST_FLAGS, f"--workdir={workdir}", "--train_steps=20", "--strategy=mirrored",
                 "--num_cpu_devices=2")
     s = summary(workdir)
     assert (s["strategy"], s["num_replicas"], s["per_replica_batch"]) == ("mirrored", 2, 32)
+    assert s["eval"]["num_examples"] == summary(reference_dir)["eval"]["num_examples"] == 2000
     # Same global batch, same data order: only the summation order of the gradient differs.
-    assert max_weight_difference(checkpoint_weights(workdir), reference) < 1e-4
+    assert max_weight_difference(checkpoint_weights(workdir), checkpoint_weights(reference)) < 1e-4
 
 
 def test_xla_on_matches_xla_off(reference, tmp_path):
@@ -137,7 +139,7 @@ def test_xla_on_matches_xla_off(reference, tmp_path):
     run_trainer(*FAST_FLAGS, f"--workdir={workdir}", "--train_steps=20", "--xla=on")
     assert summary(workdir)["xla"] is True
     # XLA fuses and reorders float math; after 20 Adam steps weights agree to ~1e-4.
-    assert max_weight_difference(checkpoint_weights(workdir), reference) < 2e-3
+    assert max_weight_difference(checkpoint_weights(workdir), checkpoint_weights(reference)) < 2e-3
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])

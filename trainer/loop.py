@@ -149,9 +149,10 @@ def train_and_evaluate(config: Config) -> dict:
     steps = step_lib.build_steps(model, optimizer, backend, step, global_batch_size=global_batch,
                                  num_classes=metadata.num_classes,
                                  label_smoothing=config.label_smoothing, xla=xla)
-    eval_batches = eval_batches_per_worker(metadata, eval_split, per_replica_batch,
-                                           backend.num_workers,
-                                           multiple_of=backend.replicas_per_worker)
+    # Each worker's eval batches are per-worker batches (split among its replicas by `run`), the
+    # same number on every worker.
+    eval_batches = eval_batches_per_worker(metadata, eval_split, global_batch // backend.num_workers,
+                                           backend.num_workers)
 
     def evaluate() -> dict[str, float]:
         def dataset_fn(worker_index, num_workers, batch_size):
@@ -159,7 +160,7 @@ def train_and_evaluate(config: Config) -> dict:
                             worker_index=worker_index, num_workers=num_workers,
                             image_size=image_size, channels=channels, num_batches=eval_batches)
         iterator = iter(backend.distribute(dataset_fn, global_batch))
-        sums = steps.eval_loop(iterator, tf.constant(eval_batches // backend.replicas_per_worker))
+        sums = steps.eval_loop(iterator, tf.constant(eval_batches))
         sums = {k: float(v) for k, v in sums.items()}
         return {"loss": sums["loss_sum"] / sums["count"], "accuracy": sums["correct"] / sums["count"],
                 "num_examples": int(round(sums["count"]))}
