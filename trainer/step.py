@@ -59,12 +59,15 @@ def build_steps(model: keras.Model, optimizer: keras.optimizers.Optimizer, backe
     def replica_train_step(images, labels):
         loss, grads, correct = grads_fn(images, labels)
         grads = backend.reduce_gradients(grads)
-        # The loss-scale optimizer skips updates with non-finite gradients; count them for the logs.
-        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+        skipped = tf.constant(0.0)
+        if loss_scaling:
+            # The loss-scale optimizer skips updates with non-finite gradients; count them.
+            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+            skipped = 1.0 - tf.cast(finite, tf.float32)
         optimizer.apply(grads, variables)
         return backend.reduce_sum({"loss": loss, "correct": correct,
                                    "count": tf.cast(tf.shape(labels)[0], tf.float32),
-                                   "skipped": 1.0 - tf.cast(finite, tf.float32)})
+                                   "skipped": skipped})
 
     @tf.function(jit_compile=xla)
     def forward(images):
