@@ -3,8 +3,7 @@
 The step and the loop talk only to this class: where variables live (`scope`), how each worker
 gets its input (`distribute`), how a function runs on every replica (`run`), how gradients and
 metrics are combined (`reduce_gradients`, `reduce_sum`, `local_result`), and who writes files
-(`is_chief`). Nothing
-outside `trainer/backends/` names a strategy or Horovod.
+(`is_chief`). Nothing outside `trainer/backends/` names a strategy or Horovod.
 """
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ from typing import Any, Callable
 
 import tensorflow as tf
 
-# dataset_fn(worker_index, num_workers, per_replica_batch_size) -> tf.data.Dataset of this worker.
+# dataset_fn(worker_index, num_workers, per_worker_batch_size) -> tf.data.Dataset of this worker.
 DatasetFn = Callable[[int, int, int], tf.data.Dataset]
 
 
