@@ -26,6 +26,7 @@ from trainer import checkpoints, console, export, models, optimizers, periodic, 
 from trainer.backends import create_backend
 from trainer.config import Config, ConfigError
 from trainer.summaries import Summaries
+from trainer.watchdog import StallWatchdog
 
 
 class NonFiniteLossError(RuntimeError):
@@ -185,14 +186,16 @@ def train_and_evaluate(config: Config) -> dict:
     progress = console.Progress(total_steps, prefix="" if backend.is_chief else
                                 f"[worker {backend.worker_index}] ",
                                 show_bar=None if backend.is_chief else False)
-    watchdog = _watchdog(config.stall_timeout_s)
+    # Disabled when --stall_timeout_s is 0. The first chunk also traces (and on GPUs
+    # XLA-compiles) the step: give it ten minutes more.
+    watchdog = StallWatchdog(config.stall_timeout_s,
+                             first_beat_timeout_s=config.stall_timeout_s + 600).start()
     stop = _StopRequest()
     stop.install()
 
     window = {k: 0.0 for k in step_lib.TRAIN_METRICS}
     window_steps, window_seconds = 0, 0.0
     train_seconds, steady_images, steady_seconds, first_chunk = 0.0, 0, 0.0, True
-    last_eval = None
     current = start_step
     try:
         while current < total_steps:
@@ -243,7 +246,7 @@ def train_and_evaluate(config: Config) -> dict:
             if config.profile_steps and current >= config.profile_steps[1]:
                 summaries.stop_profile()
             if eval_every.due(current) and current < total_steps:
-                last_eval = _log_eval(evaluate(), current, summaries)
+                _log_eval(evaluate(), current, summaries)
                 watchdog.beat(current)  # Evaluation is progress too (and runs collectives).
             if checkpoint_every.due(current):
                 checkpointer.save()
@@ -258,7 +261,7 @@ def train_and_evaluate(config: Config) -> dict:
         progress.close()
 
     checkpointer.save()
-    last_eval = _log_eval(evaluate(), current, summaries)
+    final_eval = _log_eval(evaluate(), current, summaries)
     # Every worker logs this: equal fingerprints prove the replicas ended with identical weights.
     logging.info("weights fingerprint %s", _fingerprint(model.get_weights()))
     summaries.close()
@@ -268,7 +271,7 @@ def train_and_evaluate(config: Config) -> dict:
         "train_seconds": round(train_seconds, 3),
         "images_per_sec": round(steady_images / steady_seconds if steady_seconds else
                                 (current - start_step) * global_batch / max(train_seconds, 1e-9), 1),
-        "eval": {"split": eval_split, **last_eval},
+        "eval": {"split": eval_split, **final_eval},
         "model": config.model, "strategy": backend.name, "num_workers": backend.num_workers,
         "num_replicas": backend.num_replicas, "global_batch": global_batch,
         "per_replica_batch": per_replica_batch, "precision": config.precision, "xla": xla,
@@ -296,21 +299,3 @@ def _fingerprint(weights) -> str:
     for w in weights:
         digest.update(w.tobytes())
     return digest.hexdigest()[:16]
-
-
-class _NoWatchdog:
-    def beat(self, step):
-        del step
-
-    def stop(self):
-        pass
-
-
-def _watchdog(timeout_s: float):
-    if timeout_s <= 0:
-        return _NoWatchdog()
-    from trainer.watchdog import StallWatchdog
-    # The first chunk also traces (and on GPUs XLA-compiles) the step: give it ten minutes more.
-    watchdog = StallWatchdog(timeout_s, first_beat_timeout_s=timeout_s + 600)
-    watchdog.start()
-    return watchdog
