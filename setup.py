@@ -1,4 +1,5 @@
 """Install convoy: the trainer, the dataset tools and the launchers."""
+
 import setuptools
 
 setuptools.setup(
@@ -6,8 +7,9 @@ setuptools.setup(
     version="0.1.0",
     description="Data-parallel CNN training on TensorFlow: one GPU, many GPUs, many machines.",
     python_requires=">=3.10",
-    packages=setuptools.find_packages(include=["trainer", "trainer.*", "datasets", "datasets.*",
-                                               "launch", "launch.*"]),
+    packages=setuptools.find_packages(
+        include=["trainer", "trainer.*", "datasets", "datasets.*", "launch", "launch.*"]
+    ),
     package_data={"datasets": ["sample/*/*"], "trainer": ["configs/*.cfg"]},
     install_requires=[
         "absl-py>=2.1",
@@ -23,6 +25,8 @@ setuptools.setup(
         "horovod": ["horovod==0.28.1"],
         "test": [
             "pytest>=8",
+            # Style: launch/test.sh runs `ruff format --check` and `ruff check` before the tests.
+            "ruff==0.17.5",
             "pytest-timeout>=2.3",
             "pyyaml>=6",
             "jsonschema>=4.20",

@@ -9,6 +9,7 @@ runs `fit` with its defaults. Each side is warmed up (tracing, pipeline fill) an
 `--steps` steps, alternating sides `--repeats` times; the best repeat of each counts. Prints one
 JSON line with `harness_images_per_sec`, `keras_fit_images_per_sec` and `ratio`.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,8 @@ from absl import app, flags  # noqa: E402
 from datasets import embedded  # noqa: E402
 from datasets.metadata import DatasetMetadata  # noqa: E402
 from datasets.pipeline import input_fn  # noqa: E402
-from trainer import models, optimizers, step as step_lib  # noqa: E402
+from trainer import models, optimizers  # noqa: E402
+from trainer import step as step_lib
 from trainer.backends import create_backend  # noqa: E402
 
 flags.DEFINE_string("data_dir", "", "Prepared dataset (default: the embedded MNIST sample).")
@@ -38,23 +40,46 @@ FLAGS = flags.FLAGS
 
 
 def _dataset(metadata, data_dir, batch_size, input_shape):
-    return input_fn(metadata, data_dir, "train", batch_size, training=True, seed=0,
-                    image_size=input_shape[:2], channels=input_shape[2])
+    return input_fn(
+        metadata,
+        data_dir,
+        "train",
+        batch_size,
+        training=True,
+        seed=0,
+        image_size=input_shape[:2],
+        channels=input_shape[2],
+    )
 
 
 def _time_harness(backend, metadata, data_dir, input_shape) -> float:
     with backend.scope():
         model = models.build_model(FLAGS.model, input_shape, metadata.num_classes)
         optimizer = optimizers.build_optimizer(
-            "adam", optimizers.WarmupSchedule("constant", 1e-3, 10**6), momentum=0.0,
-            weight_decay=0.0, clip_grad_norm=0.0, loss_scaling=False)
+            "adam",
+            optimizers.WarmupSchedule("constant", 1e-3, 10**6),
+            momentum=0.0,
+            weight_decay=0.0,
+            clip_grad_norm=0.0,
+            loss_scaling=False,
+        )
         optimizer.build(model.trainable_variables)
         step = tf.Variable(0, dtype=tf.int64, trainable=False)
-    steps = step_lib.build_steps(model, optimizer, backend, step,
-                                 global_batch_size=FLAGS.batch_size,
-                                 num_classes=metadata.num_classes, label_smoothing=0.0, xla=False)
-    iterator = iter(backend.distribute(
-        lambda w, n, b: _dataset(metadata, data_dir, b, input_shape), FLAGS.batch_size))
+    steps = step_lib.build_steps(
+        model,
+        optimizer,
+        backend,
+        step,
+        global_batch_size=FLAGS.batch_size,
+        num_classes=metadata.num_classes,
+        label_smoothing=0.0,
+        xla=False,
+    )
+    iterator = iter(
+        backend.distribute(
+            lambda w, n, b: _dataset(metadata, data_dir, b, input_shape), FLAGS.batch_size
+        )
+    )
     per_call = min(FLAGS.steps_per_loop, FLAGS.steps)
 
     def timed():
@@ -70,9 +95,11 @@ def _time_harness(backend, metadata, data_dir, input_shape) -> float:
 
 def _time_keras_fit(metadata, data_dir, input_shape):
     model = models.build_model(FLAGS.model, input_shape, metadata.num_classes)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
     dataset = _dataset(metadata, data_dir, FLAGS.batch_size, input_shape)
 
     def timed():
@@ -89,8 +116,9 @@ def main(argv):
     backend = create_backend("one_device")
     data_dir = FLAGS.data_dir or embedded.sample_data_dir()
     metadata = DatasetMetadata.load(data_dir)
-    input_shape = models.resolve_input_shape(FLAGS.model, metadata.image_shape,
-                                             metadata.channels, None)
+    input_shape = models.resolve_input_shape(
+        FLAGS.model, metadata.image_shape, metadata.channels, None
+    )
     harness = _time_harness(backend, metadata, data_dir, input_shape)
     keras_fit = _time_keras_fit(metadata, data_dir, input_shape)
     harness_s, keras_s = [], []
@@ -99,12 +127,22 @@ def main(argv):
         keras_s.append(keras_fit())
     images = FLAGS.steps * FLAGS.batch_size
     harness_ips, keras_ips = images / min(harness_s), images / min(keras_s)
-    print(json.dumps({
-        "benchmark": "compare_keras_fit", "model": FLAGS.model, "dataset": metadata.name,
-        "batch_size": FLAGS.batch_size, "precision": "fp32", "steps": FLAGS.steps,
-        "repeats": FLAGS.repeats, "harness_images_per_sec": round(harness_ips, 1),
-        "keras_fit_images_per_sec": round(keras_ips, 1), "ratio": round(harness_ips / keras_ips, 3),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "compare_keras_fit",
+                "model": FLAGS.model,
+                "dataset": metadata.name,
+                "batch_size": FLAGS.batch_size,
+                "precision": "fp32",
+                "steps": FLAGS.steps,
+                "repeats": FLAGS.repeats,
+                "harness_images_per_sec": round(harness_ips, 1),
+                "keras_fit_images_per_sec": round(keras_ips, 1),
+                "ratio": round(harness_ips / keras_ips, 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

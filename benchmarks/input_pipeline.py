@@ -31,7 +31,9 @@ flags.DEFINE_integer("batch_size", 128, "Per-replica batch size.")
 flags.DEFINE_list("image_size", None, "H,W to decode/resize to (default: the dataset's shape).")
 flags.DEFINE_integer("channels", None, "1 or 3 (default: the dataset's).")
 flags.DEFINE_float("seconds", 10.0, "How long to measure, after warm-up.")
-flags.DEFINE_float("warmup_seconds", 2.0, "Pipeline warm-up (fills shuffle buffers) before measuring.")
+flags.DEFINE_float(
+    "warmup_seconds", 2.0, "Pipeline warm-up (fills shuffle buffers) before measuring."
+)
 flags.DEFINE_integer("steps_per_call", 20, "Batches pulled per tf.function call.")
 flags.DEFINE_integer("shuffle_buffer", 10_000, "Record shuffle buffer.")
 flags.DEFINE_bool("augment_flip", False, "Random flip.")
@@ -49,6 +51,7 @@ def _pull(iterator, steps):
             images, _ = next(iterator)
             total += images[0, 0, 0, 0]  # depend on the batch so nothing is pruned
         return total
+
     return pull
 
 
@@ -64,35 +67,55 @@ def main(argv):
     del argv
     data_dir = FLAGS.data_dir or embedded.sample_data_dir()
     metadata = DatasetMetadata.load(data_dir)
-    augment = AugmentConfig(flip=FLAGS.augment_flip, shift=FLAGS.augment_shift,
-                            rotation_degrees=FLAGS.augment_rotation, zoom=FLAGS.augment_zoom)
+    augment = AugmentConfig(
+        flip=FLAGS.augment_flip,
+        shift=FLAGS.augment_shift,
+        rotation_degrees=FLAGS.augment_rotation,
+        zoom=FLAGS.augment_zoom,
+    )
     image_size = tuple(int(d) for d in FLAGS.image_size) if FLAGS.image_size else None
     if image_size is not None and len(image_size) == 1:
         image_size = image_size * 2
-    ds = pipeline.input_fn(metadata, data_dir, FLAGS.split, FLAGS.batch_size, training=True,
-                           image_size=image_size, channels=FLAGS.channels, augment=augment,
-                           shuffle_buffer=FLAGS.shuffle_buffer, synthetic=FLAGS.synthetic)
+    ds = pipeline.input_fn(
+        metadata,
+        data_dir,
+        FLAGS.split,
+        FLAGS.batch_size,
+        training=True,
+        image_size=image_size,
+        channels=FLAGS.channels,
+        augment=augment,
+        shuffle_buffer=FLAGS.shuffle_buffer,
+        synthetic=FLAGS.synthetic,
+    )
     shape = ds.element_spec[0].shape
     pull = _pull(iter(ds), tf.constant(FLAGS.steps_per_call))
     _run(pull, FLAGS.warmup_seconds)
     batches, elapsed = _run(pull, FLAGS.seconds)
-    print(json.dumps({
-        "benchmark": "input_pipeline",
-        "measured": ("synthetic tensors" if FLAGS.synthetic else
-                     f"train input_fn: read {metadata.encoding} shards, shuffle, "
-                     f"{'decode+resize' if metadata.encoding == 'encoded' else 'parse batch'}, "
-                     f"{'augment, ' if augment.enabled else ''}normalize, batch; 1 worker"),
-        "dataset": metadata.name,
-        "data_dir": os.path.abspath(data_dir),
-        "split": FLAGS.split,
-        "batch_size": FLAGS.batch_size,
-        "image_shape": [int(d) for d in shape[1:]],
-        "augment": augment.enabled,
-        "batches": batches,
-        "seconds": round(elapsed, 3),
-        "images_per_sec": round(batches * FLAGS.batch_size / elapsed, 1),
-        "cpu_count": os.cpu_count(),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "input_pipeline",
+                "measured": (
+                    "synthetic tensors"
+                    if FLAGS.synthetic
+                    else f"train input_fn: read {metadata.encoding} shards, shuffle, "
+                    f"{'decode+resize' if metadata.encoding == 'encoded' else 'parse batch'}, "
+                    f"{'augment, ' if augment.enabled else ''}normalize, batch; 1 worker"
+                ),
+                "dataset": metadata.name,
+                "data_dir": os.path.abspath(data_dir),
+                "split": FLAGS.split,
+                "batch_size": FLAGS.batch_size,
+                "image_shape": [int(d) for d in shape[1:]],
+                "augment": augment.enabled,
+                "batches": batches,
+                "seconds": round(elapsed, 3),
+                "images_per_sec": round(batches * FLAGS.batch_size / elapsed, 1),
+                "cpu_count": os.cpu_count(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def stylize(images: np.ndarray, style: int) -> np.ndarray:
 def class_counts(rows: int) -> np.ndarray:
     """Rows per dense class: as even as possible, the first `rows % 24` classes get one more."""
     counts = np.full(NUM_CLASSES, rows // NUM_CLASSES, np.int64)
-    counts[:rows % NUM_CLASSES] += 1
+    counts[: rows % NUM_CLASSES] += 1
     return counts
 
 
@@ -113,8 +113,9 @@ def max_rows(labels: np.ndarray) -> int:
     return best
 
 
-def build_split(images: np.ndarray, labels: np.ndarray, rows: int,
-                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def build_split(
+    images: np.ndarray, labels: np.ndarray, rows: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """(Kaggle labels int64 [rows], pixels uint8 [rows, 784]) from one MNIST split."""
     # Each digit's images in a seeded order; the classes that share a digit take disjoint runs.
     pools = {d: rng.permutation(np.flatnonzero(labels == d)) for d in range(10)}
@@ -122,7 +123,7 @@ def build_split(images: np.ndarray, labels: np.ndarray, rows: int,
     out_labels, out_pixels = [], []
     for k, count in enumerate(class_counts(rows)):
         digit, style = digit_and_style(k)
-        chosen = pools[digit][taken[digit]:taken[digit] + count]
+        chosen = pools[digit][taken[digit] : taken[digit] + count]
         taken[digit] += count
         out_pixels.append(stylize(images[chosen], style).reshape(-1, SIDE * SIDE))
         out_labels.append(np.full(count, kaggle_label(k), np.int64))
@@ -153,33 +154,48 @@ def load_mnist(source: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     pairs = idx.find_pairs(source)
     missing = [s for s in ("train", "test") if s not in pairs]
     if missing:
-        raise DataError(f"{source}: no {' or '.join(missing)} IDX files; expected train-* and "
-                        "t10k-* images and labels")
+        raise DataError(
+            f"{source}: no {' or '.join(missing)} IDX files; expected train-* and "
+            "t10k-* images and labels"
+        )
     data = {}
     for split in ("train", "test"):
         images_path, labels_path = pairs[split]
         images = idx.read_idx(images_path, (3,), "images")
         labels = idx.read_idx(labels_path, (1,), "labels").astype(np.int64)
         if images.shape[1:] != (SIDE, SIDE) or len(images) != len(labels) or labels.max() > 9:
-            raise DataError(f"{images_path}: images {images.shape}, {len(labels)} labels up to "
-                            f"{labels.max()}; expected N x {SIDE} x {SIDE} and N digit labels 0..9")
+            raise DataError(
+                f"{images_path}: images {images.shape}, {len(labels)} labels up to "
+                f"{labels.max()}; expected N x {SIDE} x {SIDE} and N digit labels 0..9"
+            )
         data[split] = (images, labels)
     return data
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        description="Sign-Language-MNIST-format CSVs from MNIST digits (a format stand-in).")
+        description="Sign-Language-MNIST-format CSVs from MNIST digits (a format stand-in)."
+    )
     parser.add_argument("--output_dir", required=True, help="where the two CSV files go")
-    parser.add_argument("--source_mnist", default="",
-                        help=f"MNIST IDX folder (default: {_SHARED_MNIST} if present, else the "
-                             "embedded sample datasets/sample/mnist)")
-    parser.add_argument("--train_rows", type=int, default=0,
-                        help="rows of sign_mnist_train.csv (0: 27,455 as on Kaggle, or as many "
-                             "as the source fills)")
-    parser.add_argument("--test_rows", type=int, default=0,
-                        help="rows of sign_mnist_test.csv (0: 7,172 as on Kaggle, or as many as "
-                             "the source fills)")
+    parser.add_argument(
+        "--source_mnist",
+        default="",
+        help=f"MNIST IDX folder (default: {_SHARED_MNIST} if present, else the "
+        "embedded sample datasets/sample/mnist)",
+    )
+    parser.add_argument(
+        "--train_rows",
+        type=int,
+        default=0,
+        help="rows of sign_mnist_train.csv (0: 27,455 as on Kaggle, or as many "
+        "as the source fills)",
+    )
+    parser.add_argument(
+        "--test_rows",
+        type=int,
+        default=0,
+        help="rows of sign_mnist_test.csv (0: 7,172 as on Kaggle, or as many as the source fills)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="image choice and row order")
     args = parser.parse_args(argv)
 
@@ -192,25 +208,34 @@ def main(argv=None) -> int:
     for split, requested in (("train", args.train_rows), ("test", args.test_rows)):
         limit = max_rows(data[split][1])
         if requested < 0 or requested > limit or 0 < requested < NUM_CLASSES:
-            parser.exit(2, f"error: --{split}_rows={requested}: expected {NUM_CLASSES}..{limit} "
-                           f"(the {split} images of {source} fill at most {limit} balanced rows "
-                           "with distinct images), or 0 for the default\n")
+            parser.exit(
+                2,
+                f"error: --{split}_rows={requested}: expected {NUM_CLASSES}..{limit} "
+                f"(the {split} images of {source} fill at most {limit} balanced rows "
+                "with distinct images), or 0 for the default\n",
+            )
         plan[split] = requested or min(KAGGLE_ROWS[split], limit)
 
     rng = np.random.default_rng(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
-    report = {"benchmark": "make_sign_language_csv", "source_mnist": os.path.abspath(source),
-              "seed": args.seed,
-              "note": "MNIST digits in the Sign-Language-MNIST CSV format; not sign-language data",
-              "files": {}}
+    report = {
+        "benchmark": "make_sign_language_csv",
+        "source_mnist": os.path.abspath(source),
+        "seed": args.seed,
+        "note": "MNIST digits in the Sign-Language-MNIST CSV format; not sign-language data",
+        "files": {},
+    }
     for split, rows in plan.items():
         labels, pixels = build_split(*data[split], rows, rng)
         path = os.path.join(args.output_dir, _FILES[split])
         write_csv(path, labels, pixels)
         values, counts = np.unique(labels, return_counts=True)
-        report["files"][split] = {"path": os.path.abspath(path), "rows": rows,
-                                  "labels": {int(v): int(c) for v, c in zip(values, counts)},
-                                  "sha256": _sha256(path)}
+        report["files"][split] = {
+            "path": os.path.abspath(path),
+            "rows": rows,
+            "labels": {int(v): int(c) for v, c in zip(values, counts)},
+            "sha256": _sha256(path),
+        }
     print(json.dumps(report))
     return 0
 

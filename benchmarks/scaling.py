@@ -13,6 +13,7 @@ It then measures the all-reduce alone: the same two-process set-ups sum tensors 
 model's gradients, and the fraction of a two-process step spent in that all-reduce is
 all-reduce time / step time. Prints one JSON line.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,12 @@ flags.DEFINE_integer("global_batch_size", 128, "Global batch, the same in every 
 flags.DEFINE_integer("train_steps", 300, "Steps per run.")
 flags.DEFINE_integer("allreduce_iterations", 200, "Timed all-reduces in the probe.")
 flags.DEFINE_boolean("probe", False, "Internal: run the all-reduce probe in this process.")
-flags.DEFINE_enum("strategy", "horovod", ["horovod", "multi_worker"],
-                  "Internal: the probe's backend (launch.local_cluster passes multi_worker).")
+flags.DEFINE_enum(
+    "strategy",
+    "horovod",
+    ["horovod", "multi_worker"],
+    "Internal: the probe's backend (launch.local_cluster passes multi_worker).",
+)
 FLAGS = flags.FLAGS
 
 ONE_THREAD = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
@@ -48,18 +53,26 @@ def _env(extra=None):
 
 
 def _trainer_flags(workdir):
-    return [f"--workdir={workdir}", f"--model={FLAGS.model}",
-            f"--global_batch_size={FLAGS.global_batch_size}",
-            f"--train_steps={FLAGS.train_steps}", "--steps_per_loop=50", "--log_every_steps=100",
-            "--checkpoint_every_steps=0", "--export=false", "--lr_schedule=constant",
-            *([f"--data_dir={FLAGS.data_dir}"] if FLAGS.data_dir else [])]
+    return [
+        f"--workdir={workdir}",
+        f"--model={FLAGS.model}",
+        f"--global_batch_size={FLAGS.global_batch_size}",
+        f"--train_steps={FLAGS.train_steps}",
+        "--steps_per_loop=50",
+        "--log_every_steps=100",
+        "--checkpoint_every_steps=0",
+        "--export=false",
+        "--lr_schedule=constant",
+        *([f"--data_dir={FLAGS.data_dir}"] if FLAGS.data_dir else []),
+    ]
 
 
 def _run(command, env):
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command[:6])}... failed:\n{result.stdout[-2000:]}\n"
-                           f"{result.stderr[-3000:]}")
+        raise RuntimeError(
+            f"{' '.join(command[:6])}... failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+        )
     return result.stdout + result.stderr
 
 
@@ -69,8 +82,15 @@ def _images_per_sec(workdir):
 
 
 def _horovodrun(np_, *command):
-    return [os.path.join(os.path.dirname(sys.executable), "horovodrun"), "--gloo", "-np",
-            str(np_), "-H", f"localhost:{np_}", *command]
+    return [
+        os.path.join(os.path.dirname(sys.executable), "horovodrun"),
+        "--gloo",
+        "-np",
+        str(np_),
+        "-H",
+        f"localhost:{np_}",
+        *command,
+    ]
 
 
 def _probe_result(output):
@@ -81,10 +101,13 @@ def _probe_result(output):
 def _probe(kind):
     """Times the sum of gradient-shaped tensors across the processes of this job."""
     import tensorflow as tf
+
     from trainer import models
     from trainer.backends import create_backend
+
     backend = create_backend(kind)  # First: collectives must be configured before TF starts.
     shapes = [v.shape for v in models.build_model(FLAGS.model, (28, 28, 1), 10).trainable_variables]
+
     def fake_gradients(previous_total):
         # Made inside the replica function (MultiWorkerMirrored cannot all-reduce tensors captured
         # from outside it) and from the previous result, so two all-reduces never overlap.
@@ -94,8 +117,9 @@ def _probe(kind):
     def reduce_many(n):
         total = tf.constant(0.0)
         for _ in tf.range(n):
-            reduced = backend.local_result(backend.run(
-                lambda t: backend.reduce_gradients(fake_gradients(t)), total))
+            reduced = backend.local_result(
+                backend.run(lambda t: backend.reduce_gradients(fake_gradients(t)), total)
+            )
             total += tf.reshape(reduced[0], [-1])[0]
         return total
 
@@ -119,38 +143,65 @@ def main(argv):
             "one_process": (trainer + ["--strategy=one_device"], _env()),
             "one_process_one_thread": (trainer + ["--strategy=one_device"], _env(ONE_THREAD)),
             "horovod_2": (_horovodrun(2, *trainer, "--strategy=horovod"), _env(ONE_THREAD)),
-            "multi_worker_2": ([sys.executable, "-m", "launch.local_cluster", "--workers", "2",
-                                "--"], _env(ONE_THREAD)),
+            "multi_worker_2": (
+                [sys.executable, "-m", "launch.local_cluster", "--workers", "2", "--"],
+                _env(ONE_THREAD),
+            ),
         }
         for name, (command, env) in runs.items():
             workdir = os.path.join(tmp, name)
             _run(command + _trainer_flags(workdir), env)
             results[name] = _images_per_sec(workdir)
         probe = [sys.executable, os.path.abspath(__file__), f"--model={FLAGS.model}"]
-        horovod_ms = _probe_result(_run(_horovodrun(2, *probe, "--probe", "--strategy=horovod"),
-                                        _env(ONE_THREAD)))
-        mwms_ms = _probe_result(_run(
-            [sys.executable, "-m", "launch.local_cluster", "--workers", "2", "--worker_cmd",
-             " ".join(probe + ["--probe"]), "--"], _env(ONE_THREAD)))
+        horovod_ms = _probe_result(
+            _run(_horovodrun(2, *probe, "--probe", "--strategy=horovod"), _env(ONE_THREAD))
+        )
+        mwms_ms = _probe_result(
+            _run(
+                [
+                    sys.executable,
+                    "-m",
+                    "launch.local_cluster",
+                    "--workers",
+                    "2",
+                    "--worker_cmd",
+                    " ".join(probe + ["--probe"]),
+                    "--",
+                ],
+                _env(ONE_THREAD),
+            )
+        )
 
     def step_ms(images_per_sec):
         return 1000.0 * FLAGS.global_batch_size / images_per_sec
 
-    print(json.dumps({
-        "benchmark": "scaling", "model": FLAGS.model, "global_batch_size": FLAGS.global_batch_size,
-        "train_steps": FLAGS.train_steps, "dataset": FLAGS.data_dir or "embedded sample",
-        "images_per_sec": results,
-        # Same two cores in every set-up: >1 means two processes use them better than one.
-        "speedup_vs_one_process": {k: round(results[k] / results["one_process"], 3)
-                                   for k in ("horovod_2", "multi_worker_2")},
-        # Against two perfectly independent 1-thread processes (the ideal for 2 x 1 thread).
-        "scaling_efficiency": {k: round(results[k] / (2 * results["one_process_one_thread"]), 3)
-                               for k in ("horovod_2", "multi_worker_2")},
-        "allreduce_ms": {"horovod_2": horovod_ms, "multi_worker_2": mwms_ms},
-        "allreduce_fraction_of_step": {
-            "horovod_2": round(horovod_ms / step_ms(results["horovod_2"]), 3),
-            "multi_worker_2": round(mwms_ms / step_ms(results["multi_worker_2"]), 3)},
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "scaling",
+                "model": FLAGS.model,
+                "global_batch_size": FLAGS.global_batch_size,
+                "train_steps": FLAGS.train_steps,
+                "dataset": FLAGS.data_dir or "embedded sample",
+                "images_per_sec": results,
+                # Same two cores in every set-up: >1 means two processes use them better than one.
+                "speedup_vs_one_process": {
+                    k: round(results[k] / results["one_process"], 3)
+                    for k in ("horovod_2", "multi_worker_2")
+                },
+                # Against two perfectly independent 1-thread processes (the ideal for 2 x 1 thread).
+                "scaling_efficiency": {
+                    k: round(results[k] / (2 * results["one_process_one_thread"]), 3)
+                    for k in ("horovod_2", "multi_worker_2")
+                },
+                "allreduce_ms": {"horovod_2": horovod_ms, "multi_worker_2": mwms_ms},
+                "allreduce_fraction_of_step": {
+                    "horovod_2": round(horovod_ms / step_ms(results["horovod_2"]), 3),
+                    "multi_worker_2": round(mwms_ms / step_ms(results["multi_worker_2"]), 3),
+                },
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -38,11 +38,13 @@ def _seed(seed) -> tf.Tensor:
 
 def _batched(op):
     """Lets a batch op also take one image [H, W, C]."""
+
     def wrapper(images, *args, **kwargs):
         images = tf.convert_to_tensor(images)
         if images.shape.rank == 3:
             return op(images[tf.newaxis], *args, **kwargs)[0]
         return op(images, *args, **kwargs)
+
     wrapper.__name__, wrapper.__doc__ = op.__name__, op.__doc__
     return wrapper
 
@@ -51,8 +53,13 @@ def _transform(images: tf.Tensor, matrices: tf.Tensor) -> tf.Tensor:
     """Resamples each image: output pixel (x, y, 1) comes from input pixel matrices[i] @ (x, y, 1)."""
     flat = tf.reshape(matrices, [-1, 9])[:, :8]  # affine: the last row is (0, 0, 1)
     return tf.raw_ops.ImageProjectiveTransformV3(
-        images=images, transforms=flat, output_shape=tf.shape(images)[1:3],
-        fill_value=0.0, interpolation="BILINEAR", fill_mode="NEAREST")
+        images=images,
+        transforms=flat,
+        output_shape=tf.shape(images)[1:3],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="NEAREST",
+    )
 
 
 def _affine(a0, a1, a2, b0, b1, b2):
@@ -75,7 +82,9 @@ def _centre(images):
 def random_flip(images, seed):
     """Flips each image left-right with probability 1/2."""
     flip = tf.random.stateless_uniform(tf.shape(images)[:1], seed=_seed(seed)) < 0.5
-    return tf.where(flip[:, tf.newaxis, tf.newaxis, tf.newaxis], tf.reverse(images, axis=[2]), images)
+    return tf.where(
+        flip[:, tf.newaxis, tf.newaxis, tf.newaxis], tf.reverse(images, axis=[2]), images
+    )
 
 
 def _shift_matrices(images, max_fraction, seed):
@@ -95,7 +104,9 @@ def _rotation_matrices(images, max_degrees, seed):
 
 def _zoom_matrices(images, max_fraction, seed):
     cx, cy, _, _ = _centre(images)
-    inverse = 1.0 / (1.0 + _uniform(tf.shape(images)[:1], seed, max_fraction))  # output -> input scale
+    inverse = 1.0 / (
+        1.0 + _uniform(tf.shape(images)[:1], seed, max_fraction)
+    )  # output -> input scale
     zeros = tf.zeros_like(inverse)
     return _affine(inverse, zeros, cx - cx * inverse, zeros, inverse, cy - cy * inverse)
 

@@ -21,8 +21,9 @@ SPLITS = {"train": 8000, "test": 2000}
 
 def default_cache_dir() -> str:
     """`$CONVOY_CACHE` when set, else `~/.cache/convoy/mnist_sample`."""
-    return os.environ.get("CONVOY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "convoy",
-                                                          "mnist_sample")
+    return os.environ.get("CONVOY_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "convoy", "mnist_sample"
+    )
 
 
 def sample_data_dir(cache_root: str | None = None) -> str:
@@ -35,5 +36,7 @@ def sample_data_dir(cache_root: str | None = None) -> str:
         prepare_lib.prepare("idx", SAMPLE_DIR, data_dir, num_shards=NUM_SHARDS, seed=0)
     except OutputExistsError:
         # The cache holds an older sample or other options: it is ours to replace.
-        prepare_lib.prepare("idx", SAMPLE_DIR, data_dir, num_shards=NUM_SHARDS, seed=0, overwrite=True)
+        prepare_lib.prepare(
+            "idx", SAMPLE_DIR, data_dir, num_shards=NUM_SHARDS, seed=0, overwrite=True
+        )
     return data_dir

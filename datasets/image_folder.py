@@ -30,20 +30,30 @@ def _visible(names):
     return sorted(n for n in names if not n.startswith("."))
 
 
-def split_roots(input: str) -> dict[str, str]:
+def split_roots(input_path: str) -> dict[str, str]:
     """split -> folder holding that split's class folders."""
-    if not os.path.isdir(input):
-        raise DataError(f"{input}: no such directory; expected a folder with one sub-folder per class")
-    roots = {s: os.path.join(input, s) for s in SPLIT_FOLDERS if os.path.isdir(os.path.join(input, s))}
+    if not os.path.isdir(input_path):
+        raise DataError(
+            f"{input_path}: no such directory; expected a folder with one sub-folder per class"
+        )
+    roots = {
+        s: os.path.join(input_path, s)
+        for s in SPLIT_FOLDERS
+        if os.path.isdir(os.path.join(input_path, s))
+    }
     if roots and "train" not in roots:
-        raise DataError(f"{input}: has {', '.join(roots)} but no train folder; expected train/<class>/...")
-    return roots or {"train": input}
+        raise DataError(
+            f"{input_path}: has {', '.join(roots)} but no train folder; expected train/<class>/..."
+        )
+    return roots or {"train": input_path}
 
 
 def class_folders(root: str) -> list[str]:
     classes = [n for n in _visible(os.listdir(root)) if os.path.isdir(os.path.join(root, n))]
     if not classes:
-        raise DataError(f"{root}: no class sub-folders; expected one sub-folder of images per class")
+        raise DataError(
+            f"{root}: no class sub-folders; expected one sub-folder of images per class"
+        )
     return classes
 
 
@@ -54,13 +64,17 @@ def _files(folder: str) -> list[str]:
     return names
 
 
-def source_files(input: str) -> list[SourceFile]:
+def source_files(input_path: str) -> list[SourceFile]:
     checksums = []
-    for split, root in split_roots(input).items():
+    for root in split_roots(input_path).values():
         for cls in class_folders(root):
             folder = os.path.join(root, cls)
-            checksums.append(SourceFile(path=os.path.relpath(folder, input),
-                                        sha256=manifest_checksum(folder, _files(folder))))
+            checksums.append(
+                SourceFile(
+                    path=os.path.relpath(folder, input_path),
+                    sha256=manifest_checksum(folder, _files(folder)),
+                )
+            )
     return checksums
 
 
@@ -78,19 +92,25 @@ def check_image(path: str) -> tuple[bytes, tuple[int, int, int] | None, str]:
         shape = tf.io.decode_image(data, expand_animations=False).shape
     except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
         # TF prefixes "{{function_node ...}}" and appends "[Op:...]": keep the decoder's own words.
-        reason = re.sub(r"\{\{.*?\}\}|\[Op:.*?\]", "", str(e.message)).strip().splitlines()[-1].strip()
+        reason = (
+            re.sub(r"\{\{.*?\}\}|\[Op:.*?\]", "", str(e.message)).strip().splitlines()[-1].strip()
+        )
         return b"", None, f"corrupt image ({reason})"
     return data, tuple(int(d) for d in shape), ""
 
 
-def read(input: str, skip_bad_images: bool = False, num_threads: int | None = None) -> SourceData:
-    roots = split_roots(input)
+def read(
+    input_path: str, skip_bad_images: bool = False, num_threads: int | None = None
+) -> SourceData:
+    roots = split_roots(input_path)
     classes = sorted({cls for root in roots.values() for cls in class_folders(root)})
     paths_by_split = {}
     for split, root in roots.items():
         paths_by_split[split] = [
             (os.path.join(root, cls, name), classes.index(cls))
-            for cls in class_folders(root) for name in _files(os.path.join(root, cls))]
+            for cls in class_folders(root)
+            for name in _files(os.path.join(root, cls))
+        ]
 
     # Decoding is the slow part; TF releases the GIL inside the op, so threads use every core.
     import tensorflow  # noqa: F401  (loaded before the progress clock starts)
@@ -112,9 +132,11 @@ def read(input: str, skip_bad_images: bool = False, num_threads: int | None = No
             data, shape, reason = checked[path]
             if reason:
                 if not skip_bad_images:
-                    raise DataError(f"{path}: {reason}; expected a readable JPEG or PNG "
-                                    "(or pass --skip_bad_images)")
-                skipped.append({"path": os.path.relpath(path, input), "reason": reason})
+                    raise DataError(
+                        f"{path}: {reason}; expected a readable JPEG or PNG "
+                        "(or pass --skip_bad_images)"
+                    )
+                skipped.append({"path": os.path.relpath(path, input_path), "reason": reason})
                 continue
             images.append(data)
             labels.append(label)
@@ -123,15 +145,17 @@ def read(input: str, skip_bad_images: bool = False, num_threads: int | None = No
             kept_per_class[label] += 1
         for cls in class_folders(roots[split]):
             if kept_per_class[classes.index(cls)] == 0:
-                raise DataError(f"{os.path.join(roots[split], cls)}: no readable images; "
-                                "expected at least one JPEG or PNG")
+                raise DataError(
+                    f"{os.path.join(roots[split], cls)}: no readable images; "
+                    "expected at least one JPEG or PNG"
+                )
         splits[split] = SplitData(images=images, labels=np.asarray(labels, dtype=np.int64))
 
     # Stored as decoded by the pipeline: RGB if any image has colour, else gray (alpha is dropped).
     channels = 3 if max(channel_counts) >= 3 else 1
     image_shape = (*next(iter(sizes)), channels) if len(sizes) == 1 else None
     return SourceData(
-        name=os.path.basename(os.path.abspath(input)),
+        name=os.path.basename(os.path.abspath(input_path)),
         encoding="encoded",
         image_shape=image_shape,
         channels=channels,

@@ -75,8 +75,10 @@ class DatasetMetadata:
 
     def _split(self, split: str) -> SplitInfo:
         if split not in self.splits:
-            raise DataError(f"{METADATA_FILE} of dataset '{self.name}': no split '{split}'; "
-                            f"expected one of {', '.join(self.splits)}")
+            raise DataError(
+                f"{METADATA_FILE} of dataset '{self.name}': no split '{split}'; "
+                f"expected one of {', '.join(self.splits)}"
+            )
         return self.splits[split]
 
     def to_json(self) -> str:
@@ -91,15 +93,19 @@ class DatasetMetadata:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, data_dir: str) -> "DatasetMetadata":
+    def load(cls, data_dir: str) -> DatasetMetadata:
         """Reads and checks `data_dir/metadata.json`, and that every shard it lists exists."""
         if not os.path.isdir(data_dir):
-            raise DataError(f"{data_dir}: no such directory; expected a dataset directory written "
-                            "by `python -m datasets.prepare`")
+            raise DataError(
+                f"{data_dir}: no such directory; expected a dataset directory written "
+                "by `python -m datasets.prepare`"
+            )
         path = os.path.join(data_dir, METADATA_FILE)
         if not os.path.isfile(path):
-            raise DataError(f"{path}: missing; expected the {METADATA_FILE} that "
-                            "`python -m datasets.prepare` writes last (an unfinished or foreign directory?)")
+            raise DataError(
+                f"{path}: missing; expected the {METADATA_FILE} that "
+                "`python -m datasets.prepare` writes last (an unfinished or foreign directory?)"
+            )
         try:
             with open(path) as f:
                 raw = json.load(f)
@@ -110,23 +116,31 @@ class DatasetMetadata:
             for shard in info.shards:
                 shard_path = os.path.join(data_dir, shard.file)
                 if not os.path.isfile(shard_path):
-                    raise DataError(f"{shard_path}: missing; {path} lists it as a shard of split "
-                                    f"'{split}' with {shard.num_examples} examples")
+                    raise DataError(
+                        f"{shard_path}: missing; {path} lists it as a shard of split "
+                        f"'{split}' with {shard.num_examples} examples"
+                    )
         return metadata
 
     @classmethod
-    def from_dict(cls, raw: Any, path: str = METADATA_FILE) -> "DatasetMetadata":
+    def from_dict(cls, raw: Any, path: str = METADATA_FILE) -> DatasetMetadata:
         if not isinstance(raw, dict):
             raise DataError(f"{path}: top level is {type(raw).__name__}; expected a JSON object")
         version = raw.get("format_version")
         if version != FORMAT_VERSION:
-            raise DataError(f"{path}: format_version {version!r}; expected {FORMAT_VERSION} "
-                            "(re-run `python -m datasets.prepare --overwrite` with this version)")
+            raise DataError(
+                f"{path}: format_version {version!r}; expected {FORMAT_VERSION} "
+                "(re-run `python -m datasets.prepare --overwrite` with this version)"
+            )
         try:
             splits = {
-                name: SplitInfo(num_examples=int(s["num_examples"]),
-                                shards=[ShardInfo(file=str(sh["file"]), num_examples=int(sh["num_examples"]))
-                                        for sh in s["shards"]])
+                name: SplitInfo(
+                    num_examples=int(s["num_examples"]),
+                    shards=[
+                        ShardInfo(file=str(sh["file"]), num_examples=int(sh["num_examples"]))
+                        for sh in s["shards"]
+                    ],
+                )
                 for name, s in raw["splits"].items()
             }
             shape = raw["image_shape"]
@@ -141,17 +155,23 @@ class DatasetMetadata:
                 class_names=[str(n) for n in raw["class_names"]],
                 original_labels=list(raw["original_labels"]),
                 splits=splits,
-                source_files=[SourceFile(path=str(f["path"]), sha256=str(f["sha256"]))
-                              for f in raw["source_files"]],
+                source_files=[
+                    SourceFile(path=str(f["path"]), sha256=str(f["sha256"]))
+                    for f in raw["source_files"]
+                ],
                 seed=int(raw["seed"]),
                 dtype=str(raw.get("dtype", "uint8")),
                 options=dict(raw.get("options", {})),
                 skipped=list(raw.get("skipped", [])),
             )
         except KeyError as e:
-            raise DataError(f"{path}: missing field {e}; expected every field of DatasetMetadata") from None
+            raise DataError(
+                f"{path}: missing field {e}; expected every field of DatasetMetadata"
+            ) from None
         except (TypeError, ValueError, AttributeError) as e:
-            raise DataError(f"{path}: malformed field ({e}); expected the DatasetMetadata schema") from None
+            raise DataError(
+                f"{path}: malformed field ({e}); expected the DatasetMetadata schema"
+            ) from None
         metadata._check(path)
         return metadata
 
@@ -162,11 +182,18 @@ class DatasetMetadata:
             raise DataError(f"{path}: encoding 'raw' without image_shape; expected [H, W, C]")
         if self.image_shape is not None and len(self.image_shape) != 3:
             raise DataError(f"{path}: image_shape {list(self.image_shape)}; expected [H, W, C]")
-        if len(self.class_names) != self.num_classes or len(self.original_labels) != self.num_classes:
-            raise DataError(f"{path}: {len(self.class_names)} class_names and {len(self.original_labels)} "
-                            f"original_labels; expected num_classes = {self.num_classes} of each")
+        if (
+            len(self.class_names) != self.num_classes
+            or len(self.original_labels) != self.num_classes
+        ):
+            raise DataError(
+                f"{path}: {len(self.class_names)} class_names and {len(self.original_labels)} "
+                f"original_labels; expected num_classes = {self.num_classes} of each"
+            )
         for name, info in self.splits.items():
             total = sum(s.num_examples for s in info.shards)
             if total != info.num_examples:
-                raise DataError(f"{path}: split '{name}' shards hold {total} examples; expected "
-                                f"num_examples = {info.num_examples}")
+                raise DataError(
+                    f"{path}: split '{name}' shards hold {total} examples; expected "
+                    f"num_examples = {info.num_examples}"
+                )

@@ -46,38 +46,49 @@ def normalize(images_uint8) -> tf.Tensor:
 @dataclasses.dataclass(frozen=True)
 class _Share:
     """What one worker reads of one split."""
+
     files: list[str]
     by_example: bool  # read all files, keep example i when i % num_workers == worker_index
     num_examples: int
 
 
-def _share(metadata: DatasetMetadata, data_dir: str, split: str, worker_index: int,
-           num_workers: int) -> _Share:
+def _share(
+    metadata: DatasetMetadata, data_dir: str, split: str, worker_index: int, num_workers: int
+) -> _Share:
     if num_workers < 1 or not 0 <= worker_index < num_workers:
-        raise ValueError(f"worker_index={worker_index}, num_workers={num_workers}: "
-                         "expected 0 <= worker_index < num_workers")
+        raise ValueError(
+            f"worker_index={worker_index}, num_workers={num_workers}: "
+            "expected 0 <= worker_index < num_workers"
+        )
     paths = metadata.shard_paths(data_dir, split)  # raises DataError naming the split when unknown
     shards = metadata.splits[split].shards
     if len(shards) >= num_workers:
         mine = range(worker_index, len(shards), num_workers)
-        return _Share(files=[paths[i] for i in mine], by_example=False,
-                      num_examples=sum(shards[i].num_examples for i in mine))
+        return _Share(
+            files=[paths[i] for i in mine],
+            by_example=False,
+            num_examples=sum(shards[i].num_examples for i in mine),
+        )
     total = metadata.splits[split].num_examples
-    return _Share(files=paths, by_example=True, num_examples=len(range(worker_index, total, num_workers)))
+    return _Share(
+        files=paths, by_example=True, num_examples=len(range(worker_index, total, num_workers))
+    )
 
 
-def eval_batches_per_worker(metadata: DatasetMetadata, split: str, batch_size: int, num_workers: int,
-                            multiple_of: int = 1) -> int:
+def eval_batches_per_worker(
+    metadata: DatasetMetadata, split: str, batch_size: int, num_workers: int
+) -> int:
     """Batches every worker must yield so each fits all its examples; the same for all workers."""
     most = max(_share(metadata, "", split, w, num_workers).num_examples for w in range(num_workers))
-    batches = max(1, math.ceil(most / batch_size))
-    return math.ceil(batches / multiple_of) * multiple_of
+    return max(1, math.ceil(most / batch_size))
 
 
 def _target(metadata: DatasetMetadata, image_size, channels) -> tuple[int, int, int]:
     if image_size is None:
         if metadata.image_shape is None:
-            raise ValueError(f"dataset '{metadata.name}' has images of varying sizes; pass image_size=(H, W)")
+            raise ValueError(
+                f"dataset '{metadata.name}' has images of varying sizes; pass image_size=(H, W)"
+            )
         image_size = metadata.image_shape[:2]
     return int(image_size[0]), int(image_size[1]), int(channels or metadata.channels)
 
@@ -103,8 +114,11 @@ def _decode_raw_batch(metadata: DatasetMetadata, target):
     def decode(serialized):
         parsed = tf.io.parse_example(serialized, _FEATURES)
         images = tf.reshape(tf.io.decode_raw(parsed["image"], tf.uint8), [-1, h, w, c])
-        images.set_shape([serialized.shape[0], h, w, c])  # keep a static batch size when there is one
+        images.set_shape(
+            [serialized.shape[0], h, w, c]
+        )  # keep a static batch size when there is one
         return _to_model_input(images, *target), tf.cast(parsed["label"], tf.int32)
+
     return decode
 
 
@@ -118,11 +132,18 @@ def _decode_encoded_example(target):
         image = _to_model_input(image[tf.newaxis], height, width, channels)[0]
         image.set_shape([height, width, channels])  # resize is skipped when sizes match
         return image, tf.cast(parsed["label"], tf.int32)
+
     return decode
 
 
-def _batches(records: tf.data.Dataset, metadata: DatasetMetadata, target, batch_size: int,
-             drop_remainder: bool, finish) -> tf.data.Dataset:
+def _batches(
+    records: tf.data.Dataset,
+    metadata: DatasetMetadata,
+    target,
+    batch_size: int,
+    drop_remainder: bool,
+    finish,
+) -> tf.data.Dataset:
     """Serialized records -> finish(uint8 images [B, H, W, C], int32 labels [B]).
 
     `finish` (normalize, pad, ...) runs in the same map as the decode: one stage fewer per batch.
@@ -130,9 +151,13 @@ def _batches(records: tf.data.Dataset, metadata: DatasetMetadata, target, batch_
     if metadata.encoding == "raw":
         decode = _decode_raw_batch(metadata, target)
         return records.batch(batch_size, drop_remainder=drop_remainder).map(
-            lambda serialized: finish(*decode(serialized)), num_parallel_calls=AUTOTUNE)
-    return records.map(_decode_encoded_example(target), num_parallel_calls=AUTOTUNE).batch(
-        batch_size, drop_remainder=drop_remainder).map(finish, num_parallel_calls=AUTOTUNE)
+            lambda serialized: finish(*decode(serialized)), num_parallel_calls=AUTOTUNE
+        )
+    return (
+        records.map(_decode_encoded_example(target), num_parallel_calls=AUTOTUNE)
+        .batch(batch_size, drop_remainder=drop_remainder)
+        .map(finish, num_parallel_calls=AUTOTUNE)
+    )
 
 
 def _read_files(files: tf.data.Dataset, cycle_length: int) -> tf.data.Dataset:
@@ -142,8 +167,12 @@ def _read_files(files: tf.data.Dataset, cycle_length: int) -> tf.data.Dataset:
     hand-over the thread synchronisation costs more than the reading (~110k vs ~200k+ MNIST
     records/s on two cores). Shards are written in random order, so chunks do not hurt mixing.
     """
-    chunks = files.interleave(lambda path: tf.data.TFRecordDataset(path).batch(_CHUNK),
-                              cycle_length=cycle_length, num_parallel_calls=AUTOTUNE, deterministic=True)
+    chunks = files.interleave(
+        lambda path: tf.data.TFRecordDataset(path).batch(_CHUNK),
+        cycle_length=cycle_length,
+        num_parallel_calls=AUTOTUNE,
+        deterministic=True,
+    )
     return chunks.unbatch()
 
 
@@ -151,10 +180,13 @@ def _synthetic(metadata, target, batch_size, training, seed, num_batches):
     """One random batch of the right shape and dtype, repeated: measures compute without input."""
     h, w, c = target
     images = tf.random.stateless_uniform([batch_size, h, w, c], seed=[seed, 0])
-    labels = tf.random.stateless_uniform([batch_size], seed=[seed, 1], minval=0,
-                                         maxval=metadata.num_classes, dtype=tf.int32)
+    labels = tf.random.stateless_uniform(
+        [batch_size], seed=[seed, 1], minval=0, maxval=metadata.num_classes, dtype=tf.int32
+    )
     element = (images, labels) if training else (images, labels, tf.ones([batch_size]))
-    return tf.data.Dataset.from_tensors(element).repeat(num_batches if num_batches is not None else -1)
+    return tf.data.Dataset.from_tensors(element).repeat(
+        num_batches if num_batches is not None else -1
+    )
 
 
 def _with_options(ds: tf.data.Dataset) -> tf.data.Dataset:
@@ -165,10 +197,23 @@ def _with_options(ds: tf.data.Dataset) -> tf.data.Dataset:
     return ds.with_options(options)
 
 
-def input_fn(metadata: DatasetMetadata, data_dir: str, split: str, batch_size: int, *, training: bool,
-             worker_index: int = 0, num_workers: int = 1, image_size=None, channels=None,
-             augment: AugmentConfig = AugmentConfig(), seed: int = 0, shuffle_buffer: int = 10_000,
-             num_batches: int | None = None, synthetic: bool = False) -> tf.data.Dataset:
+def input_fn(
+    metadata: DatasetMetadata,
+    data_dir: str,
+    split: str,
+    batch_size: int,
+    *,
+    training: bool,
+    worker_index: int = 0,
+    num_workers: int = 1,
+    image_size=None,
+    channels=None,
+    augment: AugmentConfig | None = None,
+    seed: int = 0,
+    shuffle_buffer: int = 10_000,
+    num_batches: int | None = None,
+    synthetic: bool = False,
+) -> tf.data.Dataset:
     """This worker's batches of `split`; `batch_size` is per replica.
 
     training=True: (images float32 [B, H, W, C], labels int32 [B]), shuffled, augmented, forever
@@ -182,12 +227,27 @@ def input_fn(metadata: DatasetMetadata, data_dir: str, split: str, batch_size: i
         return _with_options(_synthetic(metadata, target, batch_size, training, seed, num_batches))
     share = _share(metadata, data_dir, split, worker_index, num_workers)
     if share.by_example and num_workers > 1:
-        logging.warning("split '%s' of %s has %d shards for %d workers: sharding by example, so every "
-                        "worker reads all files; prepare with --num_shards >= %d to shard by file",
-                        split, metadata.name, len(share.files), num_workers, num_workers)
+        logging.warning(
+            "split '%s' of %s has %d shards for %d workers: sharding by example, so every "
+            "worker reads all files; prepare with --num_shards >= %d to shard by file",
+            split,
+            metadata.name,
+            len(share.files),
+            num_workers,
+            num_workers,
+        )
     if training:
-        ds = _train(share, metadata, target, batch_size, worker_index, num_workers, augment, seed,
-                    shuffle_buffer)
+        ds = _train(
+            share,
+            metadata,
+            target,
+            batch_size,
+            worker_index,
+            num_workers,
+            augment or AugmentConfig(),
+            seed,
+            shuffle_buffer,
+        )
         if num_batches is not None:
             ds = ds.take(num_batches)
     else:
@@ -195,30 +255,46 @@ def input_fn(metadata: DatasetMetadata, data_dir: str, split: str, batch_size: i
     return _with_options(ds.prefetch(AUTOTUNE))
 
 
-def _train(share, metadata, target, batch_size, worker_index, num_workers, augment, seed, shuffle_buffer):
+def _train(
+    share, metadata, target, batch_size, worker_index, num_workers, augment, seed, shuffle_buffer
+):
     worker_seed = seed * 1_000_003 + worker_index  # workers shuffle and augment differently
     files = tf.data.Dataset.from_tensor_slices(share.files)
     if share.by_example:
         # A fixed file order is what makes "every num_workers-th example" the same split everywhere.
         records = _read_files(files, _CYCLE_LENGTH).shard(num_workers, worker_index).repeat()
     else:
-        files = files.shuffle(len(share.files), seed=worker_seed, reshuffle_each_iteration=True).repeat()
+        files = files.shuffle(
+            len(share.files), seed=worker_seed, reshuffle_each_iteration=True
+        ).repeat()
         records = _read_files(files, min(_CYCLE_LENGTH, len(share.files)))
     # Never buffer more than one pass over this worker's data: for large encoded images (and in
     # every iterator checkpoint, which holds the buffer) repeats would cost memory for no mixing.
     buffer = max(1, min(shuffle_buffer, share.num_examples))
     records = records.shuffle(buffer, seed=worker_seed, reshuffle_each_iteration=True)
     if not augment.enabled:
-        return _batches(records, metadata, target, batch_size, True,
-                        lambda images, labels: (normalize(images), labels))
-    ds = _batches(records, metadata, target, batch_size, True, lambda images, labels: (images, labels))
+        return _batches(
+            records,
+            metadata,
+            target,
+            batch_size,
+            True,
+            lambda images, labels: (normalize(images), labels),
+        )
+    ds = _batches(
+        records, metadata, target, batch_size, True, lambda images, labels: (images, labels)
+    )
     # The batch counter keys the stateless random ops, so a restored iterator augments identically.
     base = tf.constant([seed, worker_index], tf.int64)
     return ds.enumerate().map(
-        lambda step, batch: (augment_lib.apply(normalize(batch[0]), augment,
-                                               tf.random.experimental.stateless_fold_in(base, step)),
-                             batch[1]),
-        num_parallel_calls=AUTOTUNE)
+        lambda step, batch: (
+            augment_lib.apply(
+                normalize(batch[0]), augment, tf.random.experimental.stateless_fold_in(base, step)
+            ),
+            batch[1],
+        ),
+        num_parallel_calls=AUTOTUNE,
+    )
 
 
 def _eval(share, metadata, target, batch_size, worker_index, num_workers, num_batches):
@@ -228,8 +304,10 @@ def _eval(share, metadata, target, batch_size, worker_index, num_workers, num_ba
     real = math.ceil(share.num_examples / batch_size)
     total = real if num_batches is None else num_batches
     if total < real:
-        raise ValueError(f"num_batches={num_batches} < {real} batches needed for this worker's "
-                         f"{share.num_examples} examples of '{metadata.name}'; see eval_batches_per_worker")
+        raise ValueError(
+            f"num_batches={num_batches} < {real} batches needed for this worker's "
+            f"{share.num_examples} examples of '{metadata.name}'; see eval_batches_per_worker"
+        )
     h, w, c = target
 
     def pad(images, labels):
@@ -239,10 +317,14 @@ def _eval(share, metadata, target, batch_size, worker_index, num_workers, num_ba
         images = tf.pad(normalize(images), [[0, missing], [0, 0], [0, 0], [0, 0]])
         weights = tf.pad(tf.ones([n], tf.float32), [[0, missing]])
         labels = tf.pad(labels, [[0, missing]])
-        return (tf.ensure_shape(images, [batch_size, h, w, c]), tf.ensure_shape(labels, [batch_size]),
-                tf.ensure_shape(weights, [batch_size]))
+        return (
+            tf.ensure_shape(images, [batch_size, h, w, c]),
+            tf.ensure_shape(labels, [batch_size]),
+            tf.ensure_shape(weights, [batch_size]),
+        )
 
     ds = _batches(records, metadata, target, batch_size, False, pad)
-    padding = tf.data.Dataset.from_tensors((tf.zeros([batch_size, h, w, c]), tf.zeros([batch_size], tf.int32),
-                                            tf.zeros([batch_size]))).repeat(total - real)
+    padding = tf.data.Dataset.from_tensors(
+        (tf.zeros([batch_size, h, w, c]), tf.zeros([batch_size], tf.int32), tf.zeros([batch_size]))
+    ).repeat(total - real)
     return ds.concatenate(padding)

@@ -32,24 +32,33 @@ SOURCES = ("idx", "csv", "image_folder", "tfds")
 DEFAULT_NUM_SHARDS = 16
 
 
-def _source_files(source: str, input: str, tfds_name: str, tfds_data_dir: str | None) -> list[SourceFile]:
+def _source_files(
+    source: str, input_path: str, tfds_name: str, tfds_data_dir: str | None
+) -> list[SourceFile]:
     if source == "idx":
-        return idx.source_files(input)
+        return idx.source_files(input_path)
     if source == "csv":
-        return csv_pixels.source_files(input)
+        return csv_pixels.source_files(input_path)
     if source == "image_folder":
-        return image_folder.source_files(input)
+        return image_folder.source_files(input_path)
     return tfds_source.source_files(tfds_name, tfds_data_dir)
 
 
-def _read(source: str, input: str, *, class_names: str, skip_bad_images: bool, tfds_name: str,
-          tfds_data_dir: str | None) -> SourceData:
+def _read(
+    source: str,
+    input_path: str,
+    *,
+    class_names: str,
+    skip_bad_images: bool,
+    tfds_name: str,
+    tfds_data_dir: str | None,
+) -> SourceData:
     if source == "idx":
-        return idx.read(input)
+        return idx.read(input_path)
     if source == "csv":
-        return csv_pixels.read(input, class_names=class_names)
+        return csv_pixels.read(input_path, class_names=class_names)
     if source == "image_folder":
-        return image_folder.read(input, skip_bad_images=skip_bad_images)
+        return image_folder.read(input_path, skip_bad_images=skip_bad_images)
     return tfds_source.read(tfds_name, tfds_data_dir)
 
 
@@ -58,20 +67,24 @@ def split_off_validation(data: SourceData, fraction: float, seed: int) -> Source
     if fraction == 0:
         return data
     if "validation" in data.splits:
-        raise DataError(f"--validation_fraction={fraction}: the input already has a validation split; "
-                        "expected 0 for this input")
+        raise DataError(
+            f"--validation_fraction={fraction}: the input already has a validation split; "
+            "expected 0 for this input"
+        )
     train = data.splits["train"]
     rng = np.random.default_rng([seed, zlib.crc32(b"validation")])
     picked = []
     for label in range(data.num_classes):
         members = np.flatnonzero(train.labels == label)
-        picked.append(rng.permutation(members)[:int(round(fraction * len(members)))])
+        picked.append(rng.permutation(members)[: int(round(fraction * len(members)))])
     validation = np.sort(np.concatenate(picked))
     keep = np.ones(len(train), dtype=bool)
     keep[validation] = False
     if len(validation) == 0 or not keep.any():
-        raise DataError(f"--validation_fraction={fraction}: would leave {len(validation)} validation and "
-                        f"{int(keep.sum())} train examples of {len(train)}; expected both non-empty")
+        raise DataError(
+            f"--validation_fraction={fraction}: would leave {len(validation)} validation and "
+            f"{int(keep.sum())} train examples of {len(train)}; expected both non-empty"
+        )
     splits = {"train": train.take(np.flatnonzero(keep)), "validation": train.take(validation)}
     splits.update({k: v for k, v in data.splits.items() if k != "train"})
     return dataclasses.replace(data, splits=splits)
@@ -90,43 +103,77 @@ def _state(output_dir: str, source_files: list[SourceFile], options: dict) -> Da
     return "other"
 
 
-def prepare(source: str, input: str, output_dir: str, *, num_shards: int = DEFAULT_NUM_SHARDS,
-            validation_fraction: float = 0.0, seed: int = 0, overwrite: bool = False,
-            skip_bad_images: bool = False, class_names: str = "auto", tfds_name: str | None = None,
-            tfds_data_dir: str | None = None, progress_interval: float = 2.0) -> DatasetMetadata:
-    """Prepares `input` into `output_dir`; returns its metadata. Raises DataError on bad input.
+def prepare(
+    source: str,
+    input_path: str,
+    output_dir: str,
+    *,
+    num_shards: int = DEFAULT_NUM_SHARDS,
+    validation_fraction: float = 0.0,
+    seed: int = 0,
+    overwrite: bool = False,
+    skip_bad_images: bool = False,
+    class_names: str = "auto",
+    tfds_name: str | None = None,
+    tfds_data_dir: str | None = None,
+    progress_interval: float = 2.0,
+) -> DatasetMetadata:
+    """Prepares `input_path` into `output_dir`; returns its metadata. Raises DataError on bad input.
 
-    `input` is a path for idx/csv/image_folder; for tfds it is the dataset name unless `tfds_name`
+    `input_path` is a path for idx/csv/image_folder; for tfds it is the dataset name unless `tfds_name`
     is given. `num_shards` applies to every split (capped at the split's size).
     """
     if source not in SOURCES:
         raise DataError(f"--source={source}: unknown source; expected one of {', '.join(SOURCES)}")
     if not isinstance(num_shards, int) or num_shards < 1:
-        raise DataError(f"--num_shards={num_shards}: expected a positive number of shards per split")
+        raise DataError(
+            f"--num_shards={num_shards}: expected a positive number of shards per split"
+        )
     if not 0 <= validation_fraction < 1:
-        raise DataError(f"--validation_fraction={validation_fraction}: expected a fraction in [0, 1)")
+        raise DataError(
+            f"--validation_fraction={validation_fraction}: expected a fraction in [0, 1)"
+        )
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise DataError(f"{output_dir}: is a file; expected --output_dir to be a directory (or not to exist)")
+        raise DataError(
+            f"{output_dir}: is a file; expected --output_dir to be a directory (or not to exist)"
+        )
     if source == "tfds":
-        tfds_name = tfds_name or input
-    options = {"format_version": FORMAT_VERSION, "source": source, "num_shards": num_shards,
-               "validation_fraction": validation_fraction, "seed": seed,
-               "skip_bad_images": skip_bad_images, "class_names": class_names,
-               "tfds_name": tfds_name if source == "tfds" else None}
+        tfds_name = tfds_name or input_path
+    options = {
+        "format_version": FORMAT_VERSION,
+        "source": source,
+        "num_shards": num_shards,
+        "validation_fraction": validation_fraction,
+        "seed": seed,
+        "skip_bad_images": skip_bad_images,
+        "class_names": class_names,
+        "tfds_name": tfds_name if source == "tfds" else None,
+    }
 
     start = time.monotonic()
-    source_files = _source_files(source, input, tfds_name, tfds_data_dir)
+    source_files = _source_files(source, input_path, tfds_name, tfds_data_dir)
     state = _state(output_dir, source_files, options)
     if not overwrite and isinstance(state, DatasetMetadata):
         logging.info("prepare: %s is up to date; nothing to do", output_dir)
         return state
 
-    data = _read(source, input, class_names=class_names, skip_bad_images=skip_bad_images,
-                 tfds_name=tfds_name, tfds_data_dir=tfds_data_dir)
+    data = _read(
+        source,
+        input_path,
+        class_names=class_names,
+        skip_bad_images=skip_bad_images,
+        tfds_name=tfds_name,
+        tfds_data_dir=tfds_data_dir,
+    )
     data = split_off_validation(data, validation_fraction, seed)
     if data.skipped:
-        logging.warning("prepare: skipped %d unreadable files (listed in metadata.json 'skipped'), "
-                        "first: %s (%s)", len(data.skipped), data.skipped[0]["path"], data.skipped[0]["reason"])
+        logging.warning(
+            "prepare: skipped %d unreadable files (listed in metadata.json 'skipped'), "
+            "first: %s (%s)",
+            len(data.skipped),
+            data.skipped[0]["path"],
+            data.skipped[0]["reason"],
+        )
     if state != "empty" and not overwrite:
         raise _exists_error(output_dir)
 
@@ -137,17 +184,28 @@ def prepare(source: str, input: str, output_dir: str, *, num_shards: int = DEFAU
             return state
         if state != "empty" and not overwrite:
             raise _exists_error(output_dir)
-        metadata = writer.write_dataset(data, output_dir, source=source, num_shards=num_shards, seed=seed,
-                                        source_files=source_files, options=options,
-                                        progress_interval=progress_interval)
-    logging.info("prepare: %s ready in %.2f s (read, check and write)", output_dir, time.monotonic() - start)
+        metadata = writer.write_dataset(
+            data,
+            output_dir,
+            source=source,
+            num_shards=num_shards,
+            seed=seed,
+            source_files=source_files,
+            options=options,
+            progress_interval=progress_interval,
+        )
+    logging.info(
+        "prepare: %s ready in %.2f s (read, check and write)", output_dir, time.monotonic() - start
+    )
     return metadata
 
 
 def _exists_error(output_dir: str) -> OutputExistsError:
-    return OutputExistsError(f"{os.path.join(output_dir, METADATA_FILE)}: holds a dataset prepared from other "
-                             "sources or options; expected an empty or missing --output_dir, "
-                             "or pass --overwrite to replace it")
+    return OutputExistsError(
+        f"{os.path.join(output_dir, METADATA_FILE)}: holds a dataset prepared from other "
+        "sources or options; expected an empty or missing --output_dir, "
+        "or pass --overwrite to replace it"
+    )
 
 
 # --- CLI --------------------------------------------------------------------------------------
@@ -157,39 +215,73 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
     flags.DEFINE_enum("source", None, list(SOURCES), "Kind of input.")
-    flags.DEFINE_string("input", None, "idx: folder of IDX files or IMAGES,LABELS; csv: a CSV file or a "
-                        "folder with *train*/*test*.csv; image_folder: folder of class folders (or of "
-                        "train/validation/test); tfds: the dataset name (or use --tfds_name).")
+    flags.DEFINE_string(
+        "input",
+        None,
+        "idx: folder of IDX files or IMAGES,LABELS; csv: a CSV file or a "
+        "folder with *train*/*test*.csv; image_folder: folder of class folders (or of "
+        "train/validation/test); tfds: the dataset name (or use --tfds_name).",
+    )
     flags.DEFINE_string("output_dir", None, "Where shards and metadata.json go.")
-    flags.DEFINE_integer("num_shards", DEFAULT_NUM_SHARDS, "Shards per split (capped at the split size).")
-    flags.DEFINE_float("validation_fraction", 0.0, "Per-class fraction of train moved to a validation "
-                       "split (only for inputs without one).")
+    flags.DEFINE_integer(
+        "num_shards", DEFAULT_NUM_SHARDS, "Shards per split (capped at the split size)."
+    )
+    flags.DEFINE_float(
+        "validation_fraction",
+        0.0,
+        "Per-class fraction of train moved to a validation split (only for inputs without one).",
+    )
     flags.DEFINE_integer("seed", 0, "Seed for the write order and the validation split.")
-    flags.DEFINE_bool("overwrite", False, "Rewrite OUT even when it is up to date or holds another dataset.")
-    flags.DEFINE_bool("skip_bad_images", False, "image_folder: skip unreadable files (listed in metadata).")
-    flags.DEFINE_string("class_names", "auto", "csv: auto | letters | numbers | comma-separated names "
-                        "indexed by the original label.")
+    flags.DEFINE_bool(
+        "overwrite", False, "Rewrite OUT even when it is up to date or holds another dataset."
+    )
+    flags.DEFINE_bool(
+        "skip_bad_images", False, "image_folder: skip unreadable files (listed in metadata)."
+    )
+    flags.DEFINE_string(
+        "class_names",
+        "auto",
+        "csv: auto | letters | numbers | comma-separated names indexed by the original label.",
+    )
     flags.DEFINE_string("tfds_name", None, "tfds: dataset name, e.g. mnist or mnist:3.0.1.")
-    flags.DEFINE_string("tfds_data_dir", None, "tfds: folder where the dataset is already prepared "
-                        "(default $TFDS_DATA_DIR or ~/tensorflow_datasets).")
+    flags.DEFINE_string(
+        "tfds_data_dir",
+        None,
+        "tfds: folder where the dataset is already prepared "
+        "(default $TFDS_DATA_DIR or ~/tensorflow_datasets).",
+    )
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if FLAGS.source is None or FLAGS.output_dir is None or (FLAGS.input is None and FLAGS.tfds_name is None):
+    if (
+        FLAGS.source is None
+        or FLAGS.output_dir is None
+        or (FLAGS.input is None and FLAGS.tfds_name is None)
+    ):
         raise app.UsageError("--source, --input (or --tfds_name) and --output_dir are required")
     try:
-        metadata = prepare(FLAGS.source, FLAGS.input or "", FLAGS.output_dir, num_shards=FLAGS.num_shards,
-                           validation_fraction=FLAGS.validation_fraction, seed=FLAGS.seed,
-                           overwrite=FLAGS.overwrite, skip_bad_images=FLAGS.skip_bad_images,
-                           class_names=FLAGS.class_names, tfds_name=FLAGS.tfds_name,
-                           tfds_data_dir=FLAGS.tfds_data_dir)
+        metadata = prepare(
+            FLAGS.source,
+            FLAGS.input or "",
+            FLAGS.output_dir,
+            num_shards=FLAGS.num_shards,
+            validation_fraction=FLAGS.validation_fraction,
+            seed=FLAGS.seed,
+            overwrite=FLAGS.overwrite,
+            skip_bad_images=FLAGS.skip_bad_images,
+            class_names=FLAGS.class_names,
+            tfds_name=FLAGS.tfds_name,
+            tfds_data_dir=FLAGS.tfds_data_dir,
+        )
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    splits = ", ".join(f"{name} {info.num_examples} in {len(info.shards)} shards"
-                       for name, info in metadata.splits.items())
+    splits = ", ".join(
+        f"{name} {info.num_examples} in {len(info.shards)} shards"
+        for name, info in metadata.splits.items()
+    )
     skipped = f", skipped {len(metadata.skipped)} unreadable files" if metadata.skipped else ""
     print(f"{FLAGS.output_dir}: {metadata.name}, {metadata.num_classes} classes, {splits}{skipped}")
 

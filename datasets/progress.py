@@ -20,11 +20,22 @@ class Progress:
         if now - self.last >= self.interval and self.done < self.total:
             self.last = now
             rate = self.done / max(now - self.start, 1e-9)
-            logging.info("%s: %d/%d examples (%.0f%%), %.0f examples/s, ETA %.0f s", self.what, self.done,
-                         self.total, 100 * self.done / max(self.total, 1), rate,
-                         (self.total - self.done) / rate)
+            logging.info(
+                "%s: %d/%d examples (%.0f%%), %.0f examples/s, ETA %.0f s",
+                self.what,
+                self.done,
+                self.total,
+                100 * self.done / max(self.total, 1),
+                rate,
+                (self.total - self.done) / rate,
+            )
 
     def finish(self) -> None:
         elapsed = time.monotonic() - self.start
-        logging.info("%s: %d examples in %.2f s (%.0f examples/s)", self.what, self.done, elapsed,
-                     self.done / max(elapsed, 1e-9))
+        logging.info(
+            "%s: %d examples in %.2f s (%.0f examples/s)",
+            self.what,
+            self.done,
+            elapsed,
+            self.done / max(elapsed, 1e-9),
+        )

@@ -11,14 +11,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import numpy as np
 
 from datasets.errors import DataError
 from datasets.metadata import SourceFile
 
-Images = Union[np.ndarray, list]  # raw: uint8 [N, H, W, C]; encoded: list[bytes]
+Images = np.ndarray | list  # raw: uint8 [N, H, W, C]; encoded: list[bytes]
 
 
 @dataclasses.dataclass
@@ -29,7 +29,7 @@ class SplitData:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def take(self, indices: np.ndarray) -> "SplitData":
+    def take(self, indices: np.ndarray) -> SplitData:
         if isinstance(self.images, np.ndarray):
             images = self.images[indices]
         else:
@@ -53,15 +53,21 @@ class SourceData:
         return len(self.class_names)
 
 
-def dense_class_ids(labels_by_split: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[int]]:
+def dense_class_ids(
+    labels_by_split: dict[str, np.ndarray],
+) -> tuple[dict[str, np.ndarray], list[int]]:
     """Maps the source's labels (which may have gaps) to dense ids 0..K-1, in sorted label order.
 
     Returns the remapped labels per split and the original label of each dense id. The class list
     is the union over all splits, so a class missing from one split keeps its id everywhere.
     """
-    original = np.unique(np.concatenate([np.asarray(l).ravel() for l in labels_by_split.values()]))
-    dense = {split: np.searchsorted(original, labels).astype(np.int64)
-             for split, labels in labels_by_split.items()}
+    original = np.unique(
+        np.concatenate([np.asarray(lab).ravel() for lab in labels_by_split.values()])
+    )
+    dense = {
+        split: np.searchsorted(original, labels).astype(np.int64)
+        for split, labels in labels_by_split.items()
+    }
     return dense, [int(v) for v in original]
 
 

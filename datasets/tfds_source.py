@@ -20,8 +20,13 @@ from datasets.errors import DataError
 from datasets.metadata import SourceFile
 from datasets.source_data import SourceData, SplitData, file_checksums
 
-_SPLIT_ALIASES = {"train": "train", "validation": "validation", "valid": "validation",
-                  "val": "validation", "test": "test"}
+_SPLIT_ALIASES = {
+    "train": "train",
+    "validation": "validation",
+    "valid": "validation",
+    "val": "validation",
+    "test": "test",
+}
 
 
 def default_data_dir() -> str:
@@ -29,31 +34,41 @@ def default_data_dir() -> str:
 
 
 def _how_to_prepare(name: str, data_dir: str) -> str:
-    return (f"prepare it once on a machine with network access: `tfds build {name} "
-            f"--data_dir={data_dir}` (or tfds.builder('{name}', data_dir='{data_dir}')"
-            ".download_and_prepare()) and copy that folder here")
+    return (
+        f"prepare it once on a machine with network access: `tfds build {name} "
+        f"--data_dir={data_dir}` (or tfds.builder('{name}', data_dir='{data_dir}')"
+        ".download_and_prepare()) and copy that folder here"
+    )
 
 
 def builder(name: str, data_dir: str | None):
     import tensorflow_datasets as tfds  # heavy; only this source needs it
 
     if not name:
-        raise DataError("--tfds_name: empty; expected a TFDS dataset name such as mnist or mnist:3.0.1")
+        raise DataError(
+            "--tfds_name: empty; expected a TFDS dataset name such as mnist or mnist:3.0.1"
+        )
     data_dir = data_dir or default_data_dir()
     try:
         b = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # TFDS raises several unrelated types for "not found here"
-        raise DataError(f"{os.path.join(data_dir, name)}: TFDS dataset '{name}' not found "
-                        f"({type(e).__name__}); {_how_to_prepare(name, data_dir)}") from None
+        raise DataError(
+            f"{os.path.join(data_dir, name)}: TFDS dataset '{name}' not found "
+            f"({type(e).__name__}); {_how_to_prepare(name, data_dir)}"
+        ) from None
     if not b.is_prepared():
-        raise DataError(f"{b.data_dir}: TFDS dataset '{name}' is not prepared there; "
-                        f"{_how_to_prepare(name, data_dir)}")
+        raise DataError(
+            f"{b.data_dir}: TFDS dataset '{name}' is not prepared there; "
+            f"{_how_to_prepare(name, data_dir)}"
+        )
     return b
 
 
 def source_files(name: str, data_dir: str | None) -> list[SourceFile]:
     root = builder(name, data_dir).data_dir
-    paths = sorted(os.path.join(root, n) for n in os.listdir(root) if os.path.isfile(os.path.join(root, n)))
+    paths = sorted(
+        os.path.join(root, n) for n in os.listdir(root) if os.path.isfile(os.path.join(root, n))
+    )
     return file_checksums(root, paths)
 
 
@@ -64,12 +79,20 @@ def _features(b) -> tuple[str, str]:
     if b.info.supervised_keys and all(isinstance(k, str) for k in b.info.supervised_keys[:2]):
         image_key, label_key = b.info.supervised_keys[:2]
     else:
-        image_key = next((k for k, f in features.items() if isinstance(f, tfds.features.Image)), None)
-        label_key = next((k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)), None)
-    if not (isinstance(features.get(image_key), tfds.features.Image)
-            and isinstance(features.get(label_key), tfds.features.ClassLabel)):
-        raise DataError(f"{b.data_dir}: features {list(features.keys())}; expected an Image feature "
-                        "and a ClassLabel feature")
+        image_key = next(
+            (k for k, f in features.items() if isinstance(f, tfds.features.Image)), None
+        )
+        label_key = next(
+            (k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)), None
+        )
+    if not (
+        isinstance(features.get(image_key), tfds.features.Image)
+        and isinstance(features.get(label_key), tfds.features.ClassLabel)
+    ):
+        raise DataError(
+            f"{b.data_dir}: features {list(features.keys())}; expected an Image feature "
+            "and a ClassLabel feature"
+        )
     return image_key, label_key
 
 
@@ -92,8 +115,9 @@ def read(name: str, data_dir: str | None) -> SourceData:
             images = np.asarray(data[image_key], dtype=np.uint8)
             labels = np.asarray(data[label_key], dtype=np.int64)
         else:
-            ds = b.as_dataset(tfds_split, shuffle_files=False,
-                              decoders={image_key: tfds.decode.SkipDecoding()})
+            ds = b.as_dataset(
+                tfds_split, shuffle_files=False, decoders={image_key: tfds.decode.SkipDecoding()}
+            )
             images, labels = [], []
             for example in tfds.as_numpy(ds):
                 images.append(bytes(example[image_key]))

@@ -18,7 +18,9 @@ import numpy as np
 def _crc32c_table() -> np.ndarray:
     table = np.arange(256, dtype=np.uint32)
     for _ in range(8):  # the reflected Castagnoli polynomial, one bit at a time
-        table = np.where(table & 1, (table >> 1) ^ np.uint32(0x82F63B78), table >> 1).astype(np.uint32)
+        table = np.where(table & 1, (table >> 1) ^ np.uint32(0x82F63B78), table >> 1).astype(
+            np.uint32
+        )
     return table
 
 
@@ -49,6 +51,8 @@ def frame(records: np.ndarray) -> bytes:
     out = np.empty((n, 8 + 4 + length + 4), dtype=np.uint8)
     out[:, :8] = length_bytes
     out[:, 8:12] = length_crc.astype("<u4").view(np.uint8)
-    out[:, 12:12 + length] = records
-    out[:, 12 + length:] = masked_crc(crc32c_rows(records)).astype("<u4").view(np.uint8).reshape(n, 4)
+    out[:, 12 : 12 + length] = records
+    out[:, 12 + length :] = (
+        masked_crc(crc32c_rows(records)).astype("<u4").view(np.uint8).reshape(n, 4)
+    )
     return out.tobytes()

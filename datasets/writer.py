@@ -21,13 +21,20 @@ import functools
 import os
 import re
 import zlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
 from datasets import tfrecord
-from datasets.metadata import (FORMAT_VERSION, METADATA_FILE, DatasetMetadata, ShardInfo, SourceFile,
-                               SplitInfo, shard_file_name)
+from datasets.metadata import (
+    FORMAT_VERSION,
+    METADATA_FILE,
+    DatasetMetadata,
+    ShardInfo,
+    SourceFile,
+    SplitInfo,
+    shard_file_name,
+)
 from datasets.progress import Progress
 from datasets.source_data import SourceData, SplitData
 
@@ -40,6 +47,7 @@ _NUMPY_FRAMING_MAX_BYTES = 4096
 
 
 # --- tf.train.Example wire format -------------------------------------------------------------
+
 
 def _varint(n: int) -> bytes:
     out = bytearray()
@@ -101,13 +109,14 @@ def encode_examples(images: np.ndarray, labels: np.ndarray) -> np.ndarray | None
     prefix = np.frombuffer(framings[0][0], np.uint8)
     suffixes = np.stack([np.frombuffer(suffix, np.uint8) for _, suffix in framings])
     records = np.empty((n, len(prefix) + length + suffixes.shape[1]), dtype=np.uint8)
-    records[:, :len(prefix)] = prefix
-    records[:, len(prefix):len(prefix) + length] = images
-    records[:, len(prefix) + length:] = suffixes[np.searchsorted(classes, labels)]
+    records[:, : len(prefix)] = prefix
+    records[:, len(prefix) : len(prefix) + length] = images
+    records[:, len(prefix) + length :] = suffixes[np.searchsorted(classes, labels)]
     return records
 
 
 # --- layout -----------------------------------------------------------------------------------
+
 
 def shard_bounds(num_examples: int, num_shards: int) -> list[tuple[int, int]]:
     """Contiguous [start, end) ranges whose sizes differ by at most one; never an empty shard."""
@@ -122,6 +131,7 @@ def write_order(split: str, num_examples: int, seed: int) -> np.ndarray:
 
 
 # --- the output directory ---------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def output_lock(output_dir: str) -> Iterator[None]:
@@ -139,7 +149,9 @@ def _write_shard(path: str, split: SplitData, indices: np.ndarray, progress: Pro
     tmp = f"{path}{_TMP_MARK}{os.getpid()}"
     records = None
     if isinstance(split.images, np.ndarray) and split.images[0].size <= _NUMPY_FRAMING_MAX_BYTES:
-        records = encode_examples(split.images[indices].reshape(len(indices), -1), split.labels[indices])
+        records = encode_examples(
+            split.images[indices].reshape(len(indices), -1), split.labels[indices]
+        )
     if records is not None:
         with open(tmp, "wb") as f:
             f.write(tfrecord.frame(records))
@@ -162,14 +174,24 @@ def _write_shard(path: str, split: SplitData, indices: np.ndarray, progress: Pro
 def _remove_stale(output_dir: str, keep: set[str]) -> None:
     """Removes shards of an earlier dataset and temp files of crashed runs (we hold the lock)."""
     for name in os.listdir(output_dir):
-        if (_SHARD_RE.match(name) and name not in keep) or (_TMP_MARK in name and (
-                _SHARD_RE.match(name.split(_TMP_MARK)[0]) or name.startswith(METADATA_FILE))):
+        if (_SHARD_RE.match(name) and name not in keep) or (
+            _TMP_MARK in name
+            and (_SHARD_RE.match(name.split(_TMP_MARK)[0]) or name.startswith(METADATA_FILE))
+        ):
             os.remove(os.path.join(output_dir, name))
 
 
-def write_dataset(data: SourceData, output_dir: str, *, source: str, num_shards: int, seed: int,
-                  source_files: list[SourceFile], options: dict,
-                  progress_interval: float = 2.0) -> DatasetMetadata:
+def write_dataset(
+    data: SourceData,
+    output_dir: str,
+    *,
+    source: str,
+    num_shards: int,
+    seed: int,
+    source_files: list[SourceFile],
+    options: dict,
+    progress_interval: float = 2.0,
+) -> DatasetMetadata:
     """Writes every split of `data` and then metadata.json. The caller holds `output_lock`."""
     metadata_path = os.path.join(output_dir, METADATA_FILE)
     if os.path.exists(metadata_path):

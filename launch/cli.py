@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from absl import flags
 
@@ -13,7 +13,7 @@ def print_help_if_asked(argv: Sequence[str], doc: str, flag_values: flags.FlagVa
 
     Only the launcher's part counts: a `--help` after `--` belongs to the trainer.
     """
-    own_args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+    own_args = argv[1 : argv.index("--")] if "--" in argv else argv[1:]
     if not any(a in ("-h", "-help", "--help") for a in own_args):
         return False
     print(doc + "\nflags:\n" + flag_values.get_help(), file=sys.stderr)

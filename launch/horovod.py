@@ -29,7 +29,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from absl import flags
 
@@ -45,19 +45,32 @@ EXIT_NOT_STARTED = 2
 # or tool importing both modules must not collide on the global absl FLAGS.
 _FLAGS = flags.FlagValues()
 flags.DEFINE_integer("np", None, "Total number of processes (ranks).", flag_values=_FLAGS)
-flags.DEFINE_string("H", None, "Hosts with slots, e.g. 'a:4,b:4' (horovodrun -H).",
-                    flag_values=_FLAGS)
-flags.DEFINE_string("hostfile", None, "Hostfile, one 'host slots=N' per line.",
-                    flag_values=_FLAGS)
-flags.DEFINE_boolean("mpi", None, "Use the MPI controller (mpirun); --nompi forces Gloo. "
-                     "Default: MPI if Horovod has it and mpirun is on PATH, else Gloo.",
-                     flag_values=_FLAGS)
-flags.DEFINE_float("stall_timeout_s", None, "Forwarded to the trainer: exit non-zero when no "
-                   "step finishes for this long (0 disables).", flag_values=_FLAGS)
-flags.DEFINE_string("horovodrun", None, "horovodrun executable (default: the one next to this "
-                    "python, else the one on PATH).", flag_values=_FLAGS)
-flags.DEFINE_string("python", sys.executable, "Python interpreter each rank runs.",
-                    flag_values=_FLAGS)
+flags.DEFINE_string(
+    "H", None, "Hosts with slots, e.g. 'a:4,b:4' (horovodrun -H).", flag_values=_FLAGS
+)
+flags.DEFINE_string("hostfile", None, "Hostfile, one 'host slots=N' per line.", flag_values=_FLAGS)
+flags.DEFINE_boolean(
+    "mpi",
+    None,
+    "Use the MPI controller (mpirun); --nompi forces Gloo. "
+    "Default: MPI if Horovod has it and mpirun is on PATH, else Gloo.",
+    flag_values=_FLAGS,
+)
+flags.DEFINE_float(
+    "stall_timeout_s",
+    None,
+    "Forwarded to the trainer: exit non-zero when no step finishes for this long (0 disables).",
+    flag_values=_FLAGS,
+)
+flags.DEFINE_string(
+    "horovodrun",
+    None,
+    "horovodrun executable (default: the one next to this python, else the one on PATH).",
+    flag_values=_FLAGS,
+)
+flags.DEFINE_string(
+    "python", sys.executable, "Python interpreter each rank runs.", flag_values=_FLAGS
+)
 flags.mark_flag_as_required("np", flag_values=_FLAGS)
 
 
@@ -68,6 +81,7 @@ class BuildCheckError(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class BuildInfo:
     """What `horovodrun --check-build` reports as available."""
+
     version: str
     frameworks: frozenset
     controllers: frozenset
@@ -87,10 +101,12 @@ def parse_check_build(output: str) -> BuildInfo:
         item = re.match(r"\s*\[X\]\s+(.+?)\s*$", line)
         if item and current is not None:
             current.add(item.group(1))
-    return BuildInfo(version=version.group(1) if version else "",
-                     frameworks=frozenset(sections["frameworks"]),
-                     controllers=frozenset(sections["controllers"]),
-                     tensor_operations=frozenset(sections["tensor operations"]))
+    return BuildInfo(
+        version=version.group(1) if version else "",
+        frameworks=frozenset(sections["frameworks"]),
+        controllers=frozenset(sections["controllers"]),
+        tensor_operations=frozenset(sections["tensor operations"]),
+    )
 
 
 def default_horovodrun() -> str:
@@ -104,27 +120,38 @@ def default_horovodrun() -> str:
 def check_build(horovodrun: str, timeout_s: float = 300.0) -> BuildInfo:
     """Runs `horovodrun --check-build`; raises BuildCheckError unless TensorFlow is available."""
     try:
-        proc = subprocess.run([horovodrun, "--check-build"], capture_output=True, text=True,
-                              timeout=timeout_s, check=False)
+        proc = subprocess.run(
+            [horovodrun, "--check-build"],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
     except FileNotFoundError:
-        raise BuildCheckError(f"{horovodrun} not found; install Horovod with "
-                              "`bash launch/install_horovod.sh`") from None
+        raise BuildCheckError(
+            f"{horovodrun} not found; install Horovod with `bash launch/install_horovod.sh`"
+        ) from None
     except subprocess.TimeoutExpired:
-        raise BuildCheckError(f"`{horovodrun} --check-build` timed out after {timeout_s:.0f} s")
+        raise BuildCheckError(
+            f"`{horovodrun} --check-build` timed out after {timeout_s:.0f} s"
+        ) from None
     output = proc.stdout + proc.stderr
     if proc.returncode != 0:
         last = (output.strip().splitlines() or ["no output"])[-1]
-        raise BuildCheckError(f"`{horovodrun} --check-build` failed (exit {proc.returncode}): "
-                              f"{last}; rebuild with `bash launch/install_horovod.sh`")
+        raise BuildCheckError(
+            f"`{horovodrun} --check-build` failed (exit {proc.returncode}): "
+            f"{last}; rebuild with `bash launch/install_horovod.sh`"
+        )
     info = parse_check_build(output)
     if "TensorFlow" not in info.frameworks:
-        raise BuildCheckError(f"Horovod {info.version or '?'} was built without TensorFlow "
-                              "support; rebuild with `bash launch/install_horovod.sh`")
+        raise BuildCheckError(
+            f"Horovod {info.version or '?'} was built without TensorFlow "
+            "support; rebuild with `bash launch/install_horovod.sh`"
+        )
     return info
 
 
-def choose_mpi(requested: Optional[bool], info: BuildInfo,
-               mpirun_on_path: Optional[bool] = None) -> bool:
+def choose_mpi(requested: bool | None, info: BuildInfo, mpirun_on_path: bool | None = None) -> bool:
     """--mpi/--nompi if given; otherwise MPI only when both Horovod and the system have it."""
     if requested is not None:
         return requested
@@ -133,8 +160,13 @@ def choose_mpi(requested: Optional[bool], info: BuildInfo,
     return "MPI" in info.controllers and mpirun_on_path
 
 
-def validate_request(np: Optional[int], trainer_args: Sequence[str] = (), *,
-                     hosts: Optional[str] = None, hostfile: Optional[str] = None) -> None:
+def validate_request(
+    np: int | None,
+    trainer_args: Sequence[str] = (),
+    *,
+    hosts: str | None = None,
+    hostfile: str | None = None,
+) -> None:
     """Raises ValueError for a request that cannot be run (checked before the slow build check)."""
     if np is None or np < 1:
         raise ValueError(f"-np must be >= 1, got {np}")
@@ -145,16 +177,18 @@ def validate_request(np: Optional[int], trainer_args: Sequence[str] = (), *,
             raise ValueError(f"launch.horovod always runs --strategy=horovod, not {arg!r}")
 
 
-def build_command(np: int,
-                  trainer_args: Sequence[str] = (),
-                  *,
-                  hosts: Optional[str] = None,
-                  hostfile: Optional[str] = None,
-                  use_mpi: bool = False,
-                  stall_timeout_s: Optional[float] = None,
-                  python: str = sys.executable,
-                  horovodrun: str = "horovodrun",
-                  mpijob_hostfile: str = MPIJOB_HOSTFILE) -> list:
+def build_command(
+    np: int,
+    trainer_args: Sequence[str] = (),
+    *,
+    hosts: str | None = None,
+    hostfile: str | None = None,
+    use_mpi: bool = False,
+    stall_timeout_s: float | None = None,
+    python: str = sys.executable,
+    horovodrun: str = "horovodrun",
+    mpijob_hostfile: str = MPIJOB_HOSTFILE,
+) -> list:
     """The horovodrun command line; pure apart from checking whether `mpijob_hostfile` exists."""
     validate_request(np, trainer_args, hosts=hosts, hostfile=hostfile)
     if not hosts and not hostfile and os.path.isfile(mpijob_hostfile):
@@ -175,13 +209,14 @@ def build_command(np: int,
 @dataclasses.dataclass(frozen=True)
 class Request:
     """One parsed command line of this wrapper."""
+
     np: int
     trainer_args: tuple
-    hosts: Optional[str] = None
-    hostfile: Optional[str] = None
-    mpi: Optional[bool] = None
-    stall_timeout_s: Optional[float] = None
-    horovodrun: Optional[str] = None
+    hosts: str | None = None
+    hostfile: str | None = None
+    mpi: bool | None = None
+    stall_timeout_s: float | None = None
+    horovodrun: str | None = None
     python: str = sys.executable
 
 
@@ -193,14 +228,21 @@ def parse_args(argv: Sequence[str]) -> Request:
     """
     try:
         rest = _FLAGS(list(argv))[1:]
-        request = Request(np=_FLAGS.np, trainer_args=tuple(rest), hosts=_FLAGS.H,
-                          hostfile=_FLAGS.hostfile, mpi=_FLAGS.mpi,
-                          stall_timeout_s=_FLAGS.stall_timeout_s, horovodrun=_FLAGS.horovodrun,
-                          python=_FLAGS.python)
+        request = Request(
+            np=_FLAGS.np,
+            trainer_args=tuple(rest),
+            hosts=_FLAGS.H,
+            hostfile=_FLAGS.hostfile,
+            mpi=_FLAGS.mpi,
+            stall_timeout_s=_FLAGS.stall_timeout_s,
+            horovodrun=_FLAGS.horovodrun,
+            python=_FLAGS.python,
+        )
     finally:
         _FLAGS.unparse_flags()
-    validate_request(request.np, request.trainer_args, hosts=request.hosts,
-                     hostfile=request.hostfile)
+    validate_request(
+        request.np, request.trainer_args, hosts=request.hosts, hostfile=request.hostfile
+    )
     return request
 
 
@@ -221,10 +263,16 @@ def main(argv: Sequence[str]) -> int:
     except BuildCheckError as e:
         print(f"launch.horovod: {e}", file=sys.stderr)
         return EXIT_NOT_STARTED
-    cmd = build_command(request.np, request.trainer_args, hosts=request.hosts,
-                        hostfile=request.hostfile, use_mpi=choose_mpi(request.mpi, info),
-                        stall_timeout_s=request.stall_timeout_s, python=request.python,
-                        horovodrun=horovodrun)
+    cmd = build_command(
+        request.np,
+        request.trainer_args,
+        hosts=request.hosts,
+        hostfile=request.hostfile,
+        use_mpi=choose_mpi(request.mpi, info),
+        stall_timeout_s=request.stall_timeout_s,
+        python=request.python,
+        horovodrun=horovodrun,
+    )
     print("launch.horovod: " + shlex.join(cmd), file=sys.stderr, flush=True)
     # exec, not a child: horovodrun's exit status becomes ours, and SIGTERM from Kubernetes (sent
     # to the container's main process) reaches horovodrun, which tears down all ranks.

@@ -31,28 +31,42 @@ import subprocess
 import sys
 import threading
 import time
-from typing import IO, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import IO
 
 from absl import flags
 
 from launch.cli import print_help_if_asked
 
 _FLAGS = flags.FlagValues()  # private: must not collide with the trainer's global flags
-flags.DEFINE_integer("workers", None, "Number of worker processes.", lower_bound=1,
-                     flag_values=_FLAGS)
-flags.DEFINE_integer("port_base", None, "Use ports port_base .. port_base+N-1 instead of "
-                     "picking free ones.", lower_bound=1, upper_bound=65535, flag_values=_FLAGS)
-flags.DEFINE_string("worker_cmd", None, "Command each worker runs before the trainer flags "
-                    "(shell-quoted). Default: '<this python> -m trainer'.", flag_values=_FLAGS)
-flags.DEFINE_float("grace_s", 5.0, "Seconds between SIGTERM and SIGKILL when stopping workers.",
-                   flag_values=_FLAGS)
+flags.DEFINE_integer(
+    "workers", None, "Number of worker processes.", lower_bound=1, flag_values=_FLAGS
+)
+flags.DEFINE_integer(
+    "port_base",
+    None,
+    "Use ports port_base .. port_base+N-1 instead of picking free ones.",
+    lower_bound=1,
+    upper_bound=65535,
+    flag_values=_FLAGS,
+)
+flags.DEFINE_string(
+    "worker_cmd",
+    None,
+    "Command each worker runs before the trainer flags "
+    "(shell-quoted). Default: '<this python> -m trainer'.",
+    flag_values=_FLAGS,
+)
+flags.DEFINE_float(
+    "grace_s", 5.0, "Seconds between SIGTERM and SIGKILL when stopping workers.", flag_values=_FLAGS
+)
 flags.mark_flag_as_required("workers", flag_values=_FLAGS)
 
 HOST = "127.0.0.1"
 _PR_SET_PDEATHSIG = 1
 
 
-def pick_free_ports(n: int, host: str = HOST, port_base: Optional[int] = None) -> list:
+def pick_free_ports(n: int, host: str = HOST, port_base: int | None = None) -> list:
     """N ports on `host`: port_base.. if given (checked to be free), else chosen by the kernel.
 
     All sockets are held open until every port is chosen so the N ports are distinct. Another
@@ -74,19 +88,23 @@ def pick_free_ports(n: int, host: str = HOST, port_base: Optional[int] = None) -
 def tf_configs(addresses: Sequence[str], task_type: str = "worker") -> list:
     """One TF_CONFIG JSON string per address: the same cluster, task index = position."""
     cluster = {"cluster": {task_type: list(addresses)}}
-    return [json.dumps({**cluster, "task": {"type": task_type, "index": i}})
-            for i in range(len(addresses))]
+    return [
+        json.dumps({**cluster, "task": {"type": task_type, "index": i}})
+        for i in range(len(addresses))
+    ]
 
 
 def default_worker_cmd() -> list:
     return [sys.executable, "-m", "trainer"]
 
 
-def worker_command(trainer_args: Sequence[str], worker_cmd: Optional[Sequence[str]] = None) -> list:
+def worker_command(trainer_args: Sequence[str], worker_cmd: Sequence[str] | None = None) -> list:
     """`<worker_cmd> --strategy=multi_worker <trainer_args>`."""
     for arg in trainer_args:
         if arg.startswith("--strategy=") and arg != "--strategy=multi_worker":
-            raise ValueError(f"launch.local_cluster always runs --strategy=multi_worker, not {arg!r}")
+            raise ValueError(
+                f"launch.local_cluster always runs --strategy=multi_worker, not {arg!r}"
+            )
     return [*(worker_cmd or default_worker_cmd()), "--strategy=multi_worker", *trainer_args]
 
 
@@ -122,16 +140,18 @@ class _Printer:
                 self.line(prefix + raw.decode("utf-8", "replace"), to_err)
 
 
-def run_cluster(num_workers: int,
-                trainer_args: Sequence[str] = (),
-                *,
-                worker_cmd: Optional[Sequence[str]] = None,
-                port_base: Optional[int] = None,
-                grace_s: float = 5.0,
-                env: Optional[Mapping[str, str]] = None,
-                out: IO[str] = sys.stdout,
-                err: IO[str] = sys.stderr,
-                poll_s: float = 0.05) -> int:
+def run_cluster(
+    num_workers: int,
+    trainer_args: Sequence[str] = (),
+    *,
+    worker_cmd: Sequence[str] | None = None,
+    port_base: int | None = None,
+    grace_s: float = 5.0,
+    env: Mapping[str, str] | None = None,
+    out: IO[str] = sys.stdout,
+    err: IO[str] = sys.stderr,
+    poll_s: float = 0.05,
+) -> int:
     """Runs the workers to completion; returns 0 if all succeed, else a non-zero exit status."""
     printer = _Printer(out, err)
     log = lambda msg: printer.line(f"[local_cluster] {msg}", to_err=True)  # noqa: E731
@@ -159,20 +179,28 @@ def run_cluster(num_workers: int,
     pumps = []
     try:
         # Start every process before any reader thread: fork with threads running is unsafe.
-        for i, config in enumerate(configs):
-            procs.append(subprocess.Popen(
-                cmd, env={**base_env, "TF_CONFIG": config}, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                preexec_fn=_die_with_parent))
+        for config in configs:
+            procs.append(
+                subprocess.Popen(
+                    cmd,
+                    env={**base_env, "TF_CONFIG": config},
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent,
+                )
+            )
         for i, p in enumerate(procs):
             for pipe, to_err in ((p.stdout, False), (p.stderr, True)):
-                t = threading.Thread(target=printer.pump, args=(pipe, f"[worker {i}] ", to_err),
-                                     daemon=True)
+                t = threading.Thread(
+                    target=printer.pump, args=(pipe, f"[worker {i}] ", to_err), daemon=True
+                )
                 t.start()
                 pumps.append(t)
 
-        failed: Optional[int] = None
-        kill_deadline: Optional[float] = None
+        failed: int | None = None
+        kill_deadline: float | None = None
         while True:
             codes = [p.poll() for p in procs]  # poll every process, not any()'s first few
             if all(c is not None for c in codes):
@@ -181,8 +209,10 @@ def run_cluster(num_workers: int,
                 for i, code in enumerate(codes):
                     if code not in (None, 0):
                         failed = i
-                        log(f"worker {i} exited with status {_exit_status(code)}; "
-                            "stopping the other workers")
+                        log(
+                            f"worker {i} exited with status {_exit_status(code)}; "
+                            "stopping the other workers"
+                        )
                         _signal_all(procs, signal.SIGTERM)
                         break
             if (failed is not None or received) and kill_deadline is None:
@@ -209,8 +239,10 @@ def run_cluster(num_workers: int,
     if failed is None:  # every worker finished before a failure was noticed in the loop
         failed = next((i for i, s in enumerate(statuses) if s != 0), None)
     if failed is not None:
-        log(f"FAILED: worker {failed} exited with status {statuses[failed]} "
-            f"(all statuses {statuses})")
+        log(
+            f"FAILED: worker {failed} exited with status {statuses[failed]} "
+            f"(all statuses {statuses})"
+        )
         return statuses[failed] or 1
     log(f"all {num_workers} workers finished successfully")
     return 0
@@ -229,8 +261,13 @@ def main(argv: Sequence[str]) -> int:
     try:
         rest = _FLAGS(list(argv))[1:]
         worker_cmd = shlex.split(_FLAGS.worker_cmd) if _FLAGS.worker_cmd else None
-        return run_cluster(_FLAGS.workers, rest, worker_cmd=worker_cmd,
-                           port_base=_FLAGS.port_base, grace_s=_FLAGS.grace_s)
+        return run_cluster(
+            _FLAGS.workers,
+            rest,
+            worker_cmd=worker_cmd,
+            port_base=_FLAGS.port_base,
+            grace_s=_FLAGS.grace_s,
+        )
     except (flags.Error, ValueError, OSError) as e:
         print(f"launch.local_cluster: {e}", file=sys.stderr)
         return 2

@@ -17,7 +17,9 @@ import pytest
 def write_idx(path: str, array: np.ndarray, *, gz: bool = True, magic: bytes | None = None) -> str:
     """Writes a uint8 IDX file (gzipped when `gz`); `magic` overrides the first 4 bytes."""
     array = np.ascontiguousarray(array, dtype=np.uint8)
-    header = (magic or bytes([0, 0, 0x08, array.ndim])) + struct.pack(f">{array.ndim}I", *array.shape)
+    header = (magic or bytes([0, 0, 0x08, array.ndim])) + struct.pack(
+        f">{array.ndim}I", *array.shape
+    )
     data = header + array.tobytes()
     if gz:
         data = gzip.compress(data, mtime=0)
@@ -26,7 +28,9 @@ def write_idx(path: str, array: np.ndarray, *, gz: bool = True, magic: bytes | N
     return path
 
 
-def indexed_images(n: int, height: int = 4, width: int = 4, channels: int = 1, seed: int = 0) -> np.ndarray:
+def indexed_images(
+    n: int, height: int = 4, width: int = 4, channels: int = 1, seed: int = 0
+) -> np.ndarray:
     """Random uint8 images whose first two pixels hold the example's index (big-endian).
 
     Lets a test recover which example came out of a pipeline, even after shuffling.
@@ -51,6 +55,7 @@ def index_of(images) -> np.ndarray:
 @pytest.fixture
 def make_idx_dir(tmp_path):
     """make(train=(images, labels), test=(images, labels) or None, gz=True) -> folder of MNIST-named files."""
+
     def make(train, test=None, gz=True, name="idx_input"):
         folder = tmp_path / name
         folder.mkdir(exist_ok=True)
@@ -62,6 +67,7 @@ def make_idx_dir(tmp_path):
             write_idx(str(folder / f"{prefix}-images-idx3-ubyte{suffix}"), images, gz=gz)
             write_idx(str(folder / f"{prefix}-labels-idx1-ubyte{suffix}"), labels, gz=gz)
         return str(folder)
+
     return make
 
 
@@ -69,8 +75,10 @@ def write_sign_csv(path: str, images: np.ndarray, labels, *, header: str | None 
     """A CSV in Sign-Language-MNIST layout: `label,pixel1,...,pixelK` then one row per image."""
     num_pixels = int(np.prod(images.shape[1:]))
     header = header or "label," + ",".join(f"pixel{i}" for i in range(1, num_pixels + 1))
-    rows = [header] + [",".join([str(int(l))] + [str(int(p)) for p in img.ravel()])
-                       for img, l in zip(images, labels)]
+    rows = [header] + [
+        ",".join([str(int(lab))] + [str(int(p)) for p in img.ravel()])
+        for img, lab in zip(images, labels)
+    ]
     with open(path, "w") as f:
         f.write("\n".join(rows) + "\n")
     return path
@@ -90,8 +98,10 @@ def make_image_folder(tmp_path):
                 f = fmt if isinstance(fmt, str) else fmt[i % len(fmt)]
                 encode = tf.io.encode_png if f == "png" else tf.io.encode_jpeg
                 (folder / f"img{i:03d}.{'png' if f == 'png' else 'jpg'}").write_bytes(
-                    encode(tf.constant(image)).numpy())
+                    encode(tf.constant(image)).numpy()
+                )
         return str(root)
+
     return make
 
 
@@ -99,6 +109,7 @@ def make_image_folder(tmp_path):
 def sample_dir(tmp_path_factory):
     """The embedded MNIST sample prepared into a fresh cache dir (once per test session)."""
     from datasets import embedded
+
     return embedded.sample_data_dir(str(tmp_path_factory.mktemp("convoy_cache") / "mnist_sample"))
 
 
@@ -115,6 +126,7 @@ def _tree_snapshot(root: str) -> dict[str, bytes]:
 
 # The helpers above as fixtures, so test modules need no import of conftest (which breaks as soon
 # as tests/ becomes a package).
+
 
 @pytest.fixture
 def idx_writer():

@@ -79,29 +79,43 @@ def test_shift_moves_content_within_the_limit():
 def test_rotation_and_zoom_keep_the_centre_fixed():
     for out in (augment.random_rotation(_dot(), 45.0, 1), augment.random_zoom(_dot(), 0.3, 1)):
         centre = out.numpy()[:, 4, 4, 0]
-        assert np.all(np.argmax(out.numpy().reshape(32, -1), axis=1) == 4 * 9 + 4) and centre.min() > 0.3
+        assert (
+            np.all(np.argmax(out.numpy().reshape(32, -1), axis=1) == 4 * 9 + 4)
+            and centre.min() > 0.3
+        )
 
 
 def test_zero_strength_is_identity():
     images = _batch()
-    for out in (augment.random_shift(images, 0.0, 1), augment.random_rotation(images, 0.0, 1),
-                augment.random_zoom(images, 0.0, 1)):
+    for out in (
+        augment.random_shift(images, 0.0, 1),
+        augment.random_rotation(images, 0.0, 1),
+        augment.random_zoom(images, 0.0, 1),
+    ):
         np.testing.assert_allclose(out.numpy(), images.numpy(), atol=1e-6)
 
 
 def test_apply_uses_the_ops_own_draws_and_composes_in_order():
     images, seed = _batch(n=8, size=16), tf.constant([9, 1], tf.int64)
     seeds = tf.random.experimental.stateless_split(seed, num=4)
-    np.testing.assert_allclose(augment.apply(images, AugmentConfig(rotation_degrees=20), seed).numpy(),
-                               augment.random_rotation(images, 20.0, seeds[2]).numpy(), atol=1e-5)
-    np.testing.assert_array_equal(augment.apply(images, AugmentConfig(flip=True), seed).numpy(),
-                                  augment.random_flip(images, seeds[0]).numpy())
+    np.testing.assert_allclose(
+        augment.apply(images, AugmentConfig(rotation_degrees=20), seed).numpy(),
+        augment.random_rotation(images, 20.0, seeds[2]).numpy(),
+        atol=1e-5,
+    )
+    np.testing.assert_array_equal(
+        augment.apply(images, AugmentConfig(flip=True), seed).numpy(),
+        augment.random_flip(images, seeds[0]).numpy(),
+    )
     # On a linear ramp bilinear sampling is exact, so one composed resampling must equal the three
     # ops applied one after the other (away from the borders, where edge filling differs).
     ys, xs = np.meshgrid(np.arange(16), np.arange(16), indexing="ij")
     ramp = tf.constant(np.repeat(((xs + 2 * ys) / 45.0)[None, :, :, None], 8, axis=0), tf.float32)
     config = AugmentConfig(shift=0.05, rotation_degrees=10, zoom=0.05)
     composed = augment.apply(ramp, config, seed).numpy()
-    sequential = augment.random_zoom(augment.random_rotation(augment.random_shift(
-        ramp, 0.05, seeds[1]), 10.0, seeds[2]), 0.05, seeds[3]).numpy()
+    sequential = augment.random_zoom(
+        augment.random_rotation(augment.random_shift(ramp, 0.05, seeds[1]), 10.0, seeds[2]),
+        0.05,
+        seeds[3],
+    ).numpy()
     np.testing.assert_allclose(composed[:, 5:11, 5:11], sequential[:, 5:11, 5:11], atol=1e-4)

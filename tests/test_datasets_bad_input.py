@@ -33,6 +33,7 @@ def _mnist_like(make_idx_dir, n=10):
 # Each case builds a bad input in tmp and returns (source, input, prepare kwargs, the path the
 # message must name, a phrase it must contain).
 
+
 def missing_folder(tmp_path, **_):
     path = str(tmp_path / "nope")
     return "idx", path, {}, path, "no such directory"
@@ -76,8 +77,12 @@ def idx_body_too_short(tmp_path, make_idx_dir, **_):
 
 
 def csv_wrong_header(tmp_path, csv_writer, **_):
-    path = csv_writer(str(tmp_path / "x_train.csv"), np.zeros((2, 28, 28), np.uint8), [0, 1],
-                      header="label," + ",".join(f"pixel{i}" for i in range(1, 784)))  # 783 pixels
+    path = csv_writer(
+        str(tmp_path / "x_train.csv"),
+        np.zeros((2, 28, 28), np.uint8),
+        [0, 1],
+        header="label," + ",".join(f"pixel{i}" for i in range(1, 784)),
+    )  # 783 pixels
     return "csv", path, {}, f"{path}:1", "expected 'label,pixel1,...,pixelK'"
 
 
@@ -111,8 +116,9 @@ def csv_pixel_not_a_number(tmp_path, csv_writer, **_):
 
 
 def non_image_in_class_folder(tmp_path, make_image_folder, **_):
-    root = make_image_folder({"cats": [np.zeros((4, 4, 3), np.uint8)] * 2,
-                              "dogs": [np.zeros((4, 4, 3), np.uint8)] * 2})
+    root = make_image_folder(
+        {"cats": [np.zeros((4, 4, 3), np.uint8)] * 2, "dogs": [np.zeros((4, 4, 3), np.uint8)] * 2}
+    )
     path = os.path.join(root, "dogs", "notes.txt")
     open(path, "w").write("not an image")
     return "image_folder", root, {}, path, "not a JPEG or PNG"
@@ -120,8 +126,13 @@ def non_image_in_class_folder(tmp_path, make_image_folder, **_):
 
 def corrupt_jpeg(tmp_path, make_image_folder, **_):
     rng = np.random.default_rng(0)
-    root = make_image_folder({"cats": [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)] * 2,
-                              "dogs": [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)] * 2}, fmt="jpeg")
+    root = make_image_folder(
+        {
+            "cats": [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)] * 2,
+            "dogs": [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)] * 2,
+        },
+        fmt="jpeg",
+    )
     path = os.path.join(root, "cats", "img001.jpg")
     data = open(path, "rb").read()
     open(path, "wb").write(data[: len(data) // 2])
@@ -135,28 +146,52 @@ def empty_class_folder(tmp_path, make_image_folder, **_):
 
 
 def zero_shards(tmp_path, make_idx_dir, **_):
-    return "idx", _mnist_like(make_idx_dir), {"num_shards": 0}, "--num_shards=0", "expected a positive"
+    return (
+        "idx",
+        _mnist_like(make_idx_dir),
+        {"num_shards": 0},
+        "--num_shards=0",
+        "expected a positive",
+    )
 
 
-CASES = [missing_folder, missing_labels_file, truncated_gz, wrong_magic, count_mismatch, idx_body_too_short,
-         csv_wrong_header, csv_short_row, csv_pixel_out_of_range, csv_not_a_number,
-         csv_pixel_not_a_number,
-         non_image_in_class_folder, corrupt_jpeg, empty_class_folder, zero_shards]
+CASES = [
+    missing_folder,
+    missing_labels_file,
+    truncated_gz,
+    wrong_magic,
+    count_mismatch,
+    idx_body_too_short,
+    csv_wrong_header,
+    csv_short_row,
+    csv_pixel_out_of_range,
+    csv_not_a_number,
+    csv_pixel_not_a_number,
+    non_image_in_class_folder,
+    corrupt_jpeg,
+    empty_class_folder,
+    zero_shards,
+]
 
 
 @pytest.fixture
 def case_tools(tmp_path, make_idx_dir, idx_writer, csv_writer, make_image_folder):
-    return dict(tmp_path=tmp_path, make_idx_dir=make_idx_dir, idx_writer=idx_writer,
-                csv_writer=csv_writer, make_image_folder=make_image_folder)
+    return dict(
+        tmp_path=tmp_path,
+        make_idx_dir=make_idx_dir,
+        idx_writer=idx_writer,
+        csv_writer=csv_writer,
+        make_image_folder=make_image_folder,
+    )
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
 def test_bad_input_one_line_error_and_out_untouched(case, case_tools, existing_out, tree_snapshot):
-    source, input, kwargs, names, phrase = case(**case_tools)
+    source, input_path, kwargs, names, phrase = case(**case_tools)
     before = tree_snapshot(existing_out)
     with pytest.raises(DataError) as e:
         # Even --overwrite must not touch OUT when the input is bad.
-        prepare(source, input, existing_out, overwrite=True, **kwargs)
+        prepare(source, input_path, existing_out, overwrite=True, **kwargs)
     message = str(e.value)
     assert "\n" not in message
     assert names in message and phrase in message and "expected" in message
@@ -164,19 +199,31 @@ def test_bad_input_one_line_error_and_out_untouched(case, case_tools, existing_o
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "datasets.prepare", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "datasets.prepare", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
-@pytest.mark.parametrize("case", [truncated_gz, csv_pixel_out_of_range, zero_shards],
-                         ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "case", [truncated_gz, csv_pixel_out_of_range, zero_shards], ids=lambda c: c.__name__
+)
 def test_cli_exits_non_zero_with_one_error_line(case, case_tools, existing_out, tree_snapshot):
-    source, input, kwargs, names, phrase = case(**case_tools)
+    source, input_path, kwargs, names, phrase = case(**case_tools)
     before = tree_snapshot(existing_out)
     extra = [f"--{k}={v}" for k, v in kwargs.items()]
-    result = _cli(f"--source={source}", f"--input={input}", f"--output_dir={existing_out}", "--overwrite", *extra)
+    result = _cli(
+        f"--source={source}",
+        f"--input={input_path}",
+        f"--output_dir={existing_out}",
+        "--overwrite",
+        *extra,
+    )
     assert result.returncode == 1
-    error_lines = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(error_lines) == 1 and names in error_lines[0] and phrase in error_lines[0]
     assert "Traceback" not in result.stderr
     assert tree_snapshot(existing_out) == before
@@ -189,12 +236,16 @@ def test_cli_corrupt_image_then_skip_bad_images(tmp_path, case_tools):
     assert failed.returncode == 1 and f"error: {path}: corrupt image" in failed.stderr
     assert not os.path.exists(os.path.join(out, "metadata.json"))
 
-    skipped = _cli(f"--source={source}", f"--input={root}", f"--output_dir={out}", "--skip_bad_images")
+    skipped = _cli(
+        f"--source={source}", f"--input={root}", f"--output_dir={out}", "--skip_bad_images"
+    )
     assert skipped.returncode == 0, skipped.stderr
     assert "skipped 1 unreadable files" in skipped.stdout
     metadata = DatasetMetadata.load(out)
     assert metadata.num_examples("train") == 3
-    assert metadata.skipped == [{"path": os.path.join("cats", "img001.jpg"), "reason": metadata.skipped[0]["reason"]}]
+    assert metadata.skipped == [
+        {"path": os.path.join("cats", "img001.jpg"), "reason": metadata.skipped[0]["reason"]}
+    ]
     assert "corrupt image" in metadata.skipped[0]["reason"]
 
 
@@ -208,6 +259,7 @@ def test_skip_bad_images_still_rejects_a_class_with_nothing_readable(case_tools)
 
 
 # --- loading a prepared directory --------------------------------------------------------------
+
 
 def test_metadata_load_errors(tmp_path, existing_out):
     with pytest.raises(DataError, match="no such directory"):

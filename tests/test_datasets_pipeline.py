@@ -22,6 +22,7 @@ def indexed_dataset(tmp_path, make_idx_dir, indexed):
         input_dir = make_idx_dir((images, np.arange(n) % 3), name=f"{name}_in")
         out = str(tmp_path / name)
         return prepare("idx", input_dir, out, num_shards=num_shards), out
+
     return make
 
 
@@ -35,7 +36,10 @@ def test_train_batches_shapes_and_labels(indexed_dataset, indexed):
     _, index_of = indexed
     metadata, data_dir = indexed_dataset(40, 4)
     ds = pipeline.input_fn(metadata, data_dir, "train", 8, training=True, shuffle_buffer=16)
-    assert ds.element_spec[0].shape.as_list() == [8, 4, 4, 1] and ds.element_spec[0].dtype == tf.float32
+    assert (
+        ds.element_spec[0].shape.as_list() == [8, 4, 4, 1]
+        and ds.element_spec[0].dtype == tf.float32
+    )
     assert ds.element_spec[1].shape.as_list() == [8] and ds.element_spec[1].dtype == tf.int32
     seen = []
     for images, labels in ds.take(15):  # 3 epochs: it repeats
@@ -49,18 +53,32 @@ def test_train_batches_shapes_and_labels(indexed_dataset, indexed):
 
 def _first_epoch(metadata, data_dir, worker, workers, batch_size, index_of):
     # With files of equal size and no record shuffle, the first N_w examples are one full epoch.
-    ds = pipeline.input_fn(metadata, data_dir, "train", batch_size, training=True, worker_index=worker,
-                           num_workers=workers, shuffle_buffer=1)
+    ds = pipeline.input_fn(
+        metadata,
+        data_dir,
+        "train",
+        batch_size,
+        training=True,
+        worker_index=worker,
+        num_workers=workers,
+        shuffle_buffer=1,
+    )
     n = pipeline._share(metadata, data_dir, "train", worker, workers).num_examples
     return np.concatenate([index_of(x.numpy()) for x, _ in ds.take(n // batch_size)])
 
 
-@pytest.mark.parametrize("num_shards,workers", [(6, 2), (6, 3), (2, 3)], ids=["by_file_2", "by_file_3", "by_example_3"])
-def test_train_sharding_covers_data_once_without_overlap(indexed_dataset, indexed, num_shards, workers):
+@pytest.mark.parametrize(
+    "num_shards,workers", [(6, 2), (6, 3), (2, 3)], ids=["by_file_2", "by_file_3", "by_example_3"]
+)
+def test_train_sharding_covers_data_once_without_overlap(
+    indexed_dataset, indexed, num_shards, workers
+):
     _, index_of = indexed
     metadata, data_dir = indexed_dataset(60, num_shards)
-    per_worker = [_first_epoch(metadata, data_dir, w, workers, 5 if num_shards < workers else 10, index_of)
-                  for w in range(workers)]
+    per_worker = [
+        _first_epoch(metadata, data_dir, w, workers, 5 if num_shards < workers else 10, index_of)
+        for w in range(workers)
+    ]
     for ids in per_worker:
         assert len(set(ids)) == len(ids)  # no example twice within a worker's epoch
     everything = np.concatenate(per_worker)
@@ -76,9 +94,19 @@ def test_by_example_sharding_warns(indexed_dataset, caplog):
 def _eval_ids(metadata, data_dir, workers, batch_size, index_of, num_batches=None):
     out = []
     for w in range(workers):
-        batches = list(pipeline.input_fn(metadata, data_dir, "test", batch_size, training=False,
-                                         worker_index=w, num_workers=workers, num_batches=num_batches))
-        ids, weights = [], []
+        batches = list(
+            pipeline.input_fn(
+                metadata,
+                data_dir,
+                "test",
+                batch_size,
+                training=False,
+                worker_index=w,
+                num_workers=workers,
+                num_batches=num_batches,
+            )
+        )
+        ids = []
         for images, labels, weight in batches:
             assert images.shape == (batch_size, 4, 4, 1) and labels.shape == (batch_size,)
             keep = weight.numpy() > 0
@@ -93,7 +121,9 @@ def _eval_ids(metadata, data_dir, workers, batch_size, index_of, num_batches=Non
 @pytest.mark.parametrize("num_shards", [5, 1], ids=["by_file", "by_example"])
 def test_eval_sees_every_example_exactly_once(tmp_path, make_idx_dir, indexed, workers, num_shards):
     indexed_images, index_of = indexed
-    images = indexed_images(31, 4, 4, seed=1)[..., 0]  # 31: not a multiple of any batch or worker count
+    images = indexed_images(31, 4, 4, seed=1)[
+        ..., 0
+    ]  # 31: not a multiple of any batch or worker count
     input_dir = make_idx_dir((images, np.arange(31) % 3), (images, np.arange(31) % 3))
     metadata = prepare("idx", input_dir, str(tmp_path / "out"), num_shards=num_shards)
     batch_size = 4
@@ -101,10 +131,12 @@ def test_eval_sees_every_example_exactly_once(tmp_path, make_idx_dir, indexed, w
     results = _eval_ids(metadata, str(tmp_path / "out"), workers, batch_size, index_of)
     assert sorted(i for _, ids in results for i in ids) == list(range(31))
 
-    # With the agreed number of batches, every worker runs the same number of steps.
-    steps = pipeline.eval_batches_per_worker(metadata, "test", batch_size, workers, multiple_of=2)
-    assert steps % 2 == 0
-    results = _eval_ids(metadata, str(tmp_path / "out"), workers, batch_size, index_of, num_batches=steps)
+    # With the agreed number of batches (here one more than needed, so some batches are all
+    # padding), every worker runs the same number of steps.
+    steps = pipeline.eval_batches_per_worker(metadata, "test", batch_size, workers) + 1
+    results = _eval_ids(
+        metadata, str(tmp_path / "out"), workers, batch_size, index_of, num_batches=steps
+    )
     assert [n for n, _ in results] == [steps] * workers
     assert sorted(i for _, ids in results for i in ids) == list(range(31))
 
@@ -116,15 +148,33 @@ def test_eval_num_batches_too_small_is_refused(indexed_dataset):
 
 
 def test_eval_batches_per_worker_counts():
-    metadata = DatasetMetadata.from_dict({
-        "format_version": 1, "name": "n", "source": "idx", "encoding": "raw", "image_shape": [2, 2, 1],
-        "channels": 1, "num_classes": 1, "class_names": ["a"], "original_labels": [0], "seed": 0,
-        "source_files": [], "splits": {"test": {"num_examples": 25, "shards": [
-            {"file": f"test-{i:05d}-of-00003.tfrecord", "num_examples": n} for i, n in enumerate([9, 8, 8])]}}})
+    metadata = DatasetMetadata.from_dict(
+        {
+            "format_version": 1,
+            "name": "n",
+            "source": "idx",
+            "encoding": "raw",
+            "image_shape": [2, 2, 1],
+            "channels": 1,
+            "num_classes": 1,
+            "class_names": ["a"],
+            "original_labels": [0],
+            "seed": 0,
+            "source_files": [],
+            "splits": {
+                "test": {
+                    "num_examples": 25,
+                    "shards": [
+                        {"file": f"test-{i:05d}-of-00003.tfrecord", "num_examples": n}
+                        for i, n in enumerate([9, 8, 8])
+                    ],
+                }
+            },
+        }
+    )
     assert pipeline.eval_batches_per_worker(metadata, "test", 4, 1) == 7  # 25 examples
     assert pipeline.eval_batches_per_worker(metadata, "test", 4, 2) == 5  # shards 0+2: 17
     assert pipeline.eval_batches_per_worker(metadata, "test", 4, 3) == 3  # 9
-    assert pipeline.eval_batches_per_worker(metadata, "test", 4, 3, multiple_of=2) == 4
     assert pipeline.eval_batches_per_worker(metadata, "test", 4, 4) == 2  # by example: ceil(25/4)=7
 
 
@@ -134,14 +184,25 @@ def test_unknown_split_is_a_data_error(indexed_dataset):
         pipeline.input_fn(metadata, data_dir, "validation", 2, training=False)
 
 
-@pytest.mark.parametrize("augment", [AugmentConfig(), AugmentConfig(flip=True, shift=0.1, zoom=0.1)],
-                         ids=["plain", "augmented"])
+@pytest.mark.parametrize(
+    "augment",
+    [AugmentConfig(), AugmentConfig(flip=True, shift=0.1, zoom=0.1)],
+    ids=["plain", "augmented"],
+)
 def test_train_iterator_checkpoint_resumes_at_same_element(tmp_path, indexed_dataset, augment):
     metadata, data_dir = indexed_dataset(48, 4)
 
     def make():
-        return pipeline.input_fn(metadata, data_dir, "train", 4, training=True, shuffle_buffer=20,
-                                 augment=augment, seed=3)
+        return pipeline.input_fn(
+            metadata,
+            data_dir,
+            "train",
+            4,
+            training=True,
+            shuffle_buffer=20,
+            augment=augment,
+            seed=3,
+        )
 
     iterator = iter(make())
     for _ in range(7):
@@ -164,7 +225,9 @@ def test_same_seed_same_batches_other_seed_other_batches(indexed_dataset):
     metadata, data_dir = indexed_dataset(40, 4)
 
     def first(seed):
-        ds = pipeline.input_fn(metadata, data_dir, "train", 8, training=True, seed=seed, shuffle_buffer=40)
+        ds = pipeline.input_fn(
+            metadata, data_dir, "train", 8, training=True, seed=seed, shuffle_buffer=40
+        )
         return np.concatenate([y.numpy() for _, y in ds.take(3)])
 
     np.testing.assert_array_equal(first(1), first(1))
@@ -173,46 +236,82 @@ def test_same_seed_same_batches_other_seed_other_batches(indexed_dataset):
 
 def test_raw_gray_to_rgb_and_resize(indexed_dataset):
     metadata, data_dir = indexed_dataset(8, 1)
-    ds = pipeline.input_fn(metadata, data_dir, "train", 2, training=False, image_size=(8, 6), channels=3)
+    ds = pipeline.input_fn(
+        metadata, data_dir, "train", 2, training=False, image_size=(8, 6), channels=3
+    )
     images, _, _ = next(iter(ds))
     assert images.shape == (2, 8, 6, 3) and images.dtype == tf.float32
-    np.testing.assert_array_equal(images[..., 0].numpy(), images[..., 2].numpy())  # gray copied to RGB
+    np.testing.assert_array_equal(
+        images[..., 0].numpy(), images[..., 2].numpy()
+    )  # gray copied to RGB
 
 
 def test_encoded_images_decode_resize_and_convert(tmp_path, make_image_folder):
     rng = np.random.default_rng(0)
-    root = make_image_folder({"a": [rng.integers(0, 256, (10 + i, 7 + i, 3), dtype=np.uint8) for i in range(3)],
-                              "b": [rng.integers(0, 256, (5, 9, 3), dtype=np.uint8) for _ in range(3)]},
-                             fmt=("jpeg", "png"))
+    root = make_image_folder(
+        {
+            "a": [rng.integers(0, 256, (10 + i, 7 + i, 3), dtype=np.uint8) for i in range(3)],
+            "b": [rng.integers(0, 256, (5, 9, 3), dtype=np.uint8) for _ in range(3)],
+        },
+        fmt=("jpeg", "png"),
+    )
     metadata = prepare("image_folder", root, str(tmp_path / "out"), num_shards=2)
     with pytest.raises(ValueError, match="image_size"):
         pipeline.input_fn(metadata, str(tmp_path / "out"), "train", 2, training=True)
     for channels in (3, 1):
-        ds = pipeline.input_fn(metadata, str(tmp_path / "out"), "train", 4, training=True, image_size=(12, 12),
-                               channels=channels, augment=AugmentConfig(flip=True, rotation_degrees=10))
+        ds = pipeline.input_fn(
+            metadata,
+            str(tmp_path / "out"),
+            "train",
+            4,
+            training=True,
+            image_size=(12, 12),
+            channels=channels,
+            augment=AugmentConfig(flip=True, rotation_degrees=10),
+        )
         images, labels = next(iter(ds))
         assert images.shape == (4, 12, 12, channels) and images.dtype == tf.float32
         assert set(labels.numpy()) <= {0, 1}
-    ds = pipeline.input_fn(metadata, str(tmp_path / "out"), "train", 4, training=False, image_size=(12, 12))
+    ds = pipeline.input_fn(
+        metadata, str(tmp_path / "out"), "train", 4, training=False, image_size=(12, 12)
+    )
     assert sum(float(w.numpy().sum()) for _, _, w in ds) == 6
 
 
 def test_synthetic_mode(indexed_dataset):
     metadata, data_dir = indexed_dataset(8, 1)
-    train = pipeline.input_fn(metadata, data_dir, "train", 16, training=True, synthetic=True, image_size=(32, 32),
-                              channels=3, num_batches=3)
+    train = pipeline.input_fn(
+        metadata,
+        data_dir,
+        "train",
+        16,
+        training=True,
+        synthetic=True,
+        image_size=(32, 32),
+        channels=3,
+        num_batches=3,
+    )
     batches = list(train)
-    assert len(batches) == 3 and batches[0][0].shape == (16, 32, 32, 3) and batches[0][1].dtype == tf.int32
+    assert (
+        len(batches) == 3
+        and batches[0][0].shape == (16, 32, 32, 3)
+        and batches[0][1].dtype == tf.int32
+    )
     np.testing.assert_array_equal(batches[0][0].numpy(), batches[2][0].numpy())  # generated once
     assert batches[0][1].numpy().max() < metadata.num_classes
-    images, labels, weights = next(iter(pipeline.input_fn(metadata, data_dir, "test", 4, training=False,
-                                                          synthetic=True)))
+    images, labels, weights = next(
+        iter(pipeline.input_fn(metadata, data_dir, "test", 4, training=False, synthetic=True))
+    )
     assert images.shape == (4, 4, 4, 1) and weights.numpy().tolist() == [1.0] * 4
 
 
 def test_sample_trains_through_input_fn(sample_dir):
     metadata = DatasetMetadata.load(sample_dir)
-    ds = pipeline.input_fn(metadata, sample_dir, "train", 64, training=True, worker_index=1, num_workers=2)
+    ds = pipeline.input_fn(
+        metadata, sample_dir, "train", 64, training=True, worker_index=1, num_workers=2
+    )
     images, labels = next(iter(ds))
-    assert images.shape == (64, 28, 28, 1) and 0.0 <= float(tf.reduce_min(images)) < float(tf.reduce_max(images))
+    assert images.shape == (64, 28, 28, 1) and 0.0 <= float(tf.reduce_min(images)) < float(
+        tf.reduce_max(images)
+    )
     assert len(set(labels.numpy())) > 5

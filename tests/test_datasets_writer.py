@@ -18,10 +18,14 @@ from datasets.prepare import prepare
 @pytest.mark.parametrize("label", [0, 1, 127, 128, 300, 2**40])
 def test_encode_example_matches_protobuf(image_len, label):
     image = bytes(np.random.default_rng(image_len).integers(0, 256, image_len, dtype=np.uint8))
-    expected = tf.train.Example(features=tf.train.Features(feature={
-        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
-        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
-    })).SerializeToString(deterministic=True)
+    expected = tf.train.Example(
+        features=tf.train.Features(
+            feature={
+                "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
+                "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+            }
+        )
+    ).SerializeToString(deterministic=True)
     assert writer.encode_example(image, label) == expected
 
 
@@ -30,7 +34,9 @@ def test_encode_examples_rows_match_encode_example():
     images = rng.integers(0, 256, (20, 13), dtype=np.uint8)
     labels = rng.integers(0, 100, 20)
     records = writer.encode_examples(images, labels)
-    assert [r.tobytes() for r in records] == [writer.encode_example(i.tobytes(), l) for i, l in zip(images, labels)]
+    assert [r.tobytes() for r in records] == [
+        writer.encode_example(i.tobytes(), lab) for i, lab in zip(images, labels)
+    ]
     # Labels whose varints differ in length cannot share one matrix: the caller falls back.
     assert writer.encode_examples(images[:2], np.array([5, 300])) is None
 
@@ -50,8 +56,16 @@ def test_many_classes_take_the_variable_length_path(tmp_path, make_idx_dir, inde
     labels = np.arange(300) % 200  # dense ids up to 199: 1- and 2-byte varints in one shard
     metadata = prepare("idx", make_idx_dir((images, labels)), str(tmp_path / "out"), num_shards=2)
     ds = tf.data.TFRecordDataset(metadata.shard_paths(str(tmp_path / "out"), "train"))
-    parsed = [tf.io.parse_single_example(r, {"image": tf.io.FixedLenFeature([], tf.string),
-                                             "label": tf.io.FixedLenFeature([], tf.int64)}) for r in ds]
+    parsed = [
+        tf.io.parse_single_example(
+            r,
+            {
+                "image": tf.io.FixedLenFeature([], tf.string),
+                "label": tf.io.FixedLenFeature([], tf.int64),
+            },
+        )
+        for r in ds
+    ]
     got = np.stack([np.frombuffer(p["image"].numpy(), np.uint8) for p in parsed])
     ids = index_of(got)
     np.testing.assert_array_equal(got.reshape(-1, 2, 2), images[ids])
@@ -60,8 +74,11 @@ def test_many_classes_take_the_variable_length_path(tmp_path, make_idx_dir, inde
 
 
 def _files(data_dir):
-    return {n: open(os.path.join(data_dir, n), "rb").read() for n in sorted(os.listdir(data_dir))
-            if n != writer.LOCK_FILE}
+    return {
+        n: open(os.path.join(data_dir, n), "rb").read()
+        for n in sorted(os.listdir(data_dir))
+        if n != writer.LOCK_FILE
+    }
 
 
 @pytest.fixture
@@ -88,11 +105,15 @@ def test_shards_are_balanced_and_counted(tmp_path, small_idx):
     metadata = prepare("idx", small_idx, str(tmp_path / "out"), num_shards=10)
     counts = [s.num_examples for s in metadata.splits["train"].shards]
     assert sum(counts) == 103 and max(counts) - min(counts) <= 1 and len(counts) == 10
-    for shard, path in zip(metadata.splits["train"].shards, metadata.shard_paths(str(tmp_path / "out"), "train")):
+    for shard, path in zip(
+        metadata.splits["train"].shards, metadata.shard_paths(str(tmp_path / "out"), "train")
+    ):
         assert os.path.basename(path) == shard.file
         assert sum(1 for _ in tf.data.TFRecordDataset(path)) == shard.num_examples
     assert [s.file for s in metadata.splits["test"].shards][:2] == [
-        "test-00000-of-00010.tfrecord", "test-00001-of-00010.tfrecord"]
+        "test-00000-of-00010.tfrecord",
+        "test-00001-of-00010.tfrecord",
+    ]
     # More shards than examples: one example per shard, never an empty shard.
     assert writer.shard_bounds(3, 8) == [(0, 1), (1, 2), (2, 3)]
 
@@ -100,15 +121,25 @@ def test_shards_are_balanced_and_counted(tmp_path, small_idx):
 def test_every_shard_mixes_classes(tmp_path, make_idx_dir):
     # A class-sorted source (like class folders) still gives every shard every class.
     labels = np.repeat(np.arange(4), 50)
-    metadata = prepare("idx", make_idx_dir((np.zeros((200, 2, 2), np.uint8), labels)), str(tmp_path / "o"),
-                       num_shards=4)
+    metadata = prepare(
+        "idx",
+        make_idx_dir((np.zeros((200, 2, 2), np.uint8), labels)),
+        str(tmp_path / "o"),
+        num_shards=4,
+    )
     for path in metadata.shard_paths(str(tmp_path / "o"), "train"):
-        parsed = [tf.io.parse_single_example(r, {"label": tf.io.FixedLenFeature([], tf.int64)})["label"].numpy()
-                  for r in tf.data.TFRecordDataset(path)]
+        parsed = [
+            tf.io.parse_single_example(r, {"label": tf.io.FixedLenFeature([], tf.int64)})[
+                "label"
+            ].numpy()
+            for r in tf.data.TFRecordDataset(path)
+        ]
         assert len(set(parsed)) == 4
 
 
-def test_up_to_date_does_nothing_and_overwrite_rewrites(tmp_path, small_idx, idx_writer, tree_snapshot):
+def test_up_to_date_does_nothing_and_overwrite_rewrites(
+    tmp_path, small_idx, idx_writer, tree_snapshot
+):
     out = str(tmp_path / "out")
     first = prepare("idx", small_idx, out, num_shards=3)
     stamps = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out)}
@@ -129,7 +160,8 @@ def test_up_to_date_does_nothing_and_overwrite_rewrites(tmp_path, small_idx, idx
     assert len(rewritten.splits["train"].shards) == 2
     # Shards of the earlier layout are gone; only the new dataset remains.
     assert sorted(n for n in os.listdir(out) if n.endswith(".tfrecord")) == sorted(
-        s.file for info in rewritten.splits.values() for s in info.shards)
+        s.file for info in rewritten.splits.values() for s in info.shards
+    )
     assert DatasetMetadata.load(out) == rewritten
 
 
@@ -182,5 +214,7 @@ def test_progress_lines_report_rate_and_eta(tmp_path, make_idx_dir, caplog):
     with caplog.at_level(logging.INFO):
         prepare("idx", input_dir, str(tmp_path / "out"), num_shards=2, progress_interval=0.0)
     lines = [r.getMessage() for r in caplog.records]
-    assert any("examples/s" in l and "ETA" in l and "/3000 examples" in l for l in lines)
-    assert any(l.startswith("write: 3000 examples in") for l in lines)
+    assert any(
+        "examples/s" in line and "ETA" in line and "/3000 examples" in line for line in lines
+    )
+    assert any(line.startswith("write: 3000 examples in") for line in lines)

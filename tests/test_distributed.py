@@ -6,6 +6,7 @@ runs train on a 64-example dataset in two 32-example shards with --global_batch_
 which shard, so 1 process, 2 Horovod ranks and 2 MWMS workers compute the same full-batch
 gradient and may differ only by float summation order.
 """
+
 import glob
 import gzip
 import os
@@ -19,9 +20,15 @@ import time
 
 import numpy as np
 import pytest
-
-from trainer_harness import (REPO, checkpoint_weights, max_weight_difference, run_trainer,
-                             summary, trainer_command, trainer_env)
+from trainer_harness import (
+    REPO,
+    checkpoint_weights,
+    max_weight_difference,
+    run_trainer,
+    summary,
+    trainer_command,
+    trainer_env,
+)
 
 TRAIN_STEPS = 8
 # One intra-op thread per process: two processes share this machine's two cores.
@@ -30,8 +37,9 @@ WEIGHT_TOLERANCE = 1e-5  # Same full-batch gradient; only the all-reduce's summa
 
 
 def _write_idx(path, array):
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I",
-                                                                         *array.shape)
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(
+        f">{array.ndim}I", *array.shape
+    )
     with gzip.open(path, "wb") as f:
         f.write(header + array.astype(np.uint8).tobytes())
 
@@ -41,11 +49,16 @@ def tiny_mnist(tmp_path_factory):
     """64 train examples in 2 shards of 32, 101 test examples (not divisible by 2 or 3)."""
     from datasets import idx
     from datasets.prepare import prepare
+
     sample = os.path.join(REPO, "datasets", "sample", "mnist")
     raw = tmp_path_factory.mktemp("raw")
     for prefix, count in (("train", 64), ("t10k", 101)):
-        images = idx.read_idx(os.path.join(sample, f"{prefix}-images-idx3-ubyte.gz"), (3,), "images")
-        labels = idx.read_idx(os.path.join(sample, f"{prefix}-labels-idx1-ubyte.gz"), (1,), "labels")
+        images = idx.read_idx(
+            os.path.join(sample, f"{prefix}-images-idx3-ubyte.gz"), (3,), "images"
+        )
+        labels = idx.read_idx(
+            os.path.join(sample, f"{prefix}-labels-idx1-ubyte.gz"), (1,), "labels"
+        )
         _write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", images[:count])
         _write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", labels[:count])
     out = str(tmp_path_factory.mktemp("tiny_mnist"))
@@ -56,11 +69,22 @@ def tiny_mnist(tmp_path_factory):
 
 
 def _flags(data_dir, workdir, *extra):
-    return (f"--data_dir={data_dir}", f"--workdir={workdir}", "--model=tutorial_cnn",
-            "--optimizer=momentum", "--learning_rate=0.05", "--lr_schedule=constant",
-            "--global_batch_size=64", "--shuffle_buffer=1", f"--train_steps={TRAIN_STEPS}",
-            "--steps_per_loop=4", "--log_every_steps=4", "--checkpoint_every_steps=0",
-            "--export=false", *extra)
+    return (
+        f"--data_dir={data_dir}",
+        f"--workdir={workdir}",
+        "--model=tutorial_cnn",
+        "--optimizer=momentum",
+        "--learning_rate=0.05",
+        "--lr_schedule=constant",
+        "--global_batch_size=64",
+        "--shuffle_buffer=1",
+        f"--train_steps={TRAIN_STEPS}",
+        "--steps_per_loop=4",
+        "--log_every_steps=4",
+        "--checkpoint_every_steps=0",
+        "--export=false",
+        *extra,
+    )
 
 
 def _fingerprints(output):
@@ -68,8 +92,9 @@ def _fingerprints(output):
 
 
 def _assert_only_chief_wrote(workdir):
-    events = glob.glob(os.path.join(workdir, "tensorboard", "**", "events.out.tfevents.*"),
-                       recursive=True)
+    events = glob.glob(
+        os.path.join(workdir, "tensorboard", "**", "events.out.tfevents.*"), recursive=True
+    )
     assert len(events) == 1, events
     scratch = os.path.join(workdir, "tmp")
     assert not os.path.exists(scratch) or not any(os.scandir(scratch)), os.listdir(scratch)
@@ -77,17 +102,43 @@ def _assert_only_chief_wrote(workdir):
 
 def _horovodrun(*flags, np_=2, timeout=600):
     horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
-    command = [horovodrun, "--gloo", "-np", str(np_), "-H", f"localhost:{np_}",
-               *trainer_command("--strategy=horovod", *flags)]
-    return subprocess.run(command, cwd=REPO, env=trainer_env(ONE_THREAD), capture_output=True,
-                          text=True, timeout=timeout)
+    command = [
+        horovodrun,
+        "--gloo",
+        "-np",
+        str(np_),
+        "-H",
+        f"localhost:{np_}",
+        *trainer_command("--strategy=horovod", *flags),
+    ]
+    return subprocess.run(
+        command,
+        cwd=REPO,
+        env=trainer_env(ONE_THREAD),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _local_cluster(workers, *flags, timeout=600):
-    command = [sys.executable, "-m", "launch.local_cluster", "--workers", str(workers), "--",
-               *flags]
-    return subprocess.run(command, cwd=REPO, env=trainer_env(ONE_THREAD), capture_output=True,
-                          text=True, timeout=timeout)
+    command = [
+        sys.executable,
+        "-m",
+        "launch.local_cluster",
+        "--workers",
+        str(workers),
+        "--",
+        *flags,
+    ]
+    return subprocess.run(
+        command,
+        cwd=REPO,
+        env=trainer_env(ONE_THREAD),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _check(result):
@@ -113,12 +164,18 @@ def test_horovod_two_ranks_match_single_process(horovod_run, single_process):
     workdir, output = horovod_run
     s = summary(workdir)
     assert (s["strategy"], s["num_workers"], s["num_replicas"], s["per_replica_batch"]) == (
-        "horovod", 2, 2, 32)
+        "horovod",
+        2,
+        2,
+        32,
+    )
     assert s["final_step"] == TRAIN_STEPS
     fingerprints = _fingerprints(output)
     assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1], fingerprints
-    assert max_weight_difference(checkpoint_weights(workdir),
-                                 checkpoint_weights(single_process)) < WEIGHT_TOLERANCE
+    assert (
+        max_weight_difference(checkpoint_weights(workdir), checkpoint_weights(single_process))
+        < WEIGHT_TOLERANCE
+    )
     assert s["eval"]["num_examples"] == 101
     assert abs(s["eval"]["loss"] - summary(single_process)["eval"]["loss"]) < 1e-4
     _assert_only_chief_wrote(workdir)
@@ -131,8 +188,10 @@ def test_multi_worker_two_workers_match_single_process(tiny_mnist, single_proces
     assert (s["strategy"], s["num_workers"], s["num_replicas"]) == ("multi_worker", 2, 2)
     fingerprints = _fingerprints(output)
     assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1], fingerprints
-    assert max_weight_difference(checkpoint_weights(workdir),
-                                 checkpoint_weights(single_process)) < WEIGHT_TOLERANCE
+    assert (
+        max_weight_difference(checkpoint_weights(workdir), checkpoint_weights(single_process))
+        < WEIGHT_TOLERANCE
+    )
     assert s["eval"]["num_examples"] == 101
     _assert_only_chief_wrote(workdir)
 
@@ -144,8 +203,9 @@ def test_three_workers_evaluate_every_example_once(tiny_mnist, tmp_path):
     output = _check(_local_cluster(3, *flags))
     distributed = summary(workdir)["eval"]
     assert distributed["num_examples"] == 101
-    assert len(set(re.findall(r"eval at step \d+: (loss [\d.]+ accuracy [\d.]+)", output))) == 1, \
+    assert len(set(re.findall(r"eval at step \d+: (loss [\d.]+ accuracy [\d.]+)", output))) == 1, (
         "the workers disagree about the evaluation"
+    )
     # The same checkpoint evaluated by one process gives the same figures.
     run_trainer(*flags, "--strategy=one_device")
     single = summary(workdir)["eval"]
@@ -155,12 +215,15 @@ def test_three_workers_evaluate_every_example_once(tiny_mnist, tmp_path):
     assert single["loss"] == pytest.approx(distributed["loss"], abs=1e-5)
 
 
-def test_horovod_checkpoint_resumes_under_one_device_and_back(horovod_run, single_process,
-                                                              tiny_mnist, tmp_path):
+def test_horovod_checkpoint_resumes_under_one_device_and_back(
+    horovod_run, single_process, tiny_mnist, tmp_path
+):
     from_horovod = str(tmp_path / "from_horovod")
     shutil.copytree(horovod_run[0], from_horovod)
-    resumed = run_trainer(*_flags(tiny_mnist, from_horovod, "--train_steps=12",
-                                  "--strategy=one_device"), env=ONE_THREAD)
+    resumed = run_trainer(
+        *_flags(tiny_mnist, from_horovod, "--train_steps=12", "--strategy=one_device"),
+        env=ONE_THREAD,
+    )
     assert f"at step {TRAIN_STEPS}" in resumed.stderr
     assert summary(from_horovod)["final_step"] == 12
 
@@ -172,20 +235,35 @@ def test_horovod_checkpoint_resumes_under_one_device_and_back(horovod_run, singl
     assert (s["strategy"], s["final_step"], s["resumed_from_step"]) == ("horovod", 12, TRAIN_STEPS)
 
 
-def test_killed_worker_stops_the_job_within_the_stall_timeout_and_rerun_resumes(tiny_mnist,
-                                                                                tmp_path):
+def test_killed_worker_stops_the_job_within_the_stall_timeout_and_rerun_resumes(
+    tiny_mnist, tmp_path
+):
     from launch.local_cluster import pick_free_ports, tf_configs
+
     workdir = str(tmp_path / "killed")
     stall_timeout = 30
-    flags = _flags(tiny_mnist, workdir, "--train_steps=100000", "--checkpoint_every_steps=8",
-                   f"--stall_timeout_s={stall_timeout}", "--strategy=multi_worker")
+    flags = _flags(
+        tiny_mnist,
+        workdir,
+        "--train_steps=100000",
+        "--checkpoint_every_steps=8",
+        f"--stall_timeout_s={stall_timeout}",
+        "--strategy=multi_worker",
+    )
     # Started directly, not through local_cluster: like pods of a TFJob, nothing else notices that
     # a peer died, so only the survivor's own failure detection (or watchdog) can end it.
     configs = tf_configs([f"127.0.0.1:{port}" for port in pick_free_ports(2)])
-    workers = [subprocess.Popen(trainer_command(*flags), cwd=REPO,
-                                env=trainer_env({**ONE_THREAD, "TF_CONFIG": config}),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for config in configs]
+    workers = [
+        subprocess.Popen(
+            trainer_command(*flags),
+            cwd=REPO,
+            env=trainer_env({**ONE_THREAD, "TF_CONFIG": config}),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for config in configs
+    ]
     try:
         for line in workers[0].stdout:
             if "saved checkpoint" in line:
@@ -203,6 +281,7 @@ def test_killed_worker_stops_the_job_within_the_stall_timeout_and_rerun_resumes(
     assert elapsed < stall_timeout + 30, f"survivor took {elapsed:.0f}s to give up"
 
     import tensorflow as tf
+
     saved = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
     saved_step = int(saved.rsplit("-", 1)[1])
     assert saved_step >= 8

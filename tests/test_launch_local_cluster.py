@@ -3,6 +3,7 @@
 Workers are tiny real Python programs (via --worker_cmd) that read TF_CONFIG, so these tests
 exercise the launcher's process handling without starting TensorFlow.
 """
+
 import io
 import json
 import os
@@ -48,9 +49,22 @@ def worker_script(tmp_path):
 
 def _launch(worker_cmd, *args, workers=3, timeout=60):
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "launch.local_cluster", f"--workers={workers}",
-                           f"--worker_cmd={worker_cmd}", "--grace_s=2", "--", *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.local_cluster",
+            f"--workers={workers}",
+            f"--worker_cmd={worker_cmd}",
+            "--grace_s=2",
+            "--",
+            *args,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return proc, time.monotonic() - start
 
 
@@ -72,7 +86,11 @@ def test_tf_configs_share_the_cluster_and_number_the_tasks():
 
 def test_worker_command_appends_strategy_and_refuses_another():
     assert local_cluster.worker_command(["--a=1"], ["py", "w.py"]) == [
-        "py", "w.py", "--strategy=multi_worker", "--a=1"]
+        "py",
+        "w.py",
+        "--strategy=multi_worker",
+        "--a=1",
+    ]
     assert local_cluster.worker_command([])[:3] == [sys.executable, "-m", "trainer"]
     with pytest.raises(ValueError, match="--strategy=horovod"):
         local_cluster.worker_command(["--strategy=horovod"])
@@ -111,8 +129,7 @@ def test_every_worker_gets_its_own_index_and_the_same_cluster(worker_script):
 
 def test_one_failing_worker_stops_the_others_quickly(worker_script):
     # Workers 0 and 2 would sleep for 120 s; worker 1 fails after 0.5 s.
-    proc, elapsed = _launch(worker_script, "--fail_index=1", "--fail_after_s=0.5",
-                            "--sleep_s=120")
+    proc, elapsed = _launch(worker_script, "--fail_index=1", "--fail_after_s=0.5", "--sleep_s=120")
     assert proc.returncode == 3, proc.stderr
     assert elapsed < 30, f"launcher took {elapsed:.1f} s to give up"
     assert "FAILED: worker 1 exited with status 3" in proc.stderr
@@ -126,7 +143,8 @@ def test_one_failing_worker_stops_the_others_quickly(worker_script):
 
 def test_workers_that_ignore_sigterm_are_killed_after_the_grace_period(tmp_path):
     stubborn = tmp_path / "stubborn.py"
-    stubborn.write_text(textwrap.dedent("""
+    stubborn.write_text(
+        textwrap.dedent("""
         import json, os, signal, sys, time
         index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -135,7 +153,8 @@ def test_workers_that_ignore_sigterm_are_killed_after_the_grace_period(tmp_path)
             time.sleep(0.5)
             sys.exit(5)
         time.sleep(120)
-    """))
+    """)
+    )
     proc, elapsed = _launch(f"{sys.executable} {stubborn}", workers=2)
     assert proc.returncode == 5, proc.stderr
     assert "killing them" in proc.stderr
@@ -144,14 +163,25 @@ def test_workers_that_ignore_sigterm_are_killed_after_the_grace_period(tmp_path)
 
 def test_sigterm_to_the_launcher_is_forwarded_to_every_worker(worker_script):
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "launch.local_cluster", "--workers=2",
-         f"--worker_cmd={worker_script}", "--", "--sleep_s=120"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "launch.local_cluster",
+            "--workers=2",
+            f"--worker_cmd={worker_script}",
+            "--",
+            "--sleep_s=120",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         # Wait until both workers have started (they print their CONFIG line first).
         lines = []
         deadline = time.monotonic() + 30
-        while sum("CONFIG" in l for l in lines) < 2 and time.monotonic() < deadline:
+        while sum("CONFIG" in line for line in lines) < 2 and time.monotonic() < deadline:
             lines.append(launcher.stdout.readline())
         time.sleep(0.3)  # let the workers install their SIGTERM handlers
         launcher.send_signal(signal.SIGTERM)
@@ -167,15 +197,18 @@ def test_sigterm_to_the_launcher_is_forwarded_to_every_worker(worker_script):
 
 def test_run_cluster_in_process_reports_success_and_non_utf8_output(tmp_path):
     script = tmp_path / "bytes.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import json, os, sys
         index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
         sys.stdout.buffer.write(b"raw \\xff bytes\\n")
         print("partial line without newline from", index, end="")
-    """))
+    """)
+    )
     out, err = io.StringIO(), io.StringIO()
-    status = local_cluster.run_cluster(2, [], worker_cmd=[sys.executable, str(script)],
-                                       out=out, err=err)
+    status = local_cluster.run_cluster(
+        2, [], worker_cmd=[sys.executable, str(script)], out=out, err=err
+    )
     assert status == 0, err.getvalue()
     lines = out.getvalue().splitlines()
     for i in range(2):
@@ -184,7 +217,12 @@ def test_run_cluster_in_process_reports_success_and_non_utf8_output(tmp_path):
 
 
 def test_bad_usage_exits_2_with_one_line():
-    proc = subprocess.run([sys.executable, "-m", "launch.local_cluster", "--workers=0"],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.local_cluster", "--workers=0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "workers" in proc.stderr

@@ -1,8 +1,8 @@
 """Invalid command lines fail fast: exit code 2, one `error:` line naming the flag, nothing written."""
+
 import os
 
 import pytest
-
 from trainer_harness import run_trainer
 
 
@@ -17,9 +17,15 @@ def _assert_rejected(result, *expected_words, workdir=None):
         assert not os.path.exists(workdir), "an invalid run must not create its workdir"
 
 
-@pytest.mark.parametrize("flag, value", [("model", "vgg19"), ("optimizer", "lion"),
-                                         ("strategy", "parameter_server"),
-                                         ("precision", "fp8")])
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("model", "vgg19"),
+        ("optimizer", "lion"),
+        ("strategy", "parameter_server"),
+        ("precision", "fp8"),
+    ],
+)
 def test_unknown_choice_is_rejected_before_tensorflow_starts(tmp_path, flag, value):
     workdir = str(tmp_path / "run")
     result = run_trainer(f"--{flag}={value}", f"--workdir={workdir}", check=False, timeout=60)
@@ -31,13 +37,16 @@ def test_unknown_flag_is_rejected(tmp_path):
     _assert_rejected(result, "learning_rat")
 
 
-@pytest.mark.parametrize("flags, words", [
-    (("--global_batch_size=0",), ("--global_batch_size", "positive")),
-    (("--lr_schedule=step",), ("--lr_schedule=step", "--lr_step_boundaries")),
-    (("--label_smoothing=1.5",), ("--label_smoothing",)),
-    (("--profile_steps=5",), ("--profile_steps",)),
-    (("--deterministic", "--xla=on"), ("--deterministic", "--xla=off")),
-])
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (("--global_batch_size=0",), ("--global_batch_size", "positive")),
+        (("--lr_schedule=step",), ("--lr_schedule=step", "--lr_step_boundaries")),
+        (("--label_smoothing=1.5",), ("--label_smoothing",)),
+        (("--profile_steps=5",), ("--profile_steps",)),
+        (("--deterministic", "--xla=on"), ("--deterministic", "--xla=off")),
+    ],
+)
 def test_bad_values_are_rejected(tmp_path, flags, words):
     result = run_trainer(*flags, f"--workdir={tmp_path / 'run'}", check=False, timeout=60)
     _assert_rejected(result, *words, workdir=str(tmp_path / "run"))
@@ -45,28 +54,39 @@ def test_bad_values_are_rejected(tmp_path, flags, words):
 
 def test_missing_data_dir_is_rejected(tmp_path):
     missing = tmp_path / "nowhere"
-    result = run_trainer(f"--data_dir={missing}", f"--workdir={tmp_path / 'run'}", check=False,
-                         timeout=60)
-    _assert_rejected(result, "--data_dir", str(missing), "no such directory",
-                     workdir=str(tmp_path / "run"))
+    result = run_trainer(
+        f"--data_dir={missing}", f"--workdir={tmp_path / 'run'}", check=False, timeout=60
+    )
+    _assert_rejected(
+        result, "--data_dir", str(missing), "no such directory", workdir=str(tmp_path / "run")
+    )
 
 
 def test_data_dir_without_metadata_is_rejected(tmp_path):
     (tmp_path / "data").mkdir()
-    result = run_trainer(f"--data_dir={tmp_path / 'data'}", f"--workdir={tmp_path / 'run'}",
-                         check=False, timeout=60)
+    result = run_trainer(
+        f"--data_dir={tmp_path / 'data'}", f"--workdir={tmp_path / 'run'}", check=False, timeout=60
+    )
     _assert_rejected(result, "--data_dir", "metadata.json", workdir=str(tmp_path / "run"))
 
 
 def test_batch_not_divisible_by_replicas_is_rejected(tmp_path):
-    result = run_trainer("--strategy=mirrored", "--num_cpu_devices=2", "--global_batch_size=63",
-                         f"--workdir={tmp_path / 'run'}", check=False, timeout=180)
+    result = run_trainer(
+        "--strategy=mirrored",
+        "--num_cpu_devices=2",
+        "--global_batch_size=63",
+        f"--workdir={tmp_path / 'run'}",
+        check=False,
+        timeout=180,
+    )
     _assert_rejected(result, "--global_batch_size=63", "2 replicas", workdir=str(tmp_path / "run"))
 
 
 def test_model_that_does_not_fit_the_dataset_is_rejected(tmp_path):
     # cats_dogs_cnn is built for 150x150 RGB; the default dataset is 28x28 gray MNIST.
-    result = run_trainer("--model=cats_dogs_cnn", f"--workdir={tmp_path / 'run'}", check=False,
-                         timeout=180)
-    _assert_rejected(result, "--model=cats_dogs_cnn", "150x150x3", "28x28x1",
-                     workdir=str(tmp_path / "run"))
+    result = run_trainer(
+        "--model=cats_dogs_cnn", f"--workdir={tmp_path / 'run'}", check=False, timeout=180
+    )
+    _assert_rejected(
+        result, "--model=cats_dogs_cnn", "150x150x3", "28x28x1", workdir=str(tmp_path / "run")
+    )

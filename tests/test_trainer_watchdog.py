@@ -2,6 +2,7 @@
 
 Each case runs in its own process because a stall ends the process with os._exit.
 """
+
 import os
 import subprocess
 import sys
@@ -16,9 +17,14 @@ from trainer.watchdog import STALL_EXIT_CODE, StallWatchdog  # noqa: E402
 
 def _run(code: str, timeout: float = 60) -> tuple:
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": REPO})
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
     return proc, time.monotonic() - start
 
 
@@ -39,7 +45,7 @@ def test_stall_after_beats_dumps_stacks_and_exits_non_zero_within_timeout():
     """)
     assert proc.returncode == STALL_EXIT_CODE, proc.stderr
     assert "unreachable" not in proc.stdout
-    stall_lines = [l for l in proc.stderr.splitlines() if l.startswith("stall:")]
+    stall_lines = [line for line in proc.stderr.splitlines() if line.startswith("stall:")]
     assert len(stall_lines) == 1, proc.stderr
     assert "no progress for" in stall_lines[0] and "after step 4" in stall_lines[0]
     idle_s = float(stall_lines[0].split("no progress for ")[1].split(" s")[0])

@@ -4,6 +4,7 @@ Exit codes: 0 done; 1 training failed (e.g. non-finite loss); 2 invalid flags or
 128+signal when stopped by SIGTERM/SIGINT after saving a checkpoint (so Kubernetes and
 horovodrun treat it as retryable and the next attempt resumes).
 """
+
 import sys
 
 from absl import app, logging
@@ -11,6 +12,7 @@ from absl import app, logging
 
 def _parse(argv):
     from trainer.config import ConfigError, config_from_argv
+
     try:
         return config_from_argv(argv)
     except ConfigError as e:
@@ -36,9 +38,11 @@ def main(config) -> int:
         logging.warning("%s", e)
         return 128 + e.signum
     ev = summary["eval"]
-    print(f"{ev['split']} accuracy {ev['accuracy']:.4f} ({ev['num_examples']} examples), "
-          f"loss {ev['loss']:.4f}; {summary['images_per_sec']:,.0f} img/s over "
-          f"{summary['train_seconds']:.1f} s of training")
+    print(
+        f"{ev['split']} accuracy {ev['accuracy']:.4f} ({ev['num_examples']} examples), "
+        f"loss {ev['loss']:.4f}; {summary['images_per_sec']:,.0f} img/s over "
+        f"{summary['train_seconds']:.1f} s of training"
+    )
     if summary["is_chief"]:
         print(f"TensorBoard: tensorboard --logdir {summary['workdir']}/tensorboard")
     return 0

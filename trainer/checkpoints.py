@@ -10,6 +10,7 @@ only), else from scratch. Only the chief writes WORKDIR/checkpoints; backends wh
 collective (MultiWorkerMirrored) make the other workers save to a scratch directory that is
 deleted right away, as TensorFlow requires.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,10 +21,20 @@ from absl import logging
 
 
 class Checkpointer:
-
-    def __init__(self, workdir: str, *, is_chief: bool, worker_index: int,
-                 all_workers_save: bool, keep: int, model, optimizer, step: tf.Variable,
-                 input_iterator=None, input_key: str = "input"):
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        is_chief: bool,
+        worker_index: int,
+        all_workers_save: bool,
+        keep: int,
+        model,
+        optimizer,
+        step: tf.Variable,
+        input_iterator=None,
+        input_key: str = "input",
+    ):
         self.is_chief = is_chief
         self.all_workers_save = all_workers_save
         self.directory = os.path.join(workdir, "checkpoints")
@@ -31,8 +42,12 @@ class Checkpointer:
         # Keras 3 layers do not expose their random seed-generator states (dropout masks) to
         # tf.train.Checkpoint; listing the non-trainable variables saves them, so a resumed run draws
         # the same masks as an uninterrupted one.
-        objects = {"model": model, "model_state": list(model.non_trainable_variables),
-                   "optimizer": optimizer, "step": step}
+        objects = {
+            "model": model,
+            "model_state": list(model.non_trainable_variables),
+            "optimizer": optimizer,
+            "step": step,
+        }
         if input_iterator is not None:
             objects[input_key] = input_iterator
         self._model = model
@@ -53,8 +68,11 @@ class Checkpointer:
             self.checkpoint.restore(latest).expect_partial()
             return f"resumed from {latest} at step {int(self._step.numpy())}"
         if init_checkpoint:
-            path = (tf.train.latest_checkpoint(init_checkpoint) if os.path.isdir(init_checkpoint)
-                    else init_checkpoint)
+            path = (
+                tf.train.latest_checkpoint(init_checkpoint)
+                if os.path.isdir(init_checkpoint)
+                else init_checkpoint
+            )
             if not path:
                 raise FileNotFoundError(f"--init_checkpoint={init_checkpoint}: no checkpoint in it")
             tf.train.Checkpoint(model=self._model).restore(path).expect_partial()

@@ -4,6 +4,7 @@
 (or values unpacked from it). Checks that need no TensorFlow happen here, so a bad command line
 fails in milliseconds with one line naming the flag.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -81,6 +82,7 @@ def config_from_argv(argv: list[str], *, check_paths: bool = True) -> Config:
     # Imported here, not at the top: defining the trainer's flags is a side effect that only the
     # command line wants (a library user or a benchmark may define flags of the same names).
     from trainer import flags as trainer_flags  # pylint: disable=import-outside-toplevel
+
     del trainer_flags
     FLAGS = flags.FLAGS
     FLAGS.unparse_flags()  # A second parse in one process must not inherit the first one's values.
@@ -89,7 +91,9 @@ def config_from_argv(argv: list[str], *, check_paths: bool = True) -> Config:
     except flags.Error as e:
         raise ConfigError(_one_line(str(e))) from None
     if len(leftover) > 1:
-        raise ConfigError(f"unexpected positional arguments {leftover[1:]}; every option is a --flag")
+        raise ConfigError(
+            f"unexpected positional arguments {leftover[1:]}; every option is a --flag"
+        )
     return config_from_flags(FLAGS, check_paths=check_paths)
 
 
@@ -148,20 +152,31 @@ def config_from_flags(values: flags.FlagValues, *, check_paths: bool = True) -> 
 
 
 def _check(c: Config, *, check_paths: bool) -> None:
-    positive = {"global_batch_size": c.global_batch_size, "steps_per_loop": c.steps_per_loop,
-                "keep_checkpoints": c.keep_checkpoints, "log_every_steps": c.log_every_steps,
-                "num_cpu_devices": c.num_cpu_devices, "base_batch_size": c.base_batch_size,
-                "shuffle_buffer": c.shuffle_buffer}
+    positive = {
+        "global_batch_size": c.global_batch_size,
+        "steps_per_loop": c.steps_per_loop,
+        "keep_checkpoints": c.keep_checkpoints,
+        "log_every_steps": c.log_every_steps,
+        "num_cpu_devices": c.num_cpu_devices,
+        "base_batch_size": c.base_batch_size,
+        "shuffle_buffer": c.shuffle_buffer,
+    }
     for name, value in positive.items():
         if value <= 0:
             raise ConfigError(f"--{name}={value}: expected a positive integer")
-    non_negative = {"train_steps": c.train_steps, "eval_every_steps": c.eval_every_steps,
-                    "checkpoint_every_steps": c.checkpoint_every_steps,
-                    "histogram_every_steps": c.histogram_every_steps,
-                    "warmup_steps": c.warmup_steps, "weight_decay": c.weight_decay,
-                    "clip_grad_norm": c.clip_grad_norm, "stall_timeout_s": c.stall_timeout_s,
-                    "random_shift": c.random_shift, "random_rotation": c.random_rotation,
-                    "random_zoom": c.random_zoom}
+    non_negative = {
+        "train_steps": c.train_steps,
+        "eval_every_steps": c.eval_every_steps,
+        "checkpoint_every_steps": c.checkpoint_every_steps,
+        "histogram_every_steps": c.histogram_every_steps,
+        "warmup_steps": c.warmup_steps,
+        "weight_decay": c.weight_decay,
+        "clip_grad_norm": c.clip_grad_norm,
+        "stall_timeout_s": c.stall_timeout_s,
+        "random_shift": c.random_shift,
+        "random_rotation": c.random_rotation,
+        "random_zoom": c.random_zoom,
+    }
     for name, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"--{name}={value}: expected a value >= 0")
@@ -172,38 +187,55 @@ def _check(c: Config, *, check_paths: bool) -> None:
     if not 0.0 <= c.label_smoothing < 1.0:
         raise ConfigError(f"--label_smoothing={c.label_smoothing}: expected a value in [0, 1)")
     if any(not 0.0 < b < 1.0 for b in c.lr_step_boundaries):
-        raise ConfigError(f"--lr_step_boundaries={','.join(map(str, c.lr_step_boundaries))}: "
-                          "expected fractions of training strictly between 0 and 1")
+        raise ConfigError(
+            f"--lr_step_boundaries={','.join(map(str, c.lr_step_boundaries))}: "
+            "expected fractions of training strictly between 0 and 1"
+        )
     if c.lr_schedule == "step" and not c.lr_step_boundaries:
         raise ConfigError("--lr_schedule=step needs --lr_step_boundaries (e.g. 0.5,0.75)")
     if c.profile_steps and not 0 <= c.profile_steps[0] < c.profile_steps[1]:
-        raise ConfigError(f"--profile_steps={c.profile_steps[0]},{c.profile_steps[1]}: expected "
-                          "A,B with 0 <= A < B")
+        raise ConfigError(
+            f"--profile_steps={c.profile_steps[0]},{c.profile_steps[1]}: expected "
+            "A,B with 0 <= A < B"
+        )
     if c.image_size and min(c.image_size) <= 0:
         raise ConfigError(f"--image_size={c.image_size}: expected positive HEIGHT,WIDTH")
     if c.deterministic and c.xla == "on":
-        raise ConfigError("--deterministic with --xla=on: XLA has no deterministic pooling gradient;"
-                          " use --xla=off (or auto)")
+        raise ConfigError(
+            "--deterministic with --xla=on: XLA has no deterministic pooling gradient;"
+            " use --xla=off (or auto)"
+        )
     if c.fp16_allreduce and c.strategy not in ("horovod", "auto"):
         raise ConfigError(f"--fp16_allreduce works with --strategy=horovod, not {c.strategy}")
     if check_paths and c.data_dir:
         if not os.path.isdir(c.data_dir):
-            raise ConfigError(f"--data_dir={c.data_dir}: no such directory (prepare one with "
-                              "`python -m datasets.prepare`)")
+            raise ConfigError(
+                f"--data_dir={c.data_dir}: no such directory (prepare one with "
+                "`python -m datasets.prepare`)"
+            )
         if not os.path.isfile(os.path.join(c.data_dir, "metadata.json")):
-            raise ConfigError(f"--data_dir={c.data_dir}: no metadata.json there (is it a dataset "
-                              "written by `python -m datasets.prepare`?)")
-    if check_paths and c.init_checkpoint and not (
-        os.path.isdir(c.init_checkpoint) or os.path.exists(c.init_checkpoint + ".index")):
-        raise ConfigError(f"--init_checkpoint={c.init_checkpoint}: no checkpoint directory or "
-                          "prefix (expected DIR or PREFIX with PREFIX.index)")
+            raise ConfigError(
+                f"--data_dir={c.data_dir}: no metadata.json there (is it a dataset "
+                "written by `python -m datasets.prepare`?)"
+            )
+    if (
+        check_paths
+        and c.init_checkpoint
+        and not (os.path.isdir(c.init_checkpoint) or os.path.exists(c.init_checkpoint + ".index"))
+    ):
+        raise ConfigError(
+            f"--init_checkpoint={c.init_checkpoint}: no checkpoint directory or "
+            "prefix (expected DIR or PREFIX with PREFIX.index)"
+        )
 
 
 def _ints(name: str, items: list[str]) -> list[int]:
     try:
         return [int(x) for x in items]
     except ValueError:
-        raise ConfigError(f"--{name}={','.join(items)}: expected comma-separated integers") from None
+        raise ConfigError(
+            f"--{name}={','.join(items)}: expected comma-separated integers"
+        ) from None
 
 
 def _floats(name: str, items: list[str]) -> list[float]:
@@ -224,4 +256,3 @@ def _int_pair(name: str, items: list[str]) -> tuple[int, int] | None:
 
 def _one_line(message: str) -> str:
     return " ".join(message.split())
-

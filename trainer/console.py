@@ -1,4 +1,5 @@
 """Console progress: one log line every N steps, and a live progress bar when stdout is a TTY."""
+
 from __future__ import annotations
 
 import datetime
@@ -19,11 +20,14 @@ class Progress:
         self.prefix = prefix
         self.show_bar = sys.stdout.isatty() if show_bar is None else show_bar
 
-    def line(self, step: int, logs: dict[str, float], images_per_sec: float,
-             eta_seconds: float) -> None:
-        text = (f"{self.prefix}step {step}/{self.total_steps}  loss {logs['loss']:.4f}  "
-                f"acc {logs['accuracy']:.4f}  {images_per_sec:,.0f} img/s  "
-                f"ETA {format_eta(eta_seconds)}")
+    def line(
+        self, step: int, logs: dict[str, float], images_per_sec: float, eta_seconds: float
+    ) -> None:
+        text = (
+            f"{self.prefix}step {step}/{self.total_steps}  loss {logs['loss']:.4f}  "
+            f"acc {logs['accuracy']:.4f}  {images_per_sec:,.0f} img/s  "
+            f"ETA {format_eta(eta_seconds)}"
+        )
         if self.show_bar:
             sys.stdout.write("\r" + " " * 100 + "\r")
         logging.info("%s", text)

@@ -4,6 +4,7 @@ The export is a float32 copy built outside any distribution scope, so what is sa
 depend on the backend or the training precision. Its serving signature applies the same
 normalisation as the input pipeline, so callers send raw uint8 pixels.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,13 @@ from datasets.pipeline import normalize
 from trainer.models import build_model
 
 
-def export_model(model: keras.Model, model_name: str, input_shape: tuple[int, int, int],
-                 num_classes: int, export_dir: str) -> dict[str, str]:
+def export_model(
+    model: keras.Model,
+    model_name: str,
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    export_dir: str,
+) -> dict[str, str]:
     """Writes EXPORT_DIR/saved_model and EXPORT_DIR/model.keras; returns their paths."""
     plain = build_model(model_name, input_shape, num_classes, precision="fp32")
     plain.set_weights(model.get_weights())
@@ -29,8 +35,10 @@ def export_model(model: keras.Model, model_name: str, input_shape: tuple[int, in
     archive = keras.export.ExportArchive()
     archive.track(plain)
     archive.add_endpoint(
-        name="serving_default", fn=serve,
-        input_signature=[tf.TensorSpec([None, *input_shape], tf.uint8, name="images")])
+        name="serving_default",
+        fn=serve,
+        input_signature=[tf.TensorSpec([None, *input_shape], tf.uint8, name="images")],
+    )
     archive.write_out(saved_model, verbose=False)
     keras_file = os.path.join(export_dir, "model.keras")
     plain.save(keras_file)

@@ -4,6 +4,7 @@ Models are sized from the dataset (classes, input shape); `resolve_input_shape` 
 model is fed and refuses combinations that do not fit. Mixed precision is a dtype policy applied
 while the layers are built; the logits layer always stays float32 so the loss is computed stably.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -88,8 +89,9 @@ def _cats_dogs_cnn(inputs, num_classes):
 
 
 def _resnet50(inputs, num_classes):
-    backbone = keras.applications.ResNet50(weights=None, include_top=False, input_tensor=inputs,
-                                           pooling="avg")
+    backbone = keras.applications.ResNet50(
+        weights=None, include_top=False, input_tensor=inputs, pooling="avg"
+    )
     return layers.Dense(num_classes, dtype="float32", name="logits")(backbone.output)
 
 
@@ -106,9 +108,12 @@ MODELS: dict[str, ModelSpec] = {
 _POLICIES = {"fp32": "float32", "fp16": "mixed_float16", "bf16": "mixed_bfloat16"}
 
 
-def resolve_input_shape(model: str, dataset_shape: tuple[int, int, int] | None,
-                        dataset_channels: int,
-                        image_size: tuple[int, int] | None) -> tuple[int, int, int]:
+def resolve_input_shape(
+    model: str,
+    dataset_shape: tuple[int, int, int] | None,
+    dataset_channels: int,
+    image_size: tuple[int, int] | None,
+) -> tuple[int, int, int]:
     """The (H, W, C) the model is fed; raises ConfigError when model and dataset do not fit.
 
     Resizing is opt-in: a dataset with a fixed image size is fed as it is unless --image_size says
@@ -122,22 +127,27 @@ def resolve_input_shape(model: str, dataset_shape: tuple[int, int, int] | None,
     elif dataset_shape:
         height, width = dataset_shape[:2]
     else:
-        raise ConfigError(f"--model={model}: the dataset's images vary in size; pass "
-                          "--image_size=HEIGHT,WIDTH")
+        raise ConfigError(
+            f"--model={model}: the dataset's images vary in size; pass --image_size=HEIGHT,WIDTH"
+        )
     channels = spec.fixed_input[2] if spec.fixed_input else dataset_channels
     shape = (height, width, channels)
     if dataset_shape and not image_size and shape != tuple(dataset_shape):
         raise ConfigError(
             f"--model={model} expects {_fmt(shape)} inputs but the dataset has {_fmt(dataset_shape)} "
-            "images; pass --image_size=HEIGHT,WIDTH to resize, or pick another --model")
+            "images; pass --image_size=HEIGHT,WIDTH to resize, or pick another --model"
+        )
     if min(height, width) < spec.min_size:
-        raise ConfigError(f"--model={model} needs images of at least {spec.min_size}x{spec.min_size}"
-                          f", got {height}x{width} (see --image_size)")
+        raise ConfigError(
+            f"--model={model} needs images of at least {spec.min_size}x{spec.min_size}"
+            f", got {height}x{width} (see --image_size)"
+        )
     return shape
 
 
-def build_model(model: str, input_shape: tuple[int, int, int], num_classes: int,
-                precision: str = "fp32") -> keras.Model:
+def build_model(
+    model: str, input_shape: tuple[int, int, int], num_classes: int, precision: str = "fp32"
+) -> keras.Model:
     """A fresh, uncompiled model mapping float images in [0, 1] to float32 logits."""
     with _dtype_policy(_POLICIES[precision]):
         inputs = keras.Input(shape=input_shape, name="images")

@@ -5,6 +5,7 @@ optimizer sums gradients across replicas inside `apply()` whenever it runs in a 
 but convoy's backends have already summed them (`Backend.reduce_gradients`), so that clipping and
 the loss-scale check see the global gradient and Horovod and tf.distribute share one step.
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,8 +30,15 @@ def _pre_reduced(cls: type) -> type:
 class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """Linear warmup to `peak`, then constant, step, cosine or one-cycle decay to `total_steps`."""
 
-    def __init__(self, kind: str, peak: float, total_steps: int, warmup_steps: int = 0,
-                 step_boundaries: tuple[float, ...] = (), step_factor: float = 0.1):
+    def __init__(
+        self,
+        kind: str,
+        peak: float,
+        total_steps: int,
+        warmup_steps: int = 0,
+        step_boundaries: tuple[float, ...] = (),
+        step_factor: float = 0.1,
+    ):
         self.kind = kind
         self.peak = float(peak)
         self.total_steps = max(int(total_steps), 1)
@@ -56,7 +64,9 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
         elif self.kind == "cosine":
             rate = self.peak * 0.5 * (1.0 + tf.cos(math.pi * tf.minimum(after / decay_steps, 1.0)))
         elif self.kind == "step":
-            passed = tf.add_n([tf.cast(step >= b * total, tf.float32) for b in self.step_boundaries])
+            passed = tf.add_n(
+                [tf.cast(step >= b * total, tf.float32) for b in self.step_boundaries]
+            )
             rate = self.peak * tf.pow(self.step_factor, passed)
         else:
             raise ValueError(f"unknown schedule {self.kind}")
@@ -65,23 +75,38 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
         return rate
 
     def get_config(self):
-        return {"kind": self.kind, "peak": self.peak, "total_steps": self.total_steps,
-                "warmup_steps": self.warmup_steps, "step_boundaries": self.step_boundaries,
-                "step_factor": self.step_factor}
+        return {
+            "kind": self.kind,
+            "peak": self.peak,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "step_boundaries": self.step_boundaries,
+            "step_factor": self.step_factor,
+        }
 
 
-def peak_learning_rate(learning_rate: float, global_batch_size: int, scale_lr: bool,
-                       base_batch_size: int) -> float:
+def peak_learning_rate(
+    learning_rate: float, global_batch_size: int, scale_lr: bool, base_batch_size: int
+) -> float:
     """The linear scaling rule (Goyal et al.) when asked for: lr grows with the global batch."""
     return learning_rate * global_batch_size / base_batch_size if scale_lr else learning_rate
 
 
-def build_optimizer(name: str, schedule: keras.optimizers.schedules.LearningRateSchedule, *,
-                    momentum: float, weight_decay: float, clip_grad_norm: float,
-                    loss_scaling: bool) -> keras.optimizers.Optimizer:
+def build_optimizer(
+    name: str,
+    schedule: keras.optimizers.schedules.LearningRateSchedule,
+    *,
+    momentum: float,
+    weight_decay: float,
+    clip_grad_norm: float,
+    loss_scaling: bool,
+) -> keras.optimizers.Optimizer:
     """The optimizer for `name`, wrapped in dynamic loss scaling when `loss_scaling` (fp16)."""
-    common = {"learning_rate": schedule, "weight_decay": weight_decay or None,
-              "global_clipnorm": clip_grad_norm or None}
+    common = {
+        "learning_rate": schedule,
+        "weight_decay": weight_decay or None,
+        "global_clipnorm": clip_grad_norm or None,
+    }
     if name == "sgd":
         optimizer = _pre_reduced(keras.optimizers.SGD)(**common)
     elif name == "momentum":

@@ -1,4 +1,5 @@
 """When to log, evaluate, checkpoint and write histograms: step intervals kept out of the loop."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -7,6 +8,7 @@ import dataclasses
 @dataclasses.dataclass(frozen=True)
 class Every:
     """An action due every `interval` steps (never when interval is 0)."""
+
     interval: int
 
     def due(self, step: int) -> bool:
@@ -18,8 +20,13 @@ class Every:
         return (step // self.interval + 1) * self.interval
 
 
-def steps_until_next_action(step: int, total: int, steps_per_loop: int,
-                            actions: list[Every], extra_stops: tuple[int, ...] = ()) -> int:
+def steps_until_next_action(
+    step: int,
+    total: int,
+    steps_per_loop: int,
+    actions: list[Every],
+    extra_stops: tuple[int, ...] = (),
+) -> int:
     """How many steps the next compiled loop should run so it ends exactly where an action is due.
 
     Ending loops on action boundaries keeps every action at its exact step whatever

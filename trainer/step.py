@@ -5,6 +5,7 @@ XLA kernel on CPU builds, so the all-reduce and the optimizer update run outside
 run inside one tf.function (`train_loop`) so Python is entered once per `steps_per_loop` steps;
 metrics come back summed over replicas only when the loop returns (no host sync per step).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,6 +22,7 @@ EVAL_METRICS = ("loss_sum", "correct", "count")
 @dataclasses.dataclass
 class Steps:
     """Compiled loops over a distributed iterator; each returns metrics summed over replicas."""
+
     train_loop: tf.types.experimental.GenericFunction
     eval_loop: tf.types.experimental.GenericFunction
 
@@ -35,9 +37,17 @@ def sparse_cross_entropy(labels, logits, num_classes: int, label_smoothing: floa
     return tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
 
 
-def build_steps(model: keras.Model, optimizer: keras.optimizers.Optimizer, backend: Backend,
-                step: tf.Variable, *, global_batch_size: int, num_classes: int,
-                label_smoothing: float, xla: bool) -> Steps:
+def build_steps(
+    model: keras.Model,
+    optimizer: keras.optimizers.Optimizer,
+    backend: Backend,
+    step: tf.Variable,
+    *,
+    global_batch_size: int,
+    num_classes: int,
+    label_smoothing: float,
+    xla: bool,
+) -> Steps:
     """Builds the train and eval loops for `model` under `backend`."""
     loss_scaling = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     variables = model.trainable_variables
@@ -65,9 +75,14 @@ def build_steps(model: keras.Model, optimizer: keras.optimizers.Optimizer, backe
             finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
             skipped = 1.0 - tf.cast(finite, tf.float32)
         optimizer.apply(grads, variables)
-        return backend.reduce_sum({"loss": loss, "correct": correct,
-                                   "count": tf.cast(tf.shape(labels)[0], tf.float32),
-                                   "skipped": skipped})
+        return backend.reduce_sum(
+            {
+                "loss": loss,
+                "correct": correct,
+                "count": tf.cast(tf.shape(labels)[0], tf.float32),
+                "skipped": skipped,
+            }
+        )
 
     @tf.function(jit_compile=xla)
     def forward(images):
@@ -77,9 +92,13 @@ def build_steps(model: keras.Model, optimizer: keras.optimizers.Optimizer, backe
         logits = forward(images)
         per_example = sparse_cross_entropy(labels, logits, num_classes)
         correct = tf.cast(tf.equal(_predictions(logits), labels), tf.float32)
-        return backend.reduce_sum({"loss_sum": tf.reduce_sum(per_example * weights),
-                                   "correct": tf.reduce_sum(correct * weights),
-                                   "count": tf.reduce_sum(weights)})
+        return backend.reduce_sum(
+            {
+                "loss_sum": tf.reduce_sum(per_example * weights),
+                "correct": tf.reduce_sum(correct * weights),
+                "count": tf.reduce_sum(weights),
+            }
+        )
 
     @tf.function
     def train_loop(iterator, num_steps):

@@ -1,5 +1,6 @@
 """TensorBoard output, written by the chief only: scalars, input images, histograms, hparams,
 profiler traces. Other workers get a writer that does nothing, so callers never branch on rank."""
+
 from __future__ import annotations
 
 import os
@@ -9,12 +10,14 @@ from tensorboard.plugins.hparams import api as hparams_api
 
 
 class Summaries:
-
     def __init__(self, workdir: str, enabled: bool):
         self.enabled = enabled
         self.logdir = os.path.join(workdir, "tensorboard")
-        self._writer = (tf.summary.create_file_writer(self.logdir) if enabled
-                        else tf.summary.create_noop_writer())
+        self._writer = (
+            tf.summary.create_file_writer(self.logdir)
+            if enabled
+            else tf.summary.create_noop_writer()
+        )
         self._profiling = False
 
     def scalars(self, step: int, values: dict[str, float]) -> None:

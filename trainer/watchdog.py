@@ -24,7 +24,7 @@ import os
 import sys
 import threading
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 # Same code as coreutils `timeout`, so a stall is recognisable from the exit status alone.
 STALL_EXIT_CODE = 124
@@ -49,30 +49,33 @@ class StallWatchdog:
         `sys.stderr` may be replaced or locked by the thread that hangs.
     """
 
-    def __init__(self,
-                 timeout_s: float,
-                 on_stall: Optional[Callable[[Optional[int], float], None]] = None,
-                 *,
-                 first_beat_timeout_s: Optional[float] = None,
-                 exit_code: int = STALL_EXIT_CODE,
-                 fd: int = 2):
+    def __init__(
+        self,
+        timeout_s: float,
+        on_stall: Callable[[int | None, float], None] | None = None,
+        *,
+        first_beat_timeout_s: float | None = None,
+        exit_code: int = STALL_EXIT_CODE,
+        fd: int = 2,
+    ):
         self.timeout_s = float(timeout_s)
-        self.first_beat_timeout_s = (self.timeout_s if first_beat_timeout_s is None
-                                     else float(first_beat_timeout_s))
+        self.first_beat_timeout_s = (
+            self.timeout_s if first_beat_timeout_s is None else float(first_beat_timeout_s)
+        )
         self.on_stall = on_stall
         self.exit_code = exit_code
         self._fd = fd
         self._lock = threading.Lock()
         self._stopped = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._last_beat = time.monotonic()
-        self._step: Optional[int] = None
+        self._step: int | None = None
 
     @property
     def enabled(self) -> bool:
         return self.timeout_s > 0
 
-    def start(self) -> "StallWatchdog":
+    def start(self) -> StallWatchdog:
         """Starts the clock; the first beat is due within `first_beat_timeout_s`."""
         if not self.enabled:
             return self
@@ -96,7 +99,7 @@ class StallWatchdog:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
 
-    def __enter__(self) -> "StallWatchdog":
+    def __enter__(self) -> StallWatchdog:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:
@@ -120,23 +123,29 @@ class StallWatchdog:
         except OSError:
             pass  # nowhere left to report to; still exit below
 
-    def _stall(self, step: Optional[int], idle_s: float) -> None:
+    def _stall(self, step: int | None, idle_s: float) -> None:
         where = "before the first step" if step is None else f"after step {step}"
-        self._write(f"stall: no progress for {idle_s:.1f} s {where}; dumping all thread stacks "
-                    f"and exiting with code {self.exit_code}\n")
+        self._write(
+            f"stall: no progress for {idle_s:.1f} s {where}; dumping all thread stacks "
+            f"and exiting with code {self.exit_code}\n"
+        )
         try:
             faulthandler.dump_traceback(file=self._fd, all_threads=True)
         except Exception:  # noqa: BLE001 - a failed dump must not prevent the exit
             pass
         # Anything that takes a lock (the callback, flushing sys.stdout whose lock the hung thread
         # may hold) runs in a helper thread with a deadline, so it cannot keep the process alive.
-        helper = threading.Thread(target=self._before_exit, args=(step, idle_s),
-                                  name="StallWatchdog.before_exit", daemon=True)
+        helper = threading.Thread(
+            target=self._before_exit,
+            args=(step, idle_s),
+            name="StallWatchdog.before_exit",
+            daemon=True,
+        )
         helper.start()
         helper.join(_ON_STALL_GRACE_S)
         os._exit(self.exit_code)
 
-    def _before_exit(self, step: Optional[int], idle_s: float) -> None:
+    def _before_exit(self, step: int | None, idle_s: float) -> None:
         if self.on_stall is not None:
             try:
                 self.on_stall(step, idle_s)

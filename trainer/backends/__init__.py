@@ -3,6 +3,7 @@
 Device set-up must run before TensorFlow initialises its runtime, so `create_backend` is the first
 TensorFlow call of a run.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,6 +23,7 @@ def resolve_strategy(strategy: str, num_gpus: int) -> str:
     if strategy != "auto":
         return strategy
     from trainer.backends.tf_distribute import tf_config_task_count
+
     if any(k in os.environ for k in _HOROVOD_ENV):
         return "horovod"
     if tf_config_task_count() > 1:
@@ -29,15 +31,21 @@ def resolve_strategy(strategy: str, num_gpus: int) -> str:
     return "mirrored" if num_gpus > 1 else "one_device"
 
 
-def create_backend(strategy: str, gpus: tuple[int, ...] = (), num_cpu_devices: int = 1,
-                   fp16_allreduce: bool = False) -> Backend:
+def create_backend(
+    strategy: str,
+    gpus: tuple[int, ...] = (),
+    num_cpu_devices: int = 1,
+    fp16_allreduce: bool = False,
+) -> Backend:
     """Configures devices and returns the backend for `strategy` (may be `auto`)."""
     physical_gpus = tf.config.list_physical_devices("GPU")
     if gpus:
         missing = [i for i in gpus if i >= len(physical_gpus)]
         if missing:
-            raise ConfigError(f"--gpus={','.join(map(str, gpus))}: GPU {missing[0]} does not exist "
-                              f"({len(physical_gpus)} visible)")
+            raise ConfigError(
+                f"--gpus={','.join(map(str, gpus))}: GPU {missing[0]} does not exist "
+                f"({len(physical_gpus)} visible)"
+            )
         physical_gpus = [physical_gpus[i] for i in gpus]
     strategy = resolve_strategy(strategy, len(physical_gpus))
 
@@ -51,9 +59,11 @@ def create_backend(strategy: str, gpus: tuple[int, ...] = (), num_cpu_devices: i
     if num_cpu_devices > 1:
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration()] * num_cpu_devices)
+            cpu, [tf.config.LogicalDeviceConfiguration()] * num_cpu_devices
+        )
 
     from trainer.backends import tf_distribute
+
     if strategy == "multi_worker":
         return tf_distribute.MultiWorkerBackend(uses_gpu=bool(physical_gpus))
     if physical_gpus:
@@ -64,17 +74,22 @@ def create_backend(strategy: str, gpus: tuple[int, ...] = (), num_cpu_devices: i
         return tf_distribute.MirroredBackend(devices)
     if strategy == "one_device":
         return tf_distribute.OneDeviceBackend(devices[0])
-    raise ConfigError(f"--strategy={strategy}: unknown (expected one of auto, one_device, mirrored,"
-                      " multi_worker, horovod)")
+    raise ConfigError(
+        f"--strategy={strategy}: unknown (expected one of auto, one_device, mirrored,"
+        " multi_worker, horovod)"
+    )
 
 
 def _horovod_backend(physical_gpus, fp16_allreduce: bool) -> Backend:
     try:
         import horovod.tensorflow as hvd
     except ImportError as e:
-        raise ConfigError(f"--strategy=horovod: Horovod is not installed ({e}); run "
-                          "`bash launch/install_horovod.sh`") from None
+        raise ConfigError(
+            f"--strategy=horovod: Horovod is not installed ({e}); run "
+            "`bash launch/install_horovod.sh`"
+        ) from None
     from trainer.backends.horovod import HorovodBackend
+
     hvd.init()
     if physical_gpus:
         # One GPU per process, chosen by the rank's index on its machine.
@@ -83,6 +98,5 @@ def _horovod_backend(physical_gpus, fp16_allreduce: bool) -> Backend:
         tf.config.experimental.set_memory_growth(gpu, True)
     else:
         tf.config.set_visible_devices([], "GPU")
-    logging.info("horovod: rank %d of %d (local rank %d)", hvd.rank(), hvd.size(),
-                 hvd.local_rank())
+    logging.info("horovod: rank %d of %d (local rank %d)", hvd.rank(), hvd.size(), hvd.local_rank())
     return HorovodBackend(hvd, uses_gpu=bool(physical_gpus), fp16_allreduce=fp16_allreduce)

@@ -5,11 +5,13 @@ gets its input (`distribute`), how a function runs on every replica (`run`), how
 metrics are combined (`reduce_gradients`, `reduce_sum`, `local_result`), and who writes files
 (`is_chief`). Nothing outside `trainer/backends/` names a strategy or Horovod.
 """
+
 from __future__ import annotations
 
 import abc
 import contextlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import tensorflow as tf
 
@@ -54,8 +56,9 @@ class Backend(abc.ABC):
         A plain tf.data pipeline (not a tf.distribute distributed dataset) so that its iterator can
         be checkpointed with the model.
         """
-        return dataset_fn(self.worker_index, self.num_workers,
-                          global_batch_size // self.num_workers)
+        return dataset_fn(
+            self.worker_index, self.num_workers, global_batch_size // self.num_workers
+        )
 
     @abc.abstractmethod
     def run(self, fn: Callable, *args) -> Any:
@@ -75,7 +78,10 @@ class Backend(abc.ABC):
 
     def broadcast_initial_state(self, variables: list) -> None:
         """Makes every worker start from worker 0's values (no-op where the strategy does it)."""
+        del variables  # Mirrored variables are already identical; only Horovod overrides this.
 
     def __repr__(self) -> str:
-        return (f"{self.name}(workers={self.num_workers}, worker_index={self.worker_index}, "
-                f"replicas={self.num_replicas}, gpu={self.uses_gpu})")
+        return (
+            f"{self.name}(workers={self.num_workers}, worker_index={self.worker_index}, "
+            f"replicas={self.num_replicas}, gpu={self.uses_gpu})"
+        )

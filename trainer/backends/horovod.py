@@ -4,6 +4,7 @@ Under Keras 3, hvd.DistributedGradientTape and hvd.DistributedOptimizer fail ('V
 has no attribute 'ref'), so this backend calls the collectives directly on tensors and on the
 underlying tf.Variables.
 """
+
 from __future__ import annotations
 
 import keras
@@ -21,8 +22,9 @@ class HorovodBackend(Backend):
         self.worker_index = hvd_module.rank()
         self.num_replicas = hvd_module.size()
         self.uses_gpu = uses_gpu
-        self._compression = (hvd_module.Compression.fp16 if fp16_allreduce
-                             else hvd_module.Compression.none)
+        self._compression = (
+            hvd_module.Compression.fp16 if fp16_allreduce else hvd_module.Compression.none
+        )
 
     def run(self, fn, *args):
         return fn(*args)
@@ -35,7 +37,8 @@ class HorovodBackend(Backend):
         packed = tf.concat([tf.reshape(tf.cast(t, tf.float32), [-1]) for t in flat], axis=0)
         summed = tf.split(self._hvd.allreduce(packed, op=self._hvd.Sum), sizes)
         return tf.nest.pack_sequence_as(
-            values, [tf.cast(tf.reshape(s, t.shape), t.dtype) for s, t in zip(summed, flat)])
+            values, [tf.cast(tf.reshape(s, t.shape), t.dtype) for s, t in zip(summed, flat)]
+        )
 
     def local_result(self, per_replica):
         return per_replica
@@ -43,10 +46,12 @@ class HorovodBackend(Backend):
     def reduce_gradients(self, grads):
         # Sum, not Average: every replica's loss is already divided by the *global* batch (the
         # convention shared with tf.distribute), so the sum is the gradient of the global mean loss.
-        return self._hvd.grouped_allreduce(list(grads), op=self._hvd.Sum,
-                                           compression=self._compression)
+        return self._hvd.grouped_allreduce(
+            list(grads), op=self._hvd.Sum, compression=self._compression
+        )
 
     def broadcast_initial_state(self, variables):
         # Keras 3 variables wrap a tf.Variable in `.value`; Horovod needs the tf.Variable itself.
         self._hvd.broadcast_variables(
-            [v.value if isinstance(v, keras.Variable) else v for v in variables], root_rank=0)
+            [v.value if isinstance(v, keras.Variable) else v for v in variables], root_rank=0
+        )

@@ -3,6 +3,7 @@
 All three run the same step through `strategy.run`; gradients are summed with the replica
 context's all-reduce (NCCL on GPUs, ring collectives on CPUs across workers).
 """
+
 from __future__ import annotations
 
 import json
@@ -32,6 +33,7 @@ class _StrategyBackend(Backend):
                 # Replica ids count across workers; this worker's replicas take consecutive slices.
                 index = context.replica_id_in_sync_group % replicas
                 return tf.nest.pack_sequence_as(args, [s[index] for s in slices])
+
             args = self.strategy.experimental_distribute_values_from_function(replica_slice)
         return self.strategy.run(fn, args=args)
 
@@ -41,8 +43,9 @@ class _StrategyBackend(Backend):
     def local_result(self, per_replica):
         # experimental_local_results also accepts the plain value `run` returns when a worker has a
         # single replica (MultiWorkerMirrored with one device per worker).
-        return tf.nest.map_structure(lambda v: self.strategy.experimental_local_results(v)[0],
-                                     per_replica)
+        return tf.nest.map_structure(
+            lambda v: self.strategy.experimental_local_results(v)[0], per_replica
+        )
 
     def reduce_gradients(self, grads):
         return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
@@ -63,8 +66,9 @@ class MirroredBackend(_StrategyBackend):
         self.uses_gpu = any("GPU" in d.upper() for d in devices)
         # NCCL is the fast path between GPUs; it has no CPU kernel, so CPU replicas (tests) use the
         # portable all-reduce instead.
-        cross_device_ops = (tf.distribute.NcclAllReduce() if self.uses_gpu
-                            else tf.distribute.ReductionToOneDevice())
+        cross_device_ops = (
+            tf.distribute.NcclAllReduce() if self.uses_gpu else tf.distribute.ReductionToOneDevice()
+        )
         self.strategy = tf.distribute.MirroredStrategy(devices, cross_device_ops=cross_device_ops)
         self.num_replicas = self.strategy.num_replicas_in_sync
 
@@ -77,20 +81,27 @@ class MultiWorkerBackend(_StrategyBackend):
     checkpoint_is_collective = True
 
     def __init__(self, uses_gpu: bool):
-        implementation = (tf.distribute.experimental.CommunicationImplementation.NCCL if uses_gpu
-                          else tf.distribute.experimental.CommunicationImplementation.RING)
+        implementation = (
+            tf.distribute.experimental.CommunicationImplementation.NCCL
+            if uses_gpu
+            else tf.distribute.experimental.CommunicationImplementation.RING
+        )
         self.strategy = tf.distribute.MultiWorkerMirroredStrategy(
             communication_options=tf.distribute.experimental.CommunicationOptions(
-                implementation=implementation))
+                implementation=implementation
+            )
+        )
         resolver = self.strategy.cluster_resolver
         self.uses_gpu = uses_gpu
         self.num_replicas = self.strategy.num_replicas_in_sync
         self.num_workers = len(resolver.cluster_spec().as_dict().get("worker", [])) + len(
-            resolver.cluster_spec().as_dict().get("chief", []))
+            resolver.cluster_spec().as_dict().get("chief", [])
+        )
         # With a `chief` task the chief is worker 0 of the input pipelines; workers follow it.
         has_chief = "chief" in resolver.cluster_spec().as_dict()
-        self.worker_index = (resolver.task_id + (1 if has_chief else 0)
-                             if resolver.task_type == "worker" else 0)
+        self.worker_index = (
+            resolver.task_id + (1 if has_chief else 0) if resolver.task_type == "worker" else 0
+        )
 
 
 def tf_config_task_count() -> int:
