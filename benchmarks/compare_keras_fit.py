@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -25,10 +26,13 @@ from absl import app, flags  # noqa: E402
 
 from datasets import embedded  # noqa: E402
 from datasets.metadata import DatasetMetadata  # noqa: E402
-from datasets.pipeline import input_fn  # noqa: E402
-from trainer import models, optimizers  # noqa: E402
-from trainer import step as step_lib
+from trainer import models  # noqa: E402
+from trainer import step as step_lib  # noqa: E402
 from trainer.backends import create_backend  # noqa: E402
+from trainer.config import Config  # noqa: E402
+from trainer.inputs import InputSpec  # noqa: E402
+from trainer.plan import resolve_plan  # noqa: E402
+from trainer.state import create_train_state  # noqa: E402
 
 flags.DEFINE_string("data_dir", "", "Prepared dataset (default: the embedded MNIST sample).")
 flags.DEFINE_string("model", "tutorial_cnn", "Model from the trainer's zoo.")
@@ -38,54 +42,28 @@ flags.DEFINE_integer("steps_per_loop", 100, "Harness steps per compiled call.")
 flags.DEFINE_integer("repeats", 3, "Timed repeats per side (best counts).")
 FLAGS = flags.FLAGS
 
-
-def _dataset(metadata, data_dir, batch_size, input_shape):
-    return input_fn(
-        metadata,
-        data_dir,
-        "train",
-        batch_size,
-        training=True,
-        seed=0,
-        image_size=input_shape[:2],
-        channels=input_shape[2],
-    )
+Timer = Callable[[], float]  # runs the timed steps once; returns seconds
 
 
-def _time_harness(backend, metadata, data_dir, input_shape) -> float:
-    with backend.scope():
-        model = models.build_model(FLAGS.model, input_shape, metadata.num_classes)
-        optimizer = optimizers.build_optimizer(
-            "adam",
-            optimizers.WarmupSchedule("constant", 1e-3, 10**6),
-            momentum=0.0,
-            weight_decay=0.0,
-            clip_grad_norm=0.0,
-            loss_scaling=False,
-        )
-        optimizer.build(model.trainable_variables)
-        step = tf.Variable(0, dtype=tf.int64, trainable=False)
-    steps = step_lib.build_steps(
-        model,
-        optimizer,
+def _time_harness(config, plan, backend, inputs) -> Timer:
+    """The trainer's own state and compiled loop, as `python -m trainer` builds them."""
+    state = create_train_state(config, plan, backend)
+    loops = step_lib.build_loops(
+        state,
         backend,
-        step,
-        global_batch_size=FLAGS.batch_size,
-        num_classes=metadata.num_classes,
+        global_batch_size=plan.global_batch,
+        num_classes=plan.num_classes,
         label_smoothing=0.0,
         xla=False,
     )
-    iterator = iter(
-        backend.distribute(
-            lambda w, n, b: _dataset(metadata, data_dir, b, input_shape), FLAGS.batch_size
-        )
-    )
+    dataset_fn = inputs.training(plan.train_split, config.seed)
+    iterator = iter(backend.distribute(dataset_fn, plan.per_worker_batch))
     per_call = min(FLAGS.steps_per_loop, FLAGS.steps)
 
     def timed():
         start = time.perf_counter()
         for _ in range(FLAGS.steps // per_call):
-            sums, _ = steps.train_loop(iterator, tf.constant(per_call))
+            sums, _ = loops.train(iterator, tf.constant(per_call))
             float(sums["loss"])  # Wait for the device, as the trainer does each chunk.
         return time.perf_counter() - start
 
@@ -93,14 +71,14 @@ def _time_harness(backend, metadata, data_dir, input_shape) -> float:
     return timed
 
 
-def _time_keras_fit(metadata, data_dir, input_shape):
-    model = models.build_model(FLAGS.model, input_shape, metadata.num_classes)
+def _time_keras_fit(config, plan, inputs) -> Timer:
+    model = models.build_model(config.model, plan.input_shape, plan.num_classes)
     model.compile(
         optimizer=keras.optimizers.Adam(1e-3),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    dataset = _dataset(metadata, data_dir, FLAGS.batch_size, input_shape)
+    dataset = inputs.training(plan.train_split, config.seed)(0, 1, plan.global_batch)
 
     def timed():
         start = time.perf_counter()
@@ -116,11 +94,21 @@ def main(argv):
     backend = create_backend("one_device")
     data_dir = FLAGS.data_dir or embedded.sample_data_dir()
     metadata = DatasetMetadata.load(data_dir)
-    input_shape = models.resolve_input_shape(
-        FLAGS.model, metadata.image_shape, metadata.channels, None
+    # Adam at a constant 1e-3 on both sides, as Keras' defaults train.
+    config = Config(
+        model=FLAGS.model,
+        data_dir=data_dir,
+        global_batch_size=FLAGS.batch_size,
+        precision="fp32",
+        optimizer="adam",
+        learning_rate=1e-3,
+        lr_schedule="constant",
+        train_steps=10**6,
     )
-    harness = _time_harness(backend, metadata, data_dir, input_shape)
-    keras_fit = _time_keras_fit(metadata, data_dir, input_shape)
+    plan = resolve_plan(config, backend.topology, metadata, data_dir)
+    inputs = InputSpec(config, plan, metadata)
+    harness = _time_harness(config, plan, backend, inputs)
+    keras_fit = _time_keras_fit(config, plan, inputs)
     harness_s, keras_s = [], []
     for _ in range(FLAGS.repeats):  # Alternate so drift in machine load hits both sides.
         harness_s.append(harness())

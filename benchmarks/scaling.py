@@ -102,11 +102,22 @@ def _probe(kind):
     """Times the sum of gradient-shaped tensors across the processes of this job."""
     import tensorflow as tf
 
-    from trainer import models
+    from datasets import embedded
+    from datasets.metadata import DatasetMetadata
     from trainer.backends import create_backend
+    from trainer.config import Config
+    from trainer.plan import resolve_plan
+    from trainer.state import create_train_state
 
     backend = create_backend(kind)  # First: collectives must be configured before TF starts.
-    shapes = [v.shape for v in models.build_model(FLAGS.model, (28, 28, 1), 10).trainable_variables]
+    data_dir = FLAGS.data_dir or embedded.sample_data_dir()
+    metadata = DatasetMetadata.load(data_dir)
+    config = Config(model=FLAGS.model, data_dir=data_dir, global_batch_size=FLAGS.global_batch_size)
+    # The gradients the trainer would all-reduce: one per trainable variable of its own state.
+    state = create_train_state(
+        config, resolve_plan(config, backend.topology, metadata, data_dir), backend
+    )
+    shapes = [v.shape for v in state.model.trainable_variables]
 
     def fake_gradients(previous_total):
         # Made inside the replica function (MultiWorkerMirrored cannot all-reduce tensors captured

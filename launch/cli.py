@@ -8,6 +8,13 @@ from collections.abc import Sequence
 from absl import flags
 
 
+def require_strategy(trainer_args: Sequence[str], strategy: str, launcher: str) -> None:
+    """Raises ValueError when the trainer flags ask for another strategy than the launcher runs."""
+    for arg in trainer_args:
+        if arg.startswith("--strategy=") and arg != f"--strategy={strategy}":
+            raise ValueError(f"{launcher} always runs --strategy={strategy}, not {arg!r}")
+
+
 def print_help_if_asked(argv: Sequence[str], doc: str, flag_values: flags.FlagValues) -> bool:
     """Prints the launcher's usage when its own flags (before `--`) ask for help; says whether.
 

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from launch.cli import print_help_if_asked
+from launch.cli import print_help_if_asked, require_strategy
 
 # Where Kubeflow's MPIJob mounts the hostfile in the launcher pod.
 MPIJOB_HOSTFILE = "/etc/mpi/hostfile"
@@ -172,9 +172,7 @@ def validate_request(
         raise ValueError(f"-np must be >= 1, got {np}")
     if hosts and hostfile:
         raise ValueError("give at most one of -H and --hostfile")
-    for arg in trainer_args:
-        if arg.startswith("--strategy=") and arg != "--strategy=horovod":
-            raise ValueError(f"launch.horovod always runs --strategy=horovod, not {arg!r}")
+    require_strategy(trainer_args, "horovod", "launch.horovod")
 
 
 def build_command(

@@ -36,7 +36,7 @@ from typing import IO
 
 from absl import flags
 
-from launch.cli import print_help_if_asked
+from launch.cli import print_help_if_asked, require_strategy
 
 _FLAGS = flags.FlagValues()  # private: must not collide with the trainer's global flags
 flags.DEFINE_integer(
@@ -100,11 +100,7 @@ def default_worker_cmd() -> list:
 
 def worker_command(trainer_args: Sequence[str], worker_cmd: Sequence[str] | None = None) -> list:
     """`<worker_cmd> --strategy=multi_worker <trainer_args>`."""
-    for arg in trainer_args:
-        if arg.startswith("--strategy=") and arg != "--strategy=multi_worker":
-            raise ValueError(
-                f"launch.local_cluster always runs --strategy=multi_worker, not {arg!r}"
-            )
+    require_strategy(trainer_args, "multi_worker", "launch.local_cluster")
     return [*(worker_cmd or default_worker_cmd()), "--strategy=multi_worker", *trainer_args]
 
 

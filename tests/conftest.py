@@ -128,7 +128,7 @@ def _tree_snapshot(root: str) -> dict[str, bytes]:
 # as tests/ becomes a package).
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def idx_writer():
     return write_idx
 

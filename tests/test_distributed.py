@@ -8,17 +8,14 @@ gradient and may differ only by float summation order.
 """
 
 import glob
-import gzip
 import os
 import re
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 from trainer_harness import (
     REPO,
@@ -36,16 +33,8 @@ ONE_THREAD = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
 WEIGHT_TOLERANCE = 1e-5  # Same full-batch gradient; only the all-reduce's summation order differs.
 
 
-def _write_idx(path, array):
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(
-        f">{array.ndim}I", *array.shape
-    )
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
 @pytest.fixture(scope="module")
-def tiny_mnist(tmp_path_factory):
+def tiny_mnist(tmp_path_factory, idx_writer):
     """64 train examples in 2 shards of 32, 101 test examples (not divisible by 2 or 3)."""
     from datasets import idx
     from datasets.prepare import prepare
@@ -59,8 +48,8 @@ def tiny_mnist(tmp_path_factory):
         labels = idx.read_idx(
             os.path.join(sample, f"{prefix}-labels-idx1-ubyte.gz"), (1,), "labels"
         )
-        _write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", images[:count])
-        _write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", labels[:count])
+        idx_writer(str(raw / f"{prefix}-images-idx3-ubyte.gz"), images[:count])
+        idx_writer(str(raw / f"{prefix}-labels-idx1-ubyte.gz"), labels[:count])
     out = str(tmp_path_factory.mktemp("tiny_mnist"))
     metadata = prepare("idx", str(raw), out, num_shards=2)
     assert [s.num_examples for s in metadata.splits["train"].shards] == [32, 32]

@@ -90,3 +90,27 @@ def test_model_that_does_not_fit_the_dataset_is_rejected(tmp_path):
     _assert_rejected(
         result, "--model=cats_dogs_cnn", "150x150x3", "28x28x1", workdir=str(tmp_path / "run")
     )
+
+
+def test_init_checkpoint_directory_without_checkpoint_is_rejected(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_trainer(
+        f"--init_checkpoint={empty}", f"--workdir={tmp_path / 'run'}", check=False, timeout=60
+    )
+    _assert_rejected(
+        result, "--init_checkpoint", str(empty), "no checkpoint", workdir=str(tmp_path / "run")
+    )
+
+
+def test_missing_flagfile_is_one_clean_error_line(tmp_path):
+    result = run_trainer(f"--flagfile={tmp_path / 'nope.cfg'}", check=False, timeout=60)
+    _assert_rejected(result, "nope.cfg")
+    assert "ERROR::" not in result.stderr
+
+
+def test_help_lists_the_trainer_flags_and_presets():
+    result = run_trainer("--help", check=False, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for text in ("--global_batch_size", "--data_dir", "Distribution:", "mnist_fast", "--preset"):
+        assert text in result.stdout

@@ -9,10 +9,17 @@ import sys
 
 from absl import app, logging
 
+_HELP_ARGS = ("-h", "-help", "--help", "--helpshort")
+
 
 def _parse(argv):
     from trainer.config import ConfigError, config_from_argv
 
+    if any(arg in _HELP_ARGS for arg in argv[1:]):
+        from trainer.flags import help_text
+
+        print(help_text())
+        sys.exit(0)
     try:
         return config_from_argv(argv)
     except ConfigError as e:
@@ -24,7 +31,8 @@ def main(config) -> int:
     # Imported here so a bad command line fails before TensorFlow loads.
     from datasets.errors import DataError
     from trainer.config import ConfigError
-    from trainer.loop import Interrupted, NonFiniteLossError, train_and_evaluate
+    from trainer.interrupts import Interrupted
+    from trainer.loop import NonFiniteLossError, train_and_evaluate
 
     try:
         summary = train_and_evaluate(config)

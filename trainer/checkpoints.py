@@ -19,42 +19,42 @@ import shutil
 import tensorflow as tf
 from absl import logging
 
+from trainer.backends.base import Backend
+from trainer.config import ConfigError
+from trainer.state import TrainState
+
 
 class Checkpointer:
     def __init__(
         self,
         workdir: str,
+        state: TrainState,
+        backend: Backend,
         *,
-        is_chief: bool,
-        worker_index: int,
-        all_workers_save: bool,
         keep: int,
-        model,
-        optimizer,
-        step: tf.Variable,
         input_iterator=None,
-        input_key: str = "input",
     ):
-        self.is_chief = is_chief
-        self.all_workers_save = all_workers_save
+        self.is_chief = backend.is_chief
+        self.all_workers_save = backend.checkpoint_is_collective
         self.directory = os.path.join(workdir, "checkpoints")
-        self._scratch = os.path.join(workdir, "tmp", f"checkpoints-worker-{worker_index}")
+        self._scratch = os.path.join(workdir, "tmp", f"checkpoints-worker-{backend.worker_index}")
         # Keras 3 layers do not expose their random seed-generator states (dropout masks) to
-        # tf.train.Checkpoint; listing the non-trainable variables saves them, so a resumed run draws
-        # the same masks as an uninterrupted one.
+        # tf.train.Checkpoint; listing the non-trainable variables saves them, so a resumed run
+        # draws the same masks as an uninterrupted one.
         objects = {
-            "model": model,
-            "model_state": list(model.non_trainable_variables),
-            "optimizer": optimizer,
-            "step": step,
+            "model": state.model,
+            "model_state": list(state.model.non_trainable_variables),
+            "optimizer": state.optimizer,
+            "step": state.step,
         }
         if input_iterator is not None:
-            objects[input_key] = input_iterator
-        self._model = model
+            # Keyed by the input topology: another topology's position is not restored.
+            objects[f"input_{backend.num_workers}w{backend.num_replicas}r"] = input_iterator
+        self._model = state.model
         self.checkpoint = tf.train.Checkpoint(**objects)
-        target = self.directory if is_chief else self._scratch
+        target = self.directory if self.is_chief else self._scratch
         self._manager = tf.train.CheckpointManager(self.checkpoint, target, max_to_keep=keep)
-        self._step = step
+        self._step = state.step
 
     @property
     def latest(self) -> str | None:
@@ -74,7 +74,7 @@ class Checkpointer:
                 else init_checkpoint
             )
             if not path:
-                raise FileNotFoundError(f"--init_checkpoint={init_checkpoint}: no checkpoint in it")
+                raise ConfigError(f"--init_checkpoint={init_checkpoint}: no checkpoint in it")
             tf.train.Checkpoint(model=self._model).restore(path).expect_partial()
             return f"initialised the model from {path}"
         return "started from scratch"

@@ -1,185 +1,254 @@
-"""The run configuration: flags parsed once into a frozen `Config`, checked before TensorFlow starts.
+"""The run configuration: every setting declared once, as a field of the frozen `Config`.
 
-`config_from_argv` is the only reader of the flags defined in `trainer.flags`; everything downstream receives a Config
-(or values unpacked from it). Checks that need no TensorFlow happen here, so a bad command line
-fails in milliseconds with one line naming the flag.
+A field carries its default, its help text and its flag group; `trainer.flags` derives the absl
+flags from the fields, and `config_from_flags` converts the parsed values back with a small table
+of converters keyed by the field's type. The same `Config` can be built in Python
+(`Config(model="lenet", epochs=3)`) with the flags' defaults, and `validated` applies the same
+checks to both. Checks that need no TensorFlow happen here, so a bad command line fails in
+milliseconds with one line naming the flag.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import time
+import typing
 
-from absl import flags
+from trainer import choices
 
 
 class ConfigError(ValueError):
     """An invalid command line or run setup; the message is one line naming the flag."""
 
 
+def _setting(default, help_text: str, *, choices_: tuple[str, ...] | None = None):
+    return dataclasses.field(default=default, metadata={"help": help_text, "choices": choices_})
+
+
+# The help groups, in order, with the first field of each (fields keep declaration order).
+GROUPS = {
+    "data_dir": "Data",
+    "workdir": "Output",
+    "model": "Model and precision",
+    "strategy": "Distribution",
+    "global_batch_size": "Optimisation",
+    "steps_per_loop": "Loop, checkpoints, logging",
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     # Data.
-    data_dir: str
-    train_split: str
-    eval_split: str
-    image_size: tuple[int, int] | None
-    shuffle_buffer: int
-    random_flip: bool
-    random_shift: float
-    random_rotation: float
-    random_zoom: float
-    synthetic_data: bool
+    data_dir: str = _setting(
+        "",
+        "Prepared dataset directory (with metadata.json, written by `python -m datasets.prepare`)."
+        " Empty: the embedded MNIST sample.",
+    )
+    train_split: str = _setting("train", "Split to train on.")
+    eval_split: str = _setting(
+        "", "Split to evaluate on. Empty: `test` if the dataset has it, else `validation`."
+    )
+    image_size: tuple[int, int] | None = _setting(
+        None, "Model input HEIGHT,WIDTH. Empty: the model's own size, else the dataset's."
+    )
+    shuffle_buffer: int = _setting(10_000, "Examples in the training shuffle buffer.")
+    random_flip: bool = _setting(False, "Augment: random horizontal flips.")
+    random_shift: float = _setting(0.0, "Augment: random shift, as a fraction of the image size.")
+    random_rotation: float = _setting(0.0, "Augment: random rotation, maximum degrees.")
+    random_zoom: float = _setting(0.0, "Augment: random zoom, maximum fraction.")
+    synthetic_data: bool = _setting(
+        False, "Feed random tensors of the dataset's shape (measures compute alone)."
+    )
     # Output.
-    workdir: str
-    init_checkpoint: str
-    # Model.
-    model: str
-    precision: str
-    xla: str
+    workdir: str = _setting(
+        "",
+        "Directory for checkpoints, TensorBoard events, exports and summary.json. Empty: "
+        "runs/<model>-<time>.",
+    )
+    init_checkpoint: str = _setting(
+        "", "Checkpoint (file prefix or directory) to start from when the workdir has none."
+    )
+    # Model and precision.
+    model: str = _setting(
+        "tutorial_cnn",
+        f"Model architecture: one of {', '.join(choices.BUILTIN_MODELS)}.",
+    )
+    precision: str = _setting(
+        "fp32",
+        "fp32; fp16 (mixed, dynamic loss scaling); bf16 (mixed).",
+        choices_=choices.PRECISIONS,
+    )
+    xla: str = _setting(
+        "auto",
+        "XLA-compile the per-replica step. auto: on for GPUs, off for CPUs (XLA is slower on CPU).",
+        choices_=choices.XLA_MODES,
+    )
     # Distribution.
-    strategy: str
-    gpus: tuple[int, ...]
-    num_cpu_devices: int
-    fp16_allreduce: bool
-    stall_timeout_s: float
+    strategy: str = _setting(
+        "auto",
+        "Distribution backend. auto: horovod under horovodrun/mpirun, multi_worker when "
+        "TF_CONFIG names several tasks, mirrored with several GPUs, else one_device.",
+        choices_=choices.STRATEGIES,
+    )
+    gpus: tuple[int, ...] = _setting((), "GPU indices to use (default: all visible).")
+    num_cpu_devices: int = _setting(
+        1,
+        "Split the CPU into this many logical devices (tests the mirrored logic on CPU-only "
+        "machines).",
+    )
+    fp16_allreduce: bool = _setting(
+        False, "Horovod: compress gradients to fp16 for the all-reduce."
+    )
+    stall_timeout_s: float = _setting(
+        0.0,
+        "Exit non-zero, dumping stacks, when no training progress is made for this long (0: off).",
+    )
     # Optimisation.
-    global_batch_size: int
-    train_steps: int
-    epochs: float
-    optimizer: str
-    learning_rate: float
-    momentum: float
-    lr_schedule: str
-    warmup_steps: int
-    lr_step_boundaries: tuple[float, ...]
-    lr_step_factor: float
-    scale_lr: bool
-    base_batch_size: int
-    weight_decay: float
-    label_smoothing: float
-    clip_grad_norm: float
-    # Loop.
-    steps_per_loop: int
-    eval_every_steps: int
-    checkpoint_every_steps: int
-    keep_checkpoints: int
-    log_every_steps: int
-    histogram_every_steps: int
-    profile_steps: tuple[int, int] | None
-    export: bool
-    seed: int
-    deterministic: bool
+    global_batch_size: int = _setting(64, "Examples per step summed over all replicas.")
+    train_steps: int = _setting(0, "Training steps (0: use --epochs).")
+    epochs: float = _setting(15.0, "Epochs over the training split, when --train_steps is 0.")
+    optimizer: str = _setting("adam", "Optimizer.", choices_=choices.OPTIMIZERS)
+    learning_rate: float = _setting(1e-3, "Peak learning rate (before --scale_lr).")
+    momentum: float = _setting(0.9, "Momentum for `momentum` and `rmsprop`.")
+    lr_schedule: str = _setting(
+        "cosine", "Learning-rate schedule after warmup.", choices_=choices.SCHEDULES
+    )
+    warmup_steps: int = _setting(0, "Linear warmup steps.")
+    lr_step_boundaries: tuple[float, ...] = _setting(
+        (),
+        "step schedule: fractions of training (e.g. 0.5,0.75) where the rate is multiplied by "
+        "--lr_step_factor.",
+    )
+    lr_step_factor: float = _setting(0.1, "step schedule: multiplier at each boundary.")
+    scale_lr: bool = _setting(
+        False, "Linear scaling rule: learning_rate * global_batch / --base_batch_size."
+    )
+    base_batch_size: int = _setting(128, "Batch size the learning rate was tuned for.")
+    weight_decay: float = _setting(0.0, "Decoupled weight decay.")
+    label_smoothing: float = _setting(0.0, "Label smoothing.")
+    clip_grad_norm: float = _setting(0.0, "Clip gradients to this global norm (0: off).")
+    # Loop, checkpoints, logging.
+    steps_per_loop: int = _setting(50, "Steps run inside one compiled function call.")
+    eval_every_steps: int = _setting(0, "Evaluate every N steps (0: only at the end).")
+    checkpoint_every_steps: int = _setting(
+        500, "Save a checkpoint every N steps (0: only at the end and on SIGTERM)."
+    )
+    keep_checkpoints: int = _setting(3, "Checkpoints kept.")
+    log_every_steps: int = _setting(
+        100, "Console and TensorBoard scalars every N steps (0: only at the end)."
+    )
+    histogram_every_steps: int = _setting(0, "Weight histograms every N steps (0: off).")
+    profile_steps: tuple[int, int] | None = _setting(
+        None, "A,B: write a profiler trace for steps A..B."
+    )
+    export: bool = _setting(True, "Export a SavedModel and a .keras file at the end.")
+    seed: int = _setting(0, "Random seed (data order, initialisation, dropout).")
+    deterministic: bool = _setting(False, "Seed everything and enable TF op determinism.")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+def fields() -> list[tuple[dataclasses.Field, type]]:
+    """Config's fields with their resolved types, in declaration order."""
+    hints = typing.get_type_hints(Config)
+    return [(f, hints[f.name]) for f in dataclasses.fields(Config)]
+
+
+def list_converter(field_type) -> typing.Callable[[str, list[str]], typing.Any] | None:
+    """How a comma-separated flag becomes a field of `field_type` (None: not a list setting)."""
+    return _LIST_CONVERTERS.get(field_type)
 
 
 def config_from_argv(argv: list[str], *, check_paths: bool = True) -> Config:
     """Parses a full command line (argv[0] is the program) into a Config; raises ConfigError."""
     # Imported here, not at the top: defining the trainer's flags is a side effect that only the
     # command line wants (a library user or a benchmark may define flags of the same names).
-    from trainer import flags as trainer_flags  # pylint: disable=import-outside-toplevel
+    from absl import flags as absl_flags
 
-    del trainer_flags
-    FLAGS = flags.FLAGS
-    FLAGS.unparse_flags()  # A second parse in one process must not inherit the first one's values.
+    from trainer import flags as trainer_flags
+
+    values = trainer_flags.FLAGS
+    values.unparse_flags()  # A second parse in one process must not inherit the first one's values.
     try:
-        leftover = FLAGS(argv)
-    except flags.Error as e:
+        leftover = values(trainer_flags.expand_presets(argv))
+    except absl_flags.Error as e:
         raise ConfigError(_one_line(str(e))) from None
     if len(leftover) > 1:
         raise ConfigError(
             f"unexpected positional arguments {leftover[1:]}; every option is a --flag"
         )
-    return config_from_flags(FLAGS, check_paths=check_paths)
+    return config_from_flags(values, check_paths=check_paths)
 
 
-def config_from_flags(values: flags.FlagValues, *, check_paths: bool = True) -> Config:
-    """Builds and checks a Config from parsed flag values; raises ConfigError."""
-    v = values
-    config = Config(
-        data_dir=v.data_dir,
-        train_split=v.train_split,
-        eval_split=v.eval_split,
-        image_size=_int_pair("image_size", v.image_size),
-        shuffle_buffer=v.shuffle_buffer,
-        random_flip=v.random_flip,
-        random_shift=v.random_shift,
-        random_rotation=v.random_rotation,
-        random_zoom=v.random_zoom,
-        synthetic_data=v.synthetic_data,
-        workdir=v.workdir or os.path.join("runs", f"{v.model}-{time.strftime('%Y%m%d-%H%M%S')}"),
-        init_checkpoint=v.init_checkpoint,
-        model=v.model,
-        precision=v.precision,
-        xla=v.xla,
-        strategy=v.strategy,
-        gpus=tuple(_ints("gpus", v.gpus)),
-        num_cpu_devices=v.num_cpu_devices,
-        fp16_allreduce=v.fp16_allreduce,
-        stall_timeout_s=v.stall_timeout_s,
-        global_batch_size=v.global_batch_size,
-        train_steps=v.train_steps,
-        epochs=v.epochs,
-        optimizer=v.optimizer,
-        learning_rate=v.learning_rate,
-        momentum=v.momentum,
-        lr_schedule=v.lr_schedule,
-        warmup_steps=v.warmup_steps,
-        lr_step_boundaries=tuple(_floats("lr_step_boundaries", v.lr_step_boundaries)),
-        lr_step_factor=v.lr_step_factor,
-        scale_lr=v.scale_lr,
-        base_batch_size=v.base_batch_size,
-        weight_decay=v.weight_decay,
-        label_smoothing=v.label_smoothing,
-        clip_grad_norm=v.clip_grad_norm,
-        steps_per_loop=v.steps_per_loop,
-        eval_every_steps=v.eval_every_steps,
-        checkpoint_every_steps=v.checkpoint_every_steps,
-        keep_checkpoints=v.keep_checkpoints,
-        log_every_steps=v.log_every_steps,
-        histogram_every_steps=v.histogram_every_steps,
-        profile_steps=_int_pair("profile_steps", v.profile_steps),
-        export=v.export,
-        seed=v.seed,
-        deterministic=v.deterministic,
-    )
-    _check(config, check_paths=check_paths)
+def config_from_flags(values, *, check_paths: bool = True) -> Config:
+    """Builds and checks a Config from parsed absl flag values; raises ConfigError."""
+    settings = {}
+    for field, field_type in fields():
+        value = getattr(values, field.name)
+        convert = list_converter(field_type)
+        settings[field.name] = convert(field.name, value) if convert else value
+    return validated(Config(**settings), check_paths=check_paths)
+
+
+def validated(config: Config, *, check_paths: bool = True) -> Config:
+    """`config` checked (ConfigError otherwise), with its defaults that depend on others resolved.
+
+    Idempotent, so a Config built in Python and one parsed from flags go through the same checks.
+    """
+    if not config.workdir:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        name = config.model.rsplit(":", 1)[-1]
+        config = dataclasses.replace(config, workdir=os.path.join("runs", f"{name}-{stamp}"))
+    _check_values(config)
+    if check_paths:
+        _check_paths(config)
     return config
 
 
-def _check(c: Config, *, check_paths: bool) -> None:
-    positive = {
-        "global_batch_size": c.global_batch_size,
-        "steps_per_loop": c.steps_per_loop,
-        "keep_checkpoints": c.keep_checkpoints,
-        "log_every_steps": c.log_every_steps,
-        "num_cpu_devices": c.num_cpu_devices,
-        "base_batch_size": c.base_batch_size,
-        "shuffle_buffer": c.shuffle_buffer,
-    }
-    for name, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"--{name}={value}: expected a positive integer")
-    non_negative = {
-        "train_steps": c.train_steps,
-        "eval_every_steps": c.eval_every_steps,
-        "checkpoint_every_steps": c.checkpoint_every_steps,
-        "histogram_every_steps": c.histogram_every_steps,
-        "warmup_steps": c.warmup_steps,
-        "weight_decay": c.weight_decay,
-        "clip_grad_norm": c.clip_grad_norm,
-        "stall_timeout_s": c.stall_timeout_s,
-        "random_shift": c.random_shift,
-        "random_rotation": c.random_rotation,
-        "random_zoom": c.random_zoom,
-    }
-    for name, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"--{name}={value}: expected a value >= 0")
+def _check_values(c: Config) -> None:
+    for field, _ in fields():
+        allowed = field.metadata.get("choices")
+        value = getattr(c, field.name)
+        if allowed and value not in allowed:
+            raise ConfigError(
+                f"--{field.name}={value}: unknown; expected one of {', '.join(allowed)}"
+            )
+    if ":" not in c.model and c.model not in choices.BUILTIN_MODELS:
+        raise ConfigError(
+            f"--model={c.model}: unknown; expected one of {', '.join(choices.BUILTIN_MODELS)}"
+        )
+    positive = (
+        "global_batch_size",
+        "steps_per_loop",
+        "keep_checkpoints",
+        "num_cpu_devices",
+        "base_batch_size",
+        "shuffle_buffer",
+    )
+    for name in positive:
+        if getattr(c, name) <= 0:
+            raise ConfigError(f"--{name}={getattr(c, name)}: expected a positive integer")
+    non_negative = (
+        "train_steps",
+        "eval_every_steps",
+        "checkpoint_every_steps",
+        "log_every_steps",
+        "histogram_every_steps",
+        "warmup_steps",
+        "weight_decay",
+        "clip_grad_norm",
+        "stall_timeout_s",
+        "random_shift",
+        "random_rotation",
+        "random_zoom",
+    )
+    for name in non_negative:
+        if getattr(c, name) < 0:
+            raise ConfigError(f"--{name}={getattr(c, name)}: expected a value >= 0")
     if c.train_steps == 0 and c.epochs <= 0:
         raise ConfigError(f"--epochs={c.epochs}: expected > 0 when --train_steps is 0")
     if c.learning_rate <= 0:
@@ -207,7 +276,10 @@ def _check(c: Config, *, check_paths: bool) -> None:
         )
     if c.fp16_allreduce and c.strategy not in ("horovod", "auto"):
         raise ConfigError(f"--fp16_allreduce works with --strategy=horovod, not {c.strategy}")
-    if check_paths and c.data_dir:
+
+
+def _check_paths(c: Config) -> None:
+    if c.data_dir:
         if not os.path.isdir(c.data_dir):
             raise ConfigError(
                 f"--data_dir={c.data_dir}: no such directory (prepare one with "
@@ -218,29 +290,36 @@ def _check(c: Config, *, check_paths: bool) -> None:
                 f"--data_dir={c.data_dir}: no metadata.json there (is it a dataset "
                 "written by `python -m datasets.prepare`?)"
             )
-    if (
-        check_paths
-        and c.init_checkpoint
-        and not (os.path.isdir(c.init_checkpoint) or os.path.exists(c.init_checkpoint + ".index"))
-    ):
-        raise ConfigError(
-            f"--init_checkpoint={c.init_checkpoint}: no checkpoint directory or "
-            "prefix (expected DIR or PREFIX with PREFIX.index)"
-        )
+    if c.init_checkpoint:
+        if os.path.isdir(c.init_checkpoint):
+            # tf.train.latest_checkpoint reads the `checkpoint` state file; any *.index is a save.
+            if not os.path.isfile(os.path.join(c.init_checkpoint, "checkpoint")) or not glob.glob(
+                os.path.join(glob.escape(c.init_checkpoint), "*.index")
+            ):
+                raise ConfigError(
+                    f"--init_checkpoint={c.init_checkpoint}: the directory holds no checkpoint "
+                    "(expected the `checkpoint` file and PREFIX.index written by a convoy run, "
+                    "e.g. RUN/checkpoints)"
+                )
+        elif not os.path.exists(c.init_checkpoint + ".index"):
+            raise ConfigError(
+                f"--init_checkpoint={c.init_checkpoint}: no checkpoint directory or "
+                "prefix (expected DIR or PREFIX with PREFIX.index)"
+            )
 
 
-def _ints(name: str, items: list[str]) -> list[int]:
+def _ints(name: str, items: list[str]) -> tuple[int, ...]:
     try:
-        return [int(x) for x in items]
+        return tuple(int(x) for x in items)
     except ValueError:
         raise ConfigError(
             f"--{name}={','.join(items)}: expected comma-separated integers"
         ) from None
 
 
-def _floats(name: str, items: list[str]) -> list[float]:
+def _floats(name: str, items: list[str]) -> tuple[float, ...]:
     try:
-        return [float(x) for x in items]
+        return tuple(float(x) for x in items)
     except ValueError:
         raise ConfigError(f"--{name}={','.join(items)}: expected comma-separated numbers") from None
 
@@ -254,5 +333,14 @@ def _int_pair(name: str, items: list[str]) -> tuple[int, int] | None:
     return values[0], values[1]
 
 
+# The only settings whose flag value (a list of strings) differs from the field's type.
+_LIST_CONVERTERS = {
+    tuple[int, int] | None: _int_pair,
+    tuple[int, ...]: _ints,
+    tuple[float, ...]: _floats,
+}
+
+
 def _one_line(message: str) -> str:
-    return " ".join(message.split())
+    # absl prefixes some messages with its own "ERROR::"; ours already starts with "error:".
+    return " ".join(message.replace("ERROR::", "").split())

@@ -7,6 +7,8 @@ import sys
 
 from absl import logging
 
+from trainer.meter import Window
+
 
 def format_eta(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(max(seconds, 0))))
@@ -15,17 +17,16 @@ def format_eta(seconds: float) -> str:
 class Progress:
     """Prints training progress for one worker; only the chief draws the bar."""
 
-    def __init__(self, total_steps: int, prefix: str = "", show_bar: bool | None = None):
+    def __init__(self, total_steps: int, *, is_chief: bool, worker_index: int):
         self.total_steps = total_steps
-        self.prefix = prefix
-        self.show_bar = sys.stdout.isatty() if show_bar is None else show_bar
+        self.prefix = "" if is_chief else f"[worker {worker_index}] "
+        # One bar per terminal: the chief's, and only when a person is watching.
+        self.show_bar = is_chief and sys.stdout.isatty()
 
-    def line(
-        self, step: int, logs: dict[str, float], images_per_sec: float, eta_seconds: float
-    ) -> None:
+    def line(self, step: int, window: Window, eta_seconds: float) -> None:
         text = (
-            f"{self.prefix}step {step}/{self.total_steps}  loss {logs['loss']:.4f}  "
-            f"acc {logs['accuracy']:.4f}  {images_per_sec:,.0f} img/s  "
+            f"{self.prefix}step {step}/{self.total_steps}  loss {window.loss:.4f}  "
+            f"acc {window.accuracy:.4f}  {window.images_per_sec:,.0f} img/s  "
             f"ETA {format_eta(eta_seconds)}"
         )
         if self.show_bar:

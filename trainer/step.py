@@ -2,7 +2,7 @@
 
 `grads_fn` is the only XLA-compiled piece: collectives (NCCL, Horovod, ring all-reduce) have no
 XLA kernel on CPU builds, so the all-reduce and the optimizer update run outside it. Several steps
-run inside one tf.function (`train_loop`) so Python is entered once per `steps_per_loop` steps;
+run inside one tf.function (`Loops.train`) so Python is entered once per `steps_per_loop` steps;
 metrics come back summed over replicas only when the loop returns (no host sync per step).
 """
 
@@ -10,21 +10,25 @@ from __future__ import annotations
 
 import dataclasses
 
-import keras
 import tensorflow as tf
 
 from trainer.backends.base import Backend
+from trainer.state import TrainState
 
 TRAIN_METRICS = ("loss", "correct", "count", "skipped")
 EVAL_METRICS = ("loss_sum", "correct", "count")
 
 
 @dataclasses.dataclass
-class Steps:
-    """Compiled loops over a distributed iterator; each returns metrics summed over replicas."""
+class Loops:
+    """Compiled multi-step loops over an iterator; each returns metrics summed over replicas.
 
-    train_loop: tf.types.experimental.GenericFunction
-    eval_loop: tf.types.experimental.GenericFunction
+    `train(iterator, num_steps) -> (sums, steps_run)` stops early at a non-finite loss;
+    `evaluate(iterator, num_batches) -> sums`.
+    """
+
+    train: tf.types.experimental.GenericFunction
+    evaluate: tf.types.experimental.GenericFunction
 
 
 def sparse_cross_entropy(labels, logits, num_classes: int, label_smoothing: float = 0.0):
@@ -37,19 +41,18 @@ def sparse_cross_entropy(labels, logits, num_classes: int, label_smoothing: floa
     return tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
 
 
-def build_steps(
-    model: keras.Model,
-    optimizer: keras.optimizers.Optimizer,
+def build_loops(
+    state: TrainState,
     backend: Backend,
-    step: tf.Variable,
     *,
     global_batch_size: int,
     num_classes: int,
     label_smoothing: float,
     xla: bool,
-) -> Steps:
-    """Builds the train and eval loops for `model` under `backend`."""
-    loss_scaling = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+) -> Loops:
+    """Builds the train and eval loops for `state` under `backend`."""
+    model, optimizer, step = state.model, state.optimizer, state.step
+    loss_scaling = state.uses_loss_scaling
     variables = model.trainable_variables
 
     @tf.function(jit_compile=xla)
@@ -106,7 +109,7 @@ def build_steps(
         sums = {k: tf.constant(0.0) for k in TRAIN_METRICS}
         steps_run = tf.constant(0, tf.int64)
         for _ in tf.range(num_steps):
-            with _after(sums):
+            with _after_previous_step(sums):
                 images, labels = next(iterator)
             out = backend.local_result(backend.run(replica_train_step, images, labels))
             step.assign_add(1)
@@ -120,16 +123,16 @@ def build_steps(
     def eval_loop(iterator, num_steps):
         sums = {k: tf.constant(0.0) for k in EVAL_METRICS}
         for _ in tf.range(num_steps):
-            with _after(sums):
+            with _after_previous_step(sums):
                 images, labels, weights = next(iterator)
             out = backend.local_result(backend.run(replica_eval_step, images, labels, weights))
             sums = {k: sums[k] + out[k] for k in EVAL_METRICS}
         return sums
 
-    return Steps(train_loop=train_loop, eval_loop=eval_loop)
+    return Loops(train=train_loop, evaluate=eval_loop)
 
 
-def _after(previous_step_outputs):
+def _after_previous_step(previous_step_outputs):
     # Steps must not overlap: the collectives of two steps would be in flight under the same name
     # (Horovod rejects that). Fetching the next batch only after the previous step's reduced
     # metrics exist orders them, as the weight updates already do in training.

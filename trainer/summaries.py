@@ -25,9 +25,12 @@ class Summaries:
             for tag, value in values.items():
                 tf.summary.scalar(tag, value)
 
-    def images(self, step: int, tag: str, images, max_outputs: int = 16) -> None:
+    def images(self, step: int, tag: str, make_images, max_outputs: int = 16) -> None:
+        """`make_images()` -> [N, H, W, C] images; called only where summaries are written."""
+        if not self.enabled:
+            return
         with self._writer.as_default(step=step):
-            tf.summary.image(tag, images, max_outputs=max_outputs)
+            tf.summary.image(tag, make_images(), max_outputs=max_outputs)
 
     def histograms(self, step: int, variables) -> None:
         if not self.enabled:
@@ -49,9 +52,6 @@ class Summaries:
         if self._profiling:
             tf.profiler.experimental.stop()
             self._profiling = False
-
-    def flush(self) -> None:
-        self._writer.flush()
 
     def close(self) -> None:
         self.stop_profile()

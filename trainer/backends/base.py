@@ -15,6 +15,8 @@ from typing import Any
 
 import tensorflow as tf
 
+from trainer.plan import Topology
+
 # dataset_fn(worker_index, num_workers, per_worker_batch_size) -> tf.data.Dataset of this worker.
 DatasetFn = Callable[[int, int, int], tf.data.Dataset]
 
@@ -50,15 +52,17 @@ class Backend(abc.ABC):
         """Context in which model and optimizer variables are created."""
         return contextlib.nullcontext()
 
-    def distribute(self, dataset_fn: DatasetFn, global_batch_size: int) -> tf.data.Dataset:
-        """This worker's dataset: its share of every global batch, split among its replicas by `run`.
+    def distribute(self, dataset_fn: DatasetFn, per_worker_batch: int) -> tf.data.Dataset:
+        """This worker's dataset of per-worker batches, split among its replicas by `run`.
 
         A plain tf.data pipeline (not a tf.distribute distributed dataset) so that its iterator can
         be checkpointed with the model.
         """
-        return dataset_fn(
-            self.worker_index, self.num_workers, global_batch_size // self.num_workers
-        )
+        return dataset_fn(self.worker_index, self.num_workers, per_worker_batch)
+
+    @property
+    def topology(self) -> Topology:
+        return Topology(self.name, self.num_workers, self.num_replicas, self.uses_gpu)
 
     @abc.abstractmethod
     def run(self, fn: Callable, *args) -> Any:

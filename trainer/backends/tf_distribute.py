@@ -40,15 +40,15 @@ class _StrategyBackend(Backend):
     def reduce_sum(self, values):
         return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, values)
 
+    # Gradients are summed like any other structure: one all-reduce of the whole list.
+    reduce_gradients = reduce_sum
+
     def local_result(self, per_replica):
         # experimental_local_results also accepts the plain value `run` returns when a worker has a
         # single replica (MultiWorkerMirrored with one device per worker).
         return tf.nest.map_structure(
             lambda v: self.strategy.experimental_local_results(v)[0], per_replica
         )
-
-    def reduce_gradients(self, grads):
-        return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
 
 
 class OneDeviceBackend(_StrategyBackend):
@@ -94,11 +94,10 @@ class MultiWorkerBackend(_StrategyBackend):
         resolver = self.strategy.cluster_resolver
         self.uses_gpu = uses_gpu
         self.num_replicas = self.strategy.num_replicas_in_sync
-        self.num_workers = len(resolver.cluster_spec().as_dict().get("worker", [])) + len(
-            resolver.cluster_spec().as_dict().get("chief", [])
-        )
+        cluster = resolver.cluster_spec().as_dict()
+        self.num_workers = _count_workers(cluster)
         # With a `chief` task the chief is worker 0 of the input pipelines; workers follow it.
-        has_chief = "chief" in resolver.cluster_spec().as_dict()
+        has_chief = "chief" in cluster
         self.worker_index = (
             resolver.task_id + (1 if has_chief else 0) if resolver.task_type == "worker" else 0
         )
@@ -110,4 +109,9 @@ def tf_config_task_count() -> int:
         cluster = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
     except json.JSONDecodeError:
         return 0
+    return _count_workers(cluster)
+
+
+def _count_workers(cluster: dict) -> int:
+    """Tasks that train (chief and workers; not evaluators or parameter servers)."""
     return sum(len(tasks) for kind, tasks in cluster.items() if kind in ("chief", "worker"))

@@ -1,0 +1,24 @@
+"""The trainer's closed sets of names, free of TensorFlow so the flag parser can check them fast.
+
+`trainer.config` (flags), `trainer.models`, `trainer.optimizers` and the backends all read these
+tuples; a name added here without an implementation there fails the tests that build every choice.
+"""
+
+from __future__ import annotations
+
+# The built-in model zoo (trainer.models registers a builder under each name). A user's own model
+# is named `module:callable` or `path/to/file.py:callable` instead.
+BUILTIN_MODELS = (
+    "softmax",
+    "lenet",
+    "tutorial_cnn",
+    "small_convnet",
+    "sign_cnn",
+    "cats_dogs_cnn",
+    "resnet50",
+)
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "horovod")
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop")
+SCHEDULES = ("constant", "step", "cosine", "one_cycle")
+PRECISIONS = ("fp32", "fp16", "bf16")
+XLA_MODES = ("auto", "on", "off")

@@ -1,0 +1,62 @@
+"""The run's input, specified once: which dataset, at what size, with which augmentation.
+
+`InputSpec` turns the plan and config into the `dataset_fn(worker_index, num_workers, batch)`
+callables the backends distribute (training, evaluation) and the sample batch TensorBoard shows,
+so the keyword arguments of `datasets.pipeline.input_fn` are written in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import tensorflow as tf
+
+from datasets.augment import AugmentConfig
+from datasets.metadata import DatasetMetadata
+from datasets.pipeline import input_fn
+from trainer.backends.base import DatasetFn
+from trainer.config import Config
+from trainer.plan import Plan
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    config: Config
+    plan: Plan
+    metadata: DatasetMetadata
+
+    @property
+    def augment(self) -> AugmentConfig:
+        c = self.config
+        return AugmentConfig(c.random_flip, c.random_shift, c.random_rotation, c.random_zoom)
+
+    def _dataset_fn(self, split: str, **options) -> DatasetFn:
+        def dataset_fn(worker_index, num_workers, batch_size) -> tf.data.Dataset:
+            return input_fn(
+                self.metadata,
+                self.plan.data_dir,
+                split,
+                batch_size,
+                worker_index=worker_index,
+                num_workers=num_workers,
+                image_size=self.plan.input_shape[:2],
+                channels=self.plan.input_shape[2],
+                **options,
+            )
+
+        return dataset_fn
+
+    def training(self, split: str, seed: int, shuffle_buffer: int | None = None) -> DatasetFn:
+        """Shuffled, augmented, endless batches of `split`, in an order fixed by `seed`."""
+        return self._dataset_fn(
+            split,
+            training=True,
+            augment=self.augment,
+            seed=seed,
+            shuffle_buffer=shuffle_buffer or self.config.shuffle_buffer,
+            synthetic=self.config.synthetic_data,
+        )
+
+    def evaluation(self, split: str, num_batches: int) -> DatasetFn:
+        """Every example of `split` once, padded (weight 0) to exactly `num_batches` per worker."""
+        return self._dataset_fn(split, training=False, num_batches=num_batches)
