@@ -278,3 +278,70 @@ def test_killed_worker_stops_the_job_within_the_stall_timeout_and_rerun_resumes(
     output = _check(_local_cluster(2, *_flags(tiny_mnist, workdir, f"--train_steps={final}")))
     assert f"resumed from {saved} at step {saved_step}" in output
     assert summary(workdir)["final_step"] == final
+
+
+# --- gradient accumulation and early stopping across processes ---------------------------------
+
+
+def _assert_matches_single_process(workdir, single_process):
+    assert (
+        max_weight_difference(checkpoint_weights(workdir), checkpoint_weights(single_process))
+        < WEIGHT_TOLERANCE
+    )
+
+
+def test_grad_accumulation_matches_one_big_batch_on_one_device(
+    tiny_mnist, single_process, tmp_path
+):
+    # 4 micro-batches of 16 summed, then one update == one batch of 64 (tutorial_cnn has no
+    # BatchNorm or dropout, so nothing else sees the micro-batches).
+    workdir = str(tmp_path / "accum")
+    run_trainer(*_flags(tiny_mnist, workdir, "--grad_accum_steps=4"), env=ONE_THREAD)
+    assert summary(workdir)["grad_accum_steps"] == 4
+    _assert_matches_single_process(workdir, single_process)
+
+
+def test_grad_accumulation_matches_one_big_batch_mirrored(tiny_mnist, single_process, tmp_path):
+    workdir = str(tmp_path / "accum_mirrored")
+    flags = ("--strategy=mirrored", "--num_cpu_devices=2", "--grad_accum_steps=2")
+    run_trainer(*_flags(tiny_mnist, workdir, *flags), env=ONE_THREAD)
+    s = summary(workdir)
+    assert (s["num_replicas"], s["per_replica_batch"], s["grad_accum_steps"]) == (2, 32, 2)
+    _assert_matches_single_process(workdir, single_process)
+
+
+def test_grad_accumulation_matches_one_big_batch_horovod(tiny_mnist, single_process, tmp_path):
+    workdir = str(tmp_path / "accum_horovod")
+    output = _check(_horovodrun(*_flags(tiny_mnist, workdir, "--grad_accum_steps=2")))
+    fingerprints = _fingerprints(output)
+    assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1], fingerprints
+    _assert_matches_single_process(workdir, single_process)
+
+
+def test_grad_accumulation_matches_one_big_batch_multi_worker(tiny_mnist, single_process, tmp_path):
+    workdir = str(tmp_path / "accum_mwms")
+    output = _check(_local_cluster(2, *_flags(tiny_mnist, workdir, "--grad_accum_steps=2")))
+    fingerprints = _fingerprints(output)
+    assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1], fingerprints
+    _assert_matches_single_process(workdir, single_process)
+
+
+def test_early_stopping_ends_both_multi_worker_workers_at_the_same_step(tiny_mnist, tmp_path):
+    # No evaluation can improve accuracy by more than 1.0: the first sets the best, the next
+    # --early_stopping_patience=2 do not improve, so both workers stop after the eval at step 6.
+    workdir = str(tmp_path / "early")
+    stop = (
+        "--eval_every_steps=2",
+        "--keep_best=eval/accuracy",
+        "--early_stopping_patience=2",
+        "--early_stopping_min_delta=1.0",
+    )
+    output = _check(_local_cluster(2, *_flags(tiny_mnist, workdir, *stop), timeout=300))
+    s = summary(workdir)
+    assert s["stopped_early"] is True and s["final_step"] == 6 < s["total_steps"]
+    assert s["best"]["step"] == 2 and s["best"]["metric"] == "eval/accuracy"
+    assert [e["step"] for e in s["eval_history"]] == [2, 4, 6]
+    assert len(re.findall(r"early stop at step 6:", output)) == 2, output[-4000:]
+    assert len(_fingerprints(output)) == 2
+    assert os.path.exists(os.path.join(workdir, "checkpoints", "best", "best-2.index"))
+    _assert_only_chief_wrote(workdir)

@@ -11,6 +11,7 @@ import tensorflow as tf
 from trainer_harness import (
     FAST_FLAGS,
     REPO,
+    checkpoint_tensors,
     checkpoint_weights,
     max_weight_difference,
     run_trainer,
@@ -209,8 +210,20 @@ def test_mixed_precision_trains_with_finite_loss(precision, tmp_path):
         assert "train/skipped_steps" in events
 
 
-def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path):
-    steps = 60
+# Early stopping: accuracy never improves by more than 1.0, so the eval at step 10 stays the best
+# and the run stops after the evals at 20 and 30, but only if the resumed run kept the best value
+# and the patience counter from before the SIGTERM.
+EMA_BEST_EARLY_STOP = (
+    "--ema_decay=0.9",
+    "--keep_best=eval/accuracy",
+    "--eval_every_steps=10",
+    "--early_stopping_patience=2",
+    "--early_stopping_min_delta=1.0",
+)
+
+
+@pytest.mark.parametrize("extra", [(), EMA_BEST_EARLY_STOP], ids=["plain", "ema_best_early_stop"])
+def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path, extra):
     flags = (
         *FAST_FLAGS,
         "--train_steps=60",
@@ -218,7 +231,9 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path):
         "--log_every_steps=5",
         "--deterministic",
         "--model=lenet",
+        *extra,
     )  # lenet: dropout, so RNG state must resume too.
+    steps = 30 if extra else 60
     straight = str(tmp_path / "straight")
     run_trainer(*flags, f"--workdir={straight}")
 
@@ -246,10 +261,24 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path):
 
     run = run_trainer(*flags, f"--workdir={interrupted}")
     assert f"resumed from {saved} at step {saved_step}" in run.stderr
-    assert summary(interrupted)["final_step"] == steps
+    assert summary(interrupted)["final_step"] == summary(straight)["final_step"] == steps
     assert (
         max_weight_difference(checkpoint_weights(interrupted), checkpoint_weights(straight)) == 0.0
     )
+    # Everything else in the checkpoint too: optimizer slots, EMA weights, step, best tracker.
+    resumed, uninterrupted = (
+        checkpoint_tensors(tf.train.latest_checkpoint(os.path.join(w, "checkpoints")))
+        for w in (interrupted, straight)
+    )
+    assert resumed.keys() == uninterrupted.keys()
+    for key, value in uninterrupted.items():
+        np.testing.assert_array_equal(resumed[key], value, err_msg=key)
+    if extra:
+        assert summary(interrupted)["best"]["step"] == 10
+        assert summary(interrupted)["best"] == {
+            **summary(straight)["best"],
+            "checkpoint": os.path.join(interrupted, "checkpoints", "best", "best-10"),
+        }
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_last_checkpoint(tmp_path):
@@ -275,3 +304,52 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_last_checkpoint(tmp_pat
     error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "at step" in error[0] and good in error[0], error
     assert tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints")) == good
+
+
+# A run whose best evaluation is not its last: after half the steps the learning rate jumps 30x
+# and the eval loss at step 40 is far worse than at step 20 (1.65 vs 1.29 here).
+GETS_WORSE = (
+    *FAST_FLAGS,
+    "--train_steps=40",
+    "--eval_every_steps=20",
+    "--keep_best=eval/loss",
+    "--lr_schedule=step",
+    "--lr_step_boundaries=0.5",
+    "--lr_step_factor=30",
+    "--deterministic",
+    "--export=true",
+)
+
+
+def _exported_probabilities(workdir, images):
+    served = tf.saved_model.load(os.path.join(workdir, "export", "saved_model"))
+    return served.signatures["serving_default"](images=tf.constant(images))["probabilities"]
+
+
+def _checkpoint_probabilities(path, images):
+    from datasets.pipeline import normalize
+    from trainer.models import build_model
+
+    model = build_model("tutorial_cnn", (28, 28, 1), 10)
+    tf.train.Checkpoint(model=model).restore(path).expect_partial()
+    return tf.nn.softmax(model(normalize(tf.constant(images)), training=False))
+
+
+@pytest.mark.parametrize("export_from", ["auto", "last"])
+def test_keep_best_keeps_the_best_checkpoint_and_exports_it(tmp_path, export_from):
+    workdir = str(tmp_path / "run")
+    run_trainer(*GETS_WORSE, f"--workdir={workdir}", f"--export_from={export_from}")
+    s = summary(workdir)
+    losses = {e["step"]: e["loss"] for e in s["eval_history"]}
+    assert list(losses) == [20, 40] and losses[20] < losses[40]
+    best = os.path.join(workdir, "checkpoints", "best", "best-20")
+    assert s["best"] == {"metric": "eval/loss", "value": losses[20], "step": 20, "checkpoint": best}
+    last = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+    assert last.endswith("ckpt-40")
+
+    images = np.random.default_rng(0).integers(0, 256, size=(8, 28, 28, 1), dtype=np.uint8)
+    exported = _exported_probabilities(workdir, images)
+    wanted, other = (best, last) if export_from == "auto" else (last, best)
+    assert s["export_weights"] == ("best" if export_from == "auto" else "last")
+    np.testing.assert_allclose(exported, _checkpoint_probabilities(wanted, images), atol=1e-5)
+    assert np.abs(exported - _checkpoint_probabilities(other, images)).max() > 1e-3

@@ -89,6 +89,16 @@ def test_list_flags_convert_to_the_field_types():
         (["--model=vgg19"], ["--model=vgg19", "tutorial_cnn"]),
         (["--log_every_steps=-1"], ["--log_every_steps", ">= 0"]),
         (["--preset=nope"], ["--preset=nope", "mnist_fast"]),
+        (["--ema_decay=1"], ["--ema_decay=1.0", "[0, 1)"]),
+        (["--grad_accum_steps=0"], ["--grad_accum_steps=0", "positive"]),
+        (["--global_batch_size=64", "--grad_accum_steps=3"], ["--grad_accum_steps=3", "divisible"]),
+        (["--early_stopping_patience=3"], ["--early_stopping_patience=3", "--keep_best="]),
+        (
+            ["--early_stopping_patience=3", "--keep_best=eval/loss"],
+            ["--early_stopping_patience=3", "--eval_every_steps"],
+        ),
+        (["--export_from=best"], ["--export_from=best", "--keep_best"]),
+        (["--keep_best=eval/f1"], ["keep_best", "eval/accuracy"]),
     ],
 )
 def test_bad_values_raise_one_line_config_errors(argv, words):
@@ -141,7 +151,7 @@ def test_init_checkpoint_directory_without_a_checkpoint_is_a_config_error(tmp_pa
 def test_every_builtin_model_and_optimizer_choice_is_implemented():
     from trainer import models, optimizers
 
-    assert set(models.MODELS) == set(choices.BUILTIN_MODELS)
+    assert set(choices.BUILTIN_MODELS) <= set(models.registered())
     for name in choices.OPTIMIZERS:
         schedule = optimizers.WarmupSchedule("constant", 0.1, 10)
         optimizers.build_optimizer(
@@ -180,6 +190,11 @@ def test_plan_train_steps_override_epochs_and_xla_auto_follows_gpus():
         (Config(global_batch_size=2000), {}, ["larger than the 1000 examples"]),
         (Config(eval_split="validation"), {}, ["--eval_split=validation", "'test', 'train'"]),
         (Config(model="cats_dogs_cnn"), {}, ["150x150x3", "--image_size"]),
+        (
+            Config(global_batch_size=6, grad_accum_steps=2),
+            {},
+            ["--global_batch_size=6", "--grad_accum_steps=2 x the 2 replicas"],
+        ),
     ],
 )
 def test_plan_refuses_what_does_not_fit(config, metadata_kwargs, words):
@@ -300,3 +315,24 @@ def test_meter_windows_and_steady_throughput():
     assert meter.take_window().accuracy == pytest.approx(0.9)
     assert meter.train_seconds == pytest.approx(11.5) and meter.steps == 9
     assert meter.images_per_sec == pytest.approx(50 / 1.5)  # the first chunk left out
+
+
+# --- best tracker -----------------------------------------------------------------------------
+
+
+def test_best_tracker_directions_min_delta_and_patience():
+    from trainer.best import BestTracker
+
+    loss = BestTracker("eval/loss", min_delta=0.1, patience=2)
+    assert loss.update(10, {"eval/loss": 1.0})  # the first evaluation is always the best so far
+    assert not loss.update(20, {"eval/loss": 0.95})  # better, but not by more than min_delta
+    assert not loss.should_stop
+    assert loss.update(30, {"eval/loss": 0.8})
+    assert not loss.update(40, {"eval/loss": 0.9}) and not loss.update(50, {"eval/loss": 0.85})
+    assert loss.should_stop
+    assert loss.describe() == {"metric": "eval/loss", "value": 0.8, "step": 30}
+    accuracy = BestTracker("eval/accuracy")
+    assert accuracy.update(1, {"eval/accuracy": 0.5}) and accuracy.update(2, {"eval/accuracy": 0.6})
+    assert not accuracy.update(3, {"eval/accuracy": 0.55}) and not accuracy.should_stop
+    off = BestTracker("")
+    assert not off.update(1, {"eval/loss": 0.1}) and not off.should_stop

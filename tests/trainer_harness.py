@@ -83,3 +83,15 @@ def checkpoint_weights(workdir: str) -> list[np.ndarray]:
 def max_weight_difference(a: list, b: list) -> float:
     assert [w.shape for w in a] == [w.shape for w in b]
     return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
+
+
+def checkpoint_tensors(path: str) -> dict[str, np.ndarray]:
+    """Every numeric tensor of a checkpoint (model, optimizer slots and EMA, step, best, ...)."""
+    import tensorflow as tf
+
+    reader = tf.train.load_checkpoint(path)
+    tensors = {}
+    for key, dtype in reader.get_variable_to_dtype_map().items():
+        if dtype.is_numpy_compatible and dtype != tf.string:
+            tensors[key] = reader.get_tensor(key)
+    return tensors

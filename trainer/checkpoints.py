@@ -46,6 +46,7 @@ class Checkpointer:
             "model_state": list(state.model.non_trainable_variables),
             "optimizer": state.optimizer,
             "step": state.step,
+            "best": state.best,
         }
         if input_iterator is not None:
             # Keyed by the input topology: another topology's position is not restored.
@@ -54,6 +55,14 @@ class Checkpointer:
         self.checkpoint = tf.train.Checkpoint(**objects)
         target = self.directory if self.is_chief else self._scratch
         self._manager = tf.train.CheckpointManager(self.checkpoint, target, max_to_keep=keep)
+        # The best evaluated checkpoint (--keep_best), apart from the rolling ones.
+        self.best_directory = os.path.join(self.directory, "best")
+        self._best_manager = tf.train.CheckpointManager(
+            self.checkpoint,
+            self.best_directory if self.is_chief else os.path.join(self._scratch, "best"),
+            max_to_keep=1,
+            checkpoint_name="best",
+        )
         self._step = state.step
 
     @property
@@ -79,16 +88,33 @@ class Checkpointer:
             return f"initialised the model from {path}"
         return "started from scratch"
 
+    @property
+    def best(self) -> str | None:
+        return tf.train.latest_checkpoint(self.best_directory)
+
     def save(self) -> str | None:
         """Saves at the current step (chief; other workers only when the save is collective)."""
+        return self._save(self._manager, "checkpoint")
+
+    def save_best(self) -> str | None:
+        """Saves the current state as the best one, replacing the previous best."""
+        return self._save(self._best_manager, "best checkpoint")
+
+    def restore_best(self) -> str:
+        """Loads the best checkpoint into the state (at the end of a run, to export it)."""
+        path = self.best
+        self.checkpoint.restore(path).expect_partial()
+        return path
+
+    def _save(self, manager: tf.train.CheckpointManager, what: str) -> str | None:
         if not (self.is_chief or self.all_workers_save):
             return None
         step = int(self._step.numpy())
-        if self._manager.latest_checkpoint and self._manager.latest_checkpoint.endswith(f"-{step}"):
-            return self._manager.latest_checkpoint  # Already saved at this step.
-        path = self._manager.save(checkpoint_number=step)
+        if manager.latest_checkpoint and manager.latest_checkpoint.endswith(f"-{step}"):
+            return manager.latest_checkpoint  # Already saved at this step.
+        path = manager.save(checkpoint_number=step)
         if not self.is_chief:
             shutil.rmtree(self._scratch, ignore_errors=True)
             return None
-        logging.info("saved checkpoint %s", path)
+        logging.info("saved %s %s", what, path)
         return path

@@ -22,3 +22,7 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop")
 SCHEDULES = ("constant", "step", "cosine", "one_cycle")
 PRECISIONS = ("fp32", "fp16", "bf16")
 XLA_MODES = ("auto", "on", "off")
+# Eval metrics --keep_best can watch ("" is off), and which way is better.
+KEEP_BEST_METRICS = ("", "eval/accuracy", "eval/loss")
+HIGHER_IS_BETTER = {"eval/accuracy": True, "eval/loss": False}
+EXPORT_FROM = ("auto", "best", "last")

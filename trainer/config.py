@@ -14,6 +14,7 @@ import dataclasses
 import glob
 import json
 import os
+import sys
 import time
 import typing
 
@@ -74,7 +75,9 @@ class Config:
     # Model and precision.
     model: str = _setting(
         "tutorial_cnn",
-        f"Model architecture: one of {', '.join(choices.BUILTIN_MODELS)}.",
+        f"Model: a built-in ({', '.join(choices.BUILTIN_MODELS)}), or your own builder "
+        "fn(input_shape, num_classes) -> keras.Model as package.module:fn or path/to/file.py:fn "
+        "(a name the module registers with @trainer.register works in place of fn).",
     )
     precision: str = _setting(
         "fp32",
@@ -130,6 +133,16 @@ class Config:
     weight_decay: float = _setting(0.0, "Decoupled weight decay.")
     label_smoothing: float = _setting(0.0, "Label smoothing.")
     clip_grad_norm: float = _setting(0.0, "Clip gradients to this global norm (0: off).")
+    grad_accum_steps: int = _setting(
+        1,
+        "Split each replica's batch into this many micro-batches and sum their gradients before "
+        "the one all-reduce and update (memory of one micro-batch; same update).",
+    )
+    ema_decay: float = _setting(
+        0.0,
+        "Keep an exponential moving average of the weights with this decay (e.g. 0.999; 0: off); "
+        "evaluation and export use the averaged weights.",
+    )
     # Loop, checkpoints, logging.
     steps_per_loop: int = _setting(50, "Steps run inside one compiled function call.")
     eval_every_steps: int = _setting(0, "Evaluate every N steps (0: only at the end).")
@@ -144,7 +157,27 @@ class Config:
     profile_steps: tuple[int, int] | None = _setting(
         None, "A,B: write a profiler trace for steps A..B."
     )
+    keep_best: str = _setting(
+        "",
+        "Keep the checkpoint with the best value of this eval metric in "
+        "WORKDIR/checkpoints/best (empty: off).",
+        choices_=choices.KEEP_BEST_METRICS,
+    )
+    early_stopping_patience: int = _setting(
+        0,
+        "Stop after this many evaluations without --keep_best improving by "
+        "--early_stopping_min_delta (0: off).",
+    )
+    early_stopping_min_delta: float = _setting(
+        0.0, "Smallest change of the --keep_best metric that counts as an improvement."
+    )
     export: bool = _setting(True, "Export a SavedModel and a .keras file at the end.")
+    export_from: str = _setting(
+        "auto",
+        "Which weights to export: best (the --keep_best checkpoint), last, or auto (best when "
+        "kept, else last).",
+        choices_=choices.EXPORT_FROM,
+    )
     seed: int = _setting(0, "Random seed (data order, initialisation, dropout).")
     deterministic: bool = _setting(False, "Seed everything and enable TF op determinism.")
 
@@ -217,12 +250,14 @@ def _check_values(c: Config) -> None:
             raise ConfigError(
                 f"--{field.name}={value}: unknown; expected one of {', '.join(allowed)}"
             )
-    if ":" not in c.model and c.model not in choices.BUILTIN_MODELS:
+    if not _model_is_known(c.model):
         raise ConfigError(
-            f"--model={c.model}: unknown; expected one of {', '.join(choices.BUILTIN_MODELS)}"
+            f"--model={c.model}: unknown; expected one of {', '.join(choices.BUILTIN_MODELS)}, "
+            "or your own builder as package.module:callable or path/to/file.py:callable"
         )
     positive = (
         "global_batch_size",
+        "grad_accum_steps",
         "steps_per_loop",
         "keep_checkpoints",
         "num_cpu_devices",
@@ -238,6 +273,8 @@ def _check_values(c: Config) -> None:
         "checkpoint_every_steps",
         "log_every_steps",
         "histogram_every_steps",
+        "early_stopping_patience",
+        "early_stopping_min_delta",
         "warmup_steps",
         "weight_decay",
         "clip_grad_norm",
@@ -274,11 +311,41 @@ def _check_values(c: Config) -> None:
             "--deterministic with --xla=on: XLA has no deterministic pooling gradient;"
             " use --xla=off (or auto)"
         )
+    if c.global_batch_size % c.grad_accum_steps:
+        raise ConfigError(
+            f"--global_batch_size={c.global_batch_size}: not divisible by "
+            f"--grad_accum_steps={c.grad_accum_steps}"
+        )
+    if not 0.0 <= c.ema_decay < 1.0:
+        raise ConfigError(f"--ema_decay={c.ema_decay}: expected a value in [0, 1) (0: off)")
+    if c.early_stopping_patience and not c.keep_best:
+        raise ConfigError(
+            f"--early_stopping_patience={c.early_stopping_patience} needs the metric it watches: "
+            f"--keep_best={' or --keep_best='.join(m for m in choices.KEEP_BEST_METRICS if m)}"
+        )
+    if c.early_stopping_patience and not c.eval_every_steps:
+        raise ConfigError(
+            f"--early_stopping_patience={c.early_stopping_patience} needs periodic evaluations: "
+            "set --eval_every_steps"
+        )
+    if c.export_from == "best" and not c.keep_best:
+        raise ConfigError("--export_from=best needs --keep_best=METRIC (the best of what)")
     if c.fp16_allreduce and c.strategy not in ("horovod", "auto"):
         raise ConfigError(f"--fp16_allreduce works with --strategy=horovod, not {c.strategy}")
 
 
+def _model_is_known(name: str) -> bool:
+    if ":" in name or name in choices.BUILTIN_MODELS:
+        return True  # A module:callable is imported (and checked) when the model is built.
+    # A name a Python user registered; only asked when trainer.models (TensorFlow) is loaded.
+    models = sys.modules.get("trainer.models")
+    return models is not None and name in models.registered()
+
+
 def _check_paths(c: Config) -> None:
+    where = c.model.rsplit(":", 1)[0] if ":" in c.model else ""
+    if where.endswith(".py") and not os.path.isfile(where):
+        raise ConfigError(f"--model={c.model}: {where}: no such file")
     if c.data_dir:
         if not os.path.isdir(c.data_dir):
             raise ConfigError(

@@ -28,6 +28,7 @@ from trainer import step as step_lib
 from trainer.backends import create_backend
 from trainer.backends.base import Backend
 from trainer.config import Config, validated
+from trainer.evaluation import Evaluator
 from trainer.inputs import InputSpec
 from trainer.interrupts import StopRequest
 from trainer.meter import Meter
@@ -54,9 +55,10 @@ class _Run:
     backend: Backend
     state: TrainState
     inputs: InputSpec
-    loops: step_lib.Loops
     checkpointer: checkpoints.Checkpointer
     summaries: Summaries
+    meter: Meter
+    evaluate: Evaluator
 
 
 def train_and_evaluate(config: Config) -> dict:
@@ -87,14 +89,16 @@ def train_and_evaluate(config: Config) -> dict:
         num_classes=plan.num_classes,
         label_smoothing=config.label_smoothing,
         xla=plan.xla,
+        grad_accum_steps=plan.grad_accum_steps,
     )
     summaries = Summaries(config.workdir, enabled=backend.is_chief)
-    run = _Run(config, plan, backend, state, inputs, loops, checkpointer, summaries)
+    meter = Meter(step_lib.TRAIN_METRICS, plan.global_batch)
+    evaluate = Evaluator(plan, backend, state, inputs, loops, summaries, checkpointer, meter)
+    run = _Run(config, plan, backend, state, inputs, checkpointer, summaries, meter, evaluate)
     if start_step == 0:
         _write_run_start(run)
-    meter = Meter(step_lib.TRAIN_METRICS, plan.global_batch)
-    final_step = _train(run, train_iterator, start_step, meter)
-    return _finish(run, final_step, start_step, meter)
+    final_step = _train(run, loops, train_iterator, start_step)
+    return _finish(run, final_step, start_step)
 
 
 def _restore(config, plan, backend, state, inputs):
@@ -120,8 +124,11 @@ def _restore(config, plan, backend, state, inputs):
     return checkpointer, iterator or train_iterator(config.seed + start_step), start_step
 
 
-def _train(run: _Run, iterator, start_step: int, meter: Meter) -> int:
-    """Runs compiled chunks from `start_step` to the plan's last step; returns the step reached."""
+def _train(run: _Run, loops: step_lib.Loops, iterator, start_step: int) -> int:
+    """Runs compiled chunks from `start_step` to the plan's last step (or an early stop).
+
+    Returns the step reached.
+    """
     config, plan, backend = run.config, run.plan, run.backend
     progress = console.Progress(
         plan.total_steps, is_chief=backend.is_chief, worker_index=backend.worker_index
@@ -130,7 +137,7 @@ def _train(run: _Run, iterator, start_step: int, meter: Meter) -> int:
         config.stall_timeout_s,
         first_beat_timeout_s=config.stall_timeout_s + _FIRST_CHUNK_GRACE_S,
     )
-    actions = _periodic_actions(run, meter, progress)
+    actions = _periodic_actions(run, progress)
     current = start_step
     with contextlib.ExitStack() as cleanup:
         stop = cleanup.enter_context(StopRequest())
@@ -144,10 +151,10 @@ def _train(run: _Run, iterator, start_step: int, meter: Meter) -> int:
                 current, plan.total_steps, config.steps_per_loop, actions
             )
             started = time.perf_counter()
-            sums, steps_run = run.loops.train(iterator, tf.constant(n))
+            sums, steps_run = loops.train(iterator, tf.constant(n))
             sums = {k: float(v) for k, v in sums.items()}  # The one host sync per chunk.
             current += int(steps_run)
-            meter.record(sums, int(steps_run), time.perf_counter() - started)
+            run.meter.record(sums, int(steps_run), time.perf_counter() - started)
             watchdog.beat(current)
             if not math.isfinite(sums["loss"]):
                 raise NonFiniteLossError(
@@ -159,12 +166,22 @@ def _train(run: _Run, iterator, start_step: int, meter: Meter) -> int:
             if stop.signum is not None:
                 run.checkpointer.save()
                 stop.raise_if_requested()
+            if run.state.best.should_stop:
+                logging.info(
+                    "early stop at step %d: %s has not improved for %d evaluations (best at "
+                    "step %d)",
+                    current,
+                    config.keep_best,
+                    config.early_stopping_patience,
+                    int(run.state.best.step.numpy()),
+                )
+                break
     return current
 
 
-def _periodic_actions(run: _Run, meter: Meter, progress: console.Progress):
+def _periodic_actions(run: _Run, progress: console.Progress):
     """The one list of what runs between chunks, in the order it runs at a shared step."""
-    config, plan, summaries = run.config, run.plan, run.summaries
+    config, plan, summaries, meter = run.config, run.plan, run.summaries, run.meter
     total = plan.total_steps
 
     def log(step):
@@ -194,7 +211,7 @@ def _periodic_actions(run: _Run, meter: Meter, progress: console.Progress):
 
     def evaluate(step):
         if step < total:  # The last step's evaluation is _finish's, after the final checkpoint.
-            _evaluate(run, step)
+            run.evaluate(step)
 
     if config.profile_steps:
         first, last = config.profile_steps
@@ -224,23 +241,6 @@ def _any_step(fn: Callable[[], object]) -> Callable[[int], None]:
     return run
 
 
-def _evaluate(run: _Run, step: int) -> dict:
-    """Evaluates every example of the eval split once (across workers); logs and returns it."""
-    plan = run.plan
-    dataset_fn = run.inputs.evaluation(plan.eval_split, plan.eval_batches_per_worker)
-    iterator = iter(run.backend.distribute(dataset_fn, plan.per_worker_batch))
-    sums = run.loops.evaluate(iterator, tf.constant(plan.eval_batches_per_worker))
-    sums = {k: float(v) for k, v in sums.items()}
-    result = {
-        "loss": sums["loss_sum"] / sums["count"],
-        "accuracy": sums["correct"] / sums["count"],
-        "num_examples": int(round(sums["count"])),
-    }
-    logging.info("eval at step %d: %s", step, _format_eval(result))
-    run.summaries.scalars(step, {"eval/loss": result["loss"], "eval/accuracy": result["accuracy"]})
-    return result
-
-
 def _write_run_start(run: _Run) -> None:
     """TensorBoard at step 0: the hyperparameters and a batch of training inputs."""
     config, plan = run.config, run.plan
@@ -260,52 +260,56 @@ def _write_run_start(run: _Run) -> None:
     run.summaries.images(0, "input/images", lambda: next(iter(sample(0, 1, 16)))[0])
 
 
-def _finish(run: _Run, final_step: int, start_step: int, meter: Meter) -> dict:
+def _finish(run: _Run, final_step: int, start_step: int) -> dict:
     """Final checkpoint and eval, weights fingerprint, export and summary.json (chief)."""
-    config, plan, backend = run.config, run.plan, run.backend
+    config, plan, backend, state = run.config, run.plan, run.backend, run.state
     run.checkpointer.save()
-    final_eval = _evaluate(run, final_step)
+    final_eval = run.evaluate(final_step)
     # Every worker logs this: equal fingerprints prove the replicas ended with identical weights.
-    logging.info("weights fingerprint %s", _fingerprint(run.state.model.get_weights()))
+    logging.info("weights fingerprint %s", _fingerprint(state.model.get_weights()))
     run.summaries.close()
     summary = {
         "final_step": final_step,
         "total_steps": plan.total_steps,
-        "train_seconds": round(meter.train_seconds, 3),
-        "images_per_sec": round(meter.images_per_sec, 1),
+        "stopped_early": final_step < plan.total_steps,
+        "train_seconds": round(run.meter.train_seconds, 3),
+        "images_per_sec": round(run.meter.images_per_sec, 1),
         "eval": {"split": plan.eval_split, **final_eval},
+        "eval_history": run.evaluate.history,
         "model": config.model,
         "strategy": plan.topology.strategy,
         "num_workers": plan.topology.num_workers,
         "num_replicas": plan.topology.num_replicas,
         "global_batch": plan.global_batch,
         "per_replica_batch": plan.per_replica_batch,
+        "grad_accum_steps": plan.grad_accum_steps,
         "precision": plan.precision,
         "xla": plan.xla,
+        "ema_decay": config.ema_decay,
         "data_dir": plan.data_dir,
         "workdir": config.workdir,
         "resumed_from_step": start_step,
         "is_chief": backend.is_chief,
     }
+    if state.best.enabled:
+        summary["best"] = {**state.best.describe(), "checkpoint": run.checkpointer.best}
     if config.export and backend.is_chief:
-        summary["export"] = export.export_model(
-            run.state.model,
-            config.model,
-            plan.input_shape,
-            plan.num_classes,
-            os.path.join(config.workdir, "export"),
-        )
+        from_best = state.best.enabled and config.export_from != "last"
+        if from_best:
+            logging.info("exporting the best checkpoint %s", run.checkpointer.restore_best())
+        with state.averaged_weights():  # With --ema_decay, the averaged weights are exported.
+            summary["export"] = export.export_model(
+                state.model,
+                config.model,
+                plan.input_shape,
+                plan.num_classes,
+                os.path.join(config.workdir, "export"),
+            )
+        summary["export_weights"] = "best" if from_best else "last"
     if backend.is_chief:
         with open(os.path.join(config.workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return summary
-
-
-def _format_eval(result: dict) -> str:
-    return (
-        f"loss {result['loss']:.4f} accuracy {result['accuracy']:.4f} "
-        f"over {result['num_examples']} examples"
-    )
 
 
 def _fingerprint(weights) -> str:

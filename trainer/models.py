@@ -1,35 +1,97 @@
-"""The model zoo: each classic tutorial CNN as a Keras 3 model that outputs float32 logits.
+"""Models: a registry of builders, the built-in tutorial zoo, and users' own models.
+
+A builder is `builder(input_shape, num_classes) -> keras.Model` mapping float images in [0, 1] to
+logits. The zoo registers each classic tutorial CNN with `@register("name")`; a user's module does
+the same, or names any builder function: `--model=NAME` picks a registered name, and
+`--model=package.module:callable` or `--model=path/to/file.py:callable` imports the module (whose
+`@register` decorators run) and takes `callable` from it: a registered name or a module attribute.
 
 Models are sized from the dataset (classes, input shape); `resolve_input_shape` decides what the
-model is fed and refuses combinations that do not fit. Mixed precision is a dtype policy applied
-while the layers are built; the logits layer always stays float32 so the loss is computed stably.
+model is fed and refuses combinations that do not fit; `build_model` checks what a builder returns.
+Mixed precision is a dtype policy set while the builder runs, so a user's layers get it too; the
+built-ins keep their logits layer float32, and the step casts any model's logits to float32.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
+import importlib.util
+import os
+import sys
+from collections.abc import Callable
 
 import keras
 from keras import layers
 
 from trainer.config import ConfigError
 
+Builder = Callable[[tuple[int, int, int], int], keras.Model]
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    builder: callable
+    name: str
+    builder: Builder
     # (H, W, C) the architecture was designed for; None: whatever the dataset has.
-    fixed_input: tuple[int, int, int] | None
+    fixed_input: tuple[int, int, int] | None = None
     # Smallest spatial size its convolutions and pools accept.
-    min_size: int
+    min_size: int = 1
 
 
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(
+    name: str, *, fixed_input: tuple[int, int, int] | None = None, min_size: int = 1
+) -> Callable[[Builder], Builder]:
+    """Decorator: registers `builder(input_shape, num_classes) -> keras.Model` under `name`.
+
+    `fixed_input` is the (H, W, C) the model was designed for (the dataset is resized to it when
+    --image_size asks); `min_size` the smallest image side its convolutions and pools accept.
+    """
+
+    def decorate(builder: Builder) -> Builder:
+        existing = _REGISTRY.get(name)
+        # Re-importing the module that registered it is fine; another builder is a clash.
+        same = existing and (existing.builder.__module__, existing.builder.__qualname__) == (
+            builder.__module__,
+            builder.__qualname__,
+        )
+        if existing and not same:
+            raise ValueError(f"model name '{name}' is already registered by {existing.builder}")
+        _REGISTRY[name] = ModelSpec(name, builder, fixed_input, min_size)
+        return builder
+
+    return decorate
+
+
+def registered() -> list[str]:
+    """Every registered model name (the built-ins, and any a loaded user module registered)."""
+    return sorted(_REGISTRY)
+
+
+def _functional(body: Callable) -> Builder:
+    """A builder from `body(inputs, num_classes) -> logits`, the zoo's functional-API style."""
+
+    def builder(input_shape, num_classes):
+        inputs = keras.Input(shape=input_shape, name="images")
+        return keras.Model(inputs, body(inputs, num_classes), name=body.__name__.lstrip("_"))
+
+    builder.__qualname__ = body.__qualname__
+    return builder
+
+
+@register("softmax")
+@_functional
 def _softmax(inputs, num_classes):
     x = layers.Flatten()(inputs)
     return layers.Dense(num_classes, dtype="float32", name="logits")(x)
 
 
+@register("lenet", min_size=4)
+@_functional
 def _lenet(inputs, num_classes):
     x = layers.Conv2D(32, 5, padding="same", activation="relu")(inputs)
     x = layers.MaxPooling2D(2)(x)
@@ -41,6 +103,8 @@ def _lenet(inputs, num_classes):
     return layers.Dense(num_classes, dtype="float32", name="logits")(x)
 
 
+@register("tutorial_cnn", min_size=18)
+@_functional
 def _tutorial_cnn(inputs, num_classes):
     x = layers.Conv2D(32, 3, activation="relu")(inputs)
     x = layers.MaxPooling2D(2)(x)
@@ -52,6 +116,8 @@ def _tutorial_cnn(inputs, num_classes):
     return layers.Dense(num_classes, dtype="float32", name="logits")(x)
 
 
+@register("small_convnet", min_size=18)
+@_functional
 def _small_convnet(inputs, num_classes):
     x = layers.Conv2D(32, 3, activation="relu")(inputs)
     x = layers.MaxPooling2D(2)(x)
@@ -63,6 +129,8 @@ def _small_convnet(inputs, num_classes):
     return layers.Dense(num_classes, dtype="float32", name="logits")(x)
 
 
+@register("sign_cnn")
+@_functional
 def _sign_cnn(inputs, num_classes):
     x = inputs
     for filters, dropout in ((75, 0.0), (50, 0.2), (25, 0.0)):
@@ -77,6 +145,8 @@ def _sign_cnn(inputs, num_classes):
     return layers.Dense(num_classes, dtype="float32", name="logits")(x)
 
 
+@register("cats_dogs_cnn", fixed_input=(150, 150, 3), min_size=22)
+@_functional
 def _cats_dogs_cnn(inputs, num_classes):
     x = inputs
     for filters in (16, 32, 32):
@@ -88,22 +158,14 @@ def _cats_dogs_cnn(inputs, num_classes):
     return layers.Dense(num_classes, dtype="float32", name="logits")(x)
 
 
+@register("resnet50", fixed_input=(224, 224, 3), min_size=32)
+@_functional
 def _resnet50(inputs, num_classes):
     backbone = keras.applications.ResNet50(
         weights=None, include_top=False, input_tensor=inputs, pooling="avg"
     )
     return layers.Dense(num_classes, dtype="float32", name="logits")(backbone.output)
 
-
-MODELS: dict[str, ModelSpec] = {
-    "softmax": ModelSpec(_softmax, None, 1),
-    "lenet": ModelSpec(_lenet, None, 4),
-    "tutorial_cnn": ModelSpec(_tutorial_cnn, None, 18),
-    "small_convnet": ModelSpec(_small_convnet, None, 18),
-    "sign_cnn": ModelSpec(_sign_cnn, None, 1),
-    "cats_dogs_cnn": ModelSpec(_cats_dogs_cnn, (150, 150, 3), 22),
-    "resnet50": ModelSpec(_resnet50, (224, 224, 3), 32),
-}
 
 _POLICIES = {"fp32": "float32", "fp16": "mixed_float16", "bf16": "mixed_bfloat16"}
 
@@ -119,7 +181,7 @@ def resolve_input_shape(
     Resizing is opt-in: a dataset with a fixed image size is fed as it is unless --image_size says
     otherwise, so a model built for other inputs fails loudly instead of silently upsampling.
     """
-    spec = MODELS[model]
+    spec = resolve(model)
     if image_size:
         height, width = image_size
     elif spec.fixed_input:
@@ -145,14 +207,92 @@ def resolve_input_shape(
     return shape
 
 
+def resolve(model: str) -> ModelSpec:
+    """The spec `--model` names; imports a user's module when needed. Raises ConfigError."""
+    if model in _REGISTRY:
+        return _REGISTRY[model]
+    if ":" not in model:
+        raise ConfigError(
+            f"--model={model}: unknown; registered: {', '.join(registered())}; or name your own "
+            "builder as package.module:callable or path/to/file.py:callable"
+        )
+    where, attr = model.rsplit(":", 1)
+    module = _import_user_module(model, where)
+    builder = getattr(module, attr, None)
+    if builder is None:
+        # The module may register names that are not attributes (e.g. through a loop).
+        if attr in _REGISTRY and _REGISTRY[attr].builder.__module__ == module.__name__:
+            return _REGISTRY[attr]
+        raise ConfigError(
+            f"--model={model}: {where} has no callable '{attr}' (registered models: "
+            f"{', '.join(registered())})"
+        )
+    if not callable(builder):
+        raise ConfigError(
+            f"--model={model}: {where}.{attr} is a {type(builder).__name__}, not a callable "
+            "builder(input_shape, num_classes) -> keras.Model"
+        )
+    for spec in _REGISTRY.values():  # Registered with @register: keep its size constraints.
+        if spec.builder is builder:
+            return dataclasses.replace(spec, name=model)
+    return ModelSpec(model, builder)
+
+
+def _import_user_module(model: str, where: str):
+    try:
+        if where.endswith(".py"):
+            path = os.path.abspath(where)
+            if not os.path.isfile(path):
+                raise ConfigError(f"--model={model}: {where}: no such file")
+            module_name = f"convoy_user_model_{os.path.splitext(os.path.basename(path))[0]}"
+            if module_name in sys.modules:
+                return sys.modules[module_name]
+            spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module  # Before exec, as a regular import does.
+            spec.loader.exec_module(module)
+            return module
+        return importlib.import_module(where)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure of a user's module is a bad --model
+        sys.modules.pop(f"convoy_user_model_{os.path.splitext(os.path.basename(where))[0]}", None)
+        raise ConfigError(
+            f"--model={model}: cannot import {where} ({type(e).__name__}: {_one_line(e)})"
+        ) from None
+
+
 def build_model(
     model: str, input_shape: tuple[int, int, int], num_classes: int, precision: str = "fp32"
 ) -> keras.Model:
-    """A fresh, uncompiled model mapping float images in [0, 1] to float32 logits."""
+    """A fresh, uncompiled model mapping float images in [0, 1] to logits; checked for shape."""
+    spec = resolve(model)
     with _dtype_policy(_POLICIES[precision]):
-        inputs = keras.Input(shape=input_shape, name="images")
-        outputs = MODELS[model].builder(inputs, num_classes)
-        return keras.Model(inputs, outputs, name=model)
+        try:
+            built = spec.builder(tuple(input_shape), num_classes)
+        except Exception as e:  # noqa: BLE001 - a user's builder may fail in any way
+            raise ConfigError(
+                f"--model={model}: the builder raised {type(e).__name__}: {_one_line(e)}"
+            ) from None
+    if not isinstance(built, keras.Model):
+        raise ConfigError(
+            f"--model={model}: the builder returned a {type(built).__name__}; expected a "
+            "keras.Model"
+        )
+    if len(built.inputs) != 1 or tuple(built.inputs[0].shape[1:]) != tuple(input_shape):
+        got = [tuple(t.shape[1:]) for t in built.inputs]
+        raise ConfigError(
+            f"--model={model} takes inputs of shape {got}; the dataset provides "
+            f"{_fmt(input_shape)} images (a builder must use the input_shape it is given; "
+            "--image_size resizes)"
+        )
+    if len(built.outputs) != 1 or tuple(built.outputs[0].shape[1:]) != (num_classes,):
+        got = [tuple(t.shape) for t in built.outputs]
+        raise ConfigError(
+            f"--model={model} outputs shape {got}; expected [batch, {num_classes}] logits, one "
+            "per class of the dataset"
+        )
+    return built
 
 
 @contextlib.contextmanager
@@ -169,3 +309,7 @@ def _dtype_policy(name: str):
 
 def _fmt(shape) -> str:
     return "x".join(str(d) for d in shape)
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split()) or repr(error)

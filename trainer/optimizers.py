@@ -100,12 +100,17 @@ def build_optimizer(
     weight_decay: float,
     clip_grad_norm: float,
     loss_scaling: bool,
+    ema_decay: float = 0.0,
 ) -> keras.optimizers.Optimizer:
     """The optimizer for `name`, wrapped in dynamic loss scaling when `loss_scaling` (fp16)."""
     common = {
         "learning_rate": schedule,
         "weight_decay": weight_decay or None,
         "global_clipnorm": clip_grad_norm or None,
+        # Keras keeps the weights' moving average in the optimizer, updated after each apply(),
+        # so it is checkpointed, restored and broadcast with the optimizer's other variables.
+        "use_ema": ema_decay > 0,
+        "ema_momentum": ema_decay or 0.99,
     }
     if name == "sgd":
         optimizer = _pre_reduced(keras.optimizers.SGD)(**common)

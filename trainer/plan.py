@@ -43,6 +43,7 @@ class Plan:
     global_batch: int
     per_worker_batch: int
     per_replica_batch: int
+    grad_accum_steps: int
     total_steps: int
     eval_batches_per_worker: int
     xla: bool
@@ -53,7 +54,14 @@ class Plan:
         t = self.topology
         return (
             f"global batch {self.global_batch} = {t.num_workers} workers x "
-            f"{t.replicas_per_worker} replicas/worker x {self.per_replica_batch} per replica\n"
+            f"{t.replicas_per_worker} replicas/worker x {self.per_replica_batch} per replica"
+            + (
+                f" (= {self.grad_accum_steps} accumulated micro-batches of "
+                f"{self.per_replica_batch // self.grad_accum_steps})"
+                if self.grad_accum_steps > 1
+                else ""
+            )
+            + "\n"
             f"{'x'.join(map(str, self.input_shape))} inputs, {self.num_classes} classes; "
             f"{self.total_steps} steps; precision {self.precision}; xla {self.xla}"
         )
@@ -78,6 +86,12 @@ def resolve_plan(
             f"--global_batch_size={global_batch}: not divisible by the "
             f"{topology.num_replicas} replicas of --strategy={topology.strategy}"
         )
+    if global_batch % (topology.num_replicas * config.grad_accum_steps):
+        raise ConfigError(
+            f"--global_batch_size={global_batch}: not divisible by --grad_accum_steps="
+            f"{config.grad_accum_steps} x the {topology.num_replicas} replicas of "
+            f"--strategy={topology.strategy}"
+        )
     num_train = metadata.splits[config.train_split].num_examples
     if global_batch > num_train:
         raise ConfigError(
@@ -99,6 +113,7 @@ def resolve_plan(
         global_batch=global_batch,
         per_worker_batch=per_worker_batch,
         per_replica_batch=global_batch // topology.num_replicas,
+        grad_accum_steps=config.grad_accum_steps,
         total_steps=config.train_steps or math.ceil(config.epochs * num_train / global_batch),
         # Each worker's eval batches are per-worker batches, the same number on every worker.
         eval_batches_per_worker=eval_batches_per_worker(

@@ -6,13 +6,16 @@ the loop, the checkpoints and the benchmarks all start from it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 
 import keras
 import tensorflow as tf
 
 from trainer import models, optimizers
 from trainer.backends.base import Backend
+from trainer.best import BestTracker
 from trainer.config import Config
 from trainer.plan import Plan
 
@@ -23,15 +26,59 @@ class TrainState:
     optimizer: keras.optimizers.Optimizer
     schedule: optimizers.WarmupSchedule
     step: tf.Variable
+    best: BestTracker
+    backend: Backend
 
     @property
     def variables(self) -> list:
         """Every variable a worker must share with the others at the start (Horovod broadcast)."""
-        return [*self.model.variables, *self.optimizer.variables, self.step]
+        return [
+            *self.model.variables,
+            *self.optimizer.variables,
+            self.step,
+            *self.best.state_variables,
+        ]
 
     @property
     def uses_loss_scaling(self) -> bool:
         return isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
+
+    @property
+    def averages(self) -> list | None:
+        """The weights' moving averages (--ema_decay), one per trainable variable; else None."""
+        inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        # Keras keeps them in a private list; its own finalize_variable_values reads the same.
+        return inner._model_variables_moving_average if inner.use_ema else None
+
+    @contextlib.contextmanager
+    def averaged_weights(self):
+        """Within: the model holds the moving averages (no-op without EMA). Exactly undone after."""
+        if self.averages is None:
+            yield
+            return
+        self._swap_averages()
+        try:
+            yield
+        finally:
+            self._swap_averages()
+
+    @functools.cached_property
+    def _swap_averages(self):
+        pairs = [(_tf(v), _tf(a)) for v, a in zip(self.model.trainable_variables, self.averages)]
+
+        @tf.function
+        def swap():
+            for variable, average in pairs:
+                raw = tf.identity(variable)
+                variable.assign(average)
+                average.assign(raw)
+
+        def swap_in_scope():
+            # In the strategy's cross-replica context each assign writes every replica's copy.
+            with self.backend.scope():
+                swap()
+
+        return swap_in_scope
 
 
 def create_train_state(config: Config, plan: Plan, backend: Backend) -> TrainState:
@@ -56,8 +103,17 @@ def create_train_state(config: Config, plan: Plan, backend: Backend) -> TrainSta
             weight_decay=config.weight_decay,
             clip_grad_norm=config.clip_grad_norm,
             loss_scaling=plan.precision == "fp16",
+            ema_decay=config.ema_decay,
         )
         # Slots now, inside the scope, so they are mirrored like the weights.
         optimizer.build(model.trainable_variables)
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-    return TrainState(model=model, optimizer=optimizer, schedule=schedule, step=step)
+        best = BestTracker(
+            config.keep_best, config.early_stopping_min_delta, config.early_stopping_patience
+        )
+    return TrainState(model, optimizer, schedule, step, best, backend)
+
+
+def _tf(variable):
+    """The tf.Variable under a Keras 3 variable (assign on it works in any strategy context)."""
+    return variable.value if isinstance(variable, keras.Variable) else variable

@@ -49,11 +49,24 @@ def build_loops(
     num_classes: int,
     label_smoothing: float,
     xla: bool,
+    grad_accum_steps: int = 1,
+    confusion_matrix: bool = False,
 ) -> Loops:
-    """Builds the train and eval loops for `state` under `backend`."""
+    """Builds the train and eval loops for `state` under `backend`.
+
+    With `grad_accum_steps` K > 1 each replica splits its batch into K micro-batches, sums their
+    gradients inside the step, then all-reduces once and applies once: the same update as one
+    batch of K micro-batches (BatchNorm statistics aside, which see micro-batches), with the
+    activations of one micro-batch in memory. The sum is carried in the compiled loop, not in
+    variables: a checkpoint, saved only between steps, can never hold half an accumulation.
+    With `confusion_matrix`, evaluation also sums a [num_classes, num_classes] count matrix
+    (rows: true class, columns: predicted).
+    """
     model, optimizer, step = state.model, state.optimizer, state.step
     loss_scaling = state.uses_loss_scaling
     variables = model.trainable_variables
+    # Regularisation losses are added once per grads_fn call: once per micro-batch per replica.
+    regularisation_calls = backend.num_replicas * grad_accum_steps
 
     @tf.function(jit_compile=xla)
     def grads_fn(images, labels):
@@ -63,14 +76,28 @@ def build_loops(
             # Divided by the global batch so that summing over replicas gives the global mean.
             loss = tf.reduce_sum(per_example) / global_batch_size
             if model.losses:
-                loss += tf.add_n(model.losses) / backend.num_replicas
+                loss += tf.add_n(model.losses) / regularisation_calls
             scaled = optimizer.scale_loss(loss) if loss_scaling else loss
         grads = tape.gradient(scaled, variables)
         correct = tf.reduce_sum(tf.cast(tf.equal(_predictions(logits), labels), tf.float32))
         return loss, grads, correct
 
+    def accumulated_grads(images, labels):
+        """grads_fn summed over this replica's micro-batches (the batch itself when K is 1)."""
+        if grad_accum_steps == 1:
+            return grads_fn(images, labels)
+        images = tf.reshape(images, [grad_accum_steps, -1, *images.shape[1:]])
+        labels = tf.reshape(labels, [grad_accum_steps, -1])
+        loss, grads, correct = grads_fn(images[0], labels[0])
+        for k in tf.range(1, grad_accum_steps):
+            micro_loss, micro_grads, micro_correct = grads_fn(images[k], labels[k])
+            loss += micro_loss
+            correct += micro_correct
+            grads = [total + g for total, g in zip(grads, micro_grads)]
+        return loss, grads, correct
+
     def replica_train_step(images, labels):
-        loss, grads, correct = grads_fn(images, labels)
+        loss, grads, correct = accumulated_grads(images, labels)
         grads = backend.reduce_gradients(grads)
         skipped = tf.constant(0.0)
         if loss_scaling:
@@ -94,14 +121,18 @@ def build_loops(
     def replica_eval_step(images, labels, weights):
         logits = forward(images)
         per_example = sparse_cross_entropy(labels, logits, num_classes)
-        correct = tf.cast(tf.equal(_predictions(logits), labels), tf.float32)
-        return backend.reduce_sum(
-            {
-                "loss_sum": tf.reduce_sum(per_example * weights),
-                "correct": tf.reduce_sum(correct * weights),
-                "count": tf.reduce_sum(weights),
-            }
-        )
+        predictions = _predictions(logits)
+        correct = tf.cast(tf.equal(predictions, labels), tf.float32)
+        sums = {
+            "loss_sum": tf.reduce_sum(per_example * weights),
+            "correct": tf.reduce_sum(correct * weights),
+            "count": tf.reduce_sum(weights),
+        }
+        if confusion_matrix:
+            sums["confusion"] = tf.math.confusion_matrix(
+                labels, predictions, num_classes, weights=weights, dtype=tf.float32
+            )
+        return backend.reduce_sum(sums)
 
     @tf.function
     def train_loop(iterator, num_steps):
@@ -122,11 +153,13 @@ def build_loops(
     @tf.function
     def eval_loop(iterator, num_steps):
         sums = {k: tf.constant(0.0) for k in EVAL_METRICS}
+        if confusion_matrix:
+            sums["confusion"] = tf.zeros([num_classes, num_classes])
         for _ in tf.range(num_steps):
             with _after_previous_step(sums):
                 images, labels, weights = next(iterator)
             out = backend.local_result(backend.run(replica_eval_step, images, labels, weights))
-            sums = {k: sums[k] + out[k] for k in EVAL_METRICS}
+            sums = {k: sums[k] + out[k] for k in sums}
         return sums
 
     return Loops(train=train_loop, evaluate=eval_loop)
