@@ -25,6 +25,7 @@ from trainer_harness import (
     summary,
     trainer_command,
     trainer_env,
+    write_user_models,
 )
 
 TRAIN_STEPS = 8
@@ -345,3 +346,35 @@ def test_early_stopping_ends_both_multi_worker_workers_at_the_same_step(tiny_mni
     assert len(_fingerprints(output)) == 2
     assert os.path.exists(os.path.join(workdir, "checkpoints", "best", "best-2.index"))
     _assert_only_chief_wrote(workdir)
+
+
+# --- a user's own model, from a file outside the package, under every backend ------------------
+
+
+@pytest.fixture(scope="module")
+def user_model(tmp_path_factory):
+    return f"{write_user_models(str(tmp_path_factory.mktemp('user_code')))}:small_cnn"
+
+
+@pytest.fixture(scope="module")
+def user_single_process(tiny_mnist, user_model, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("user_single"))
+    run_trainer(*_flags(tiny_mnist, workdir, f"--model={user_model}"), env=ONE_THREAD)
+    return workdir
+
+
+@pytest.mark.parametrize("backend", ["mirrored", "horovod", "multi_worker"])
+def test_user_model_distributed_matches_one_process(
+    tiny_mnist, user_model, user_single_process, tmp_path, backend
+):
+    workdir = str(tmp_path / backend)
+    flags = _flags(tiny_mnist, workdir, f"--model={user_model}")
+    if backend == "mirrored":
+        run_trainer(*flags, "--strategy=mirrored", "--num_cpu_devices=2", env=ONE_THREAD)
+    elif backend == "horovod":
+        assert len(_fingerprints(_check(_horovodrun(*flags)))) == 2
+    else:
+        assert len(_fingerprints(_check(_local_cluster(2, *flags)))) == 2
+    s = summary(workdir)
+    assert s["model"] == user_model and s["num_replicas"] == 2
+    _assert_matches_single_process(workdir, user_single_process)

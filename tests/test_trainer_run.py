@@ -2,22 +2,18 @@
 
 import glob
 import os
-import signal
-import subprocess
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from trainer_harness import (
     FAST_FLAGS,
-    REPO,
     checkpoint_tensors,
     checkpoint_weights,
     max_weight_difference,
     run_trainer,
+    run_until_then_sigterm,
     summary,
-    trainer_command,
-    trainer_env,
 )
 
 BASELINE_STEPS = 60
@@ -238,22 +234,7 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path, extra):
     run_trainer(*flags, f"--workdir={straight}")
 
     interrupted = str(tmp_path / "interrupted")
-    process = subprocess.Popen(
-        trainer_command(*flags, f"--workdir={interrupted}"),
-        cwd=REPO,
-        env=trainer_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    output = []
-    for line in process.stdout:  # Wait until training is under way, then preempt it.
-        output.append(line)
-        if "step 10/60" in line:
-            process.send_signal(signal.SIGTERM)
-            break
-    output.extend(process.stdout)
-    assert process.wait(timeout=120) == 128 + signal.SIGTERM, "".join(output)[-3000:]
+    run_until_then_sigterm((*flags, f"--workdir={interrupted}"), "step 10/60")
     saved = tf.train.latest_checkpoint(os.path.join(interrupted, "checkpoints"))
     saved_step = int(saved.rsplit("-", 1)[1])
     assert 10 <= saved_step < steps, saved

@@ -86,12 +86,92 @@ def max_weight_difference(a: list, b: list) -> float:
 
 
 def checkpoint_tensors(path: str) -> dict[str, np.ndarray]:
-    """Every numeric tensor of a checkpoint (model, optimizer slots and EMA, step, best, ...)."""
+    """Every numeric tensor of a checkpoint (model, optimizer slots and EMA, step, best, ...).
+
+    Leaves out `save_counter`, which counts saves: an interrupted run legitimately saved more.
+    """
     import tensorflow as tf
 
     reader = tf.train.load_checkpoint(path)
     tensors = {}
     for key, dtype in reader.get_variable_to_dtype_map().items():
+        if key.startswith("save_counter"):
+            continue
         if dtype.is_numpy_compatible and dtype != tf.string:
             tensors[key] = reader.get_tensor(key)
     return tensors
+
+
+# A user's model module, written outside the package by the tests that train "your own model".
+# No BatchNorm or dropout in small_cnn, so distributed runs can equal one process exactly.
+USER_MODELS = '''"""A user's own models, outside the convoy package."""
+import keras
+
+from trainer import register
+
+
+def small_cnn(input_shape, num_classes):
+    inputs = keras.Input(shape=input_shape)
+    x = keras.layers.Conv2D(8, 3, activation="relu")(inputs)
+    x = keras.layers.MaxPooling2D(2)(x)
+    x = keras.layers.Flatten()(x)
+    return keras.Model(inputs, keras.layers.Dense(num_classes)(x))
+
+
+@register("user_registered_cnn")
+def registered_cnn(input_shape, num_classes):
+    return small_cnn(input_shape, num_classes)
+
+
+def returns_a_layer(input_shape, num_classes):
+    return keras.layers.Dense(num_classes)
+
+
+def raises(input_shape, num_classes):
+    raise RuntimeError("out of ideas")
+
+
+def wrong_outputs(input_shape, num_classes):
+    inputs = keras.Input(shape=input_shape)
+    return keras.Model(inputs, keras.layers.Dense(num_classes + 1)(keras.layers.Flatten()(inputs)))
+
+
+def fixed_input(input_shape, num_classes):
+    return small_cnn((32, 32, 3), num_classes)
+
+NOT_CALLABLE = 3
+'''
+
+
+def write_user_models(directory: str, name: str = "user_models") -> str:
+    """Writes USER_MODELS as DIRECTORY/NAME.py; returns its path."""
+    path = os.path.join(directory, f"{name}.py")
+    with open(path, "w") as f:
+        f.write(USER_MODELS)
+    return path
+
+
+def run_until_then_sigterm(flags: tuple, line_text: str, env: dict | None = None) -> str:
+    """Starts the trainer, sends SIGTERM once a log line contains `line_text`; returns the output.
+
+    Asserts the trainer saved and exited with 128 + SIGTERM.
+    """
+    import signal
+
+    process = subprocess.Popen(
+        trainer_command(*flags),
+        cwd=REPO,
+        env=trainer_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    output = []
+    for line in process.stdout:  # Wait until training is under way, then preempt it.
+        output.append(line)
+        if line_text in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    output.extend(process.stdout)
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM, "".join(output)[-3000:]
+    return "".join(output)

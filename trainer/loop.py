@@ -74,12 +74,11 @@ def train_and_evaluate(config: Config) -> dict:
     metadata = DatasetMetadata.load(data_dir)
     plan = resolve_plan(config, backend.topology, metadata, data_dir)
     logging.info("%s; model %s\n%s", backend, config.model, plan.describe())
+    state = create_train_state(config, plan, backend)  # Builds (and checks) the model first.
     if backend.is_chief:
         tf.io.gfile.makedirs(config.workdir)
         with open(os.path.join(config.workdir, "config.json"), "w") as f:
             f.write(config.to_json())
-
-    state = create_train_state(config, plan, backend)
     inputs = InputSpec(config, plan, metadata)
     checkpointer, train_iterator, start_step = _restore(config, plan, backend, state, inputs)
     loops = step_lib.build_loops(
