@@ -31,6 +31,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -206,12 +207,15 @@ def trainer_command(trainer_args: Sequence[str], trainer_cmd: Sequence[str] | No
 
 def parse_args(argv: Sequence[str]) -> Request:
     """`argv` (argv[0] is the program) -> Request; raises flags.Error or ValueError."""
+    argv = list(argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    own, rest = argv[:split], argv[split + 1 :]
     try:
-        rest = _FLAGS(list(argv))[1:]
+        stray = _FLAGS(own)[1:]
+        if stray:
+            raise ValueError(f"unexpected arguments {stray}; trainer flags go after `--`")
         if _FLAGS.workers is None:
             raise ValueError("--workers=N is required: the TrainJob's trainer.numNodes")
-        if rest and "--" not in argv:
-            raise ValueError(f"unexpected arguments {rest}; trainer flags go after `--`")
         trainer_cmd = shlex.split(_FLAGS.trainer_cmd) if _FLAGS.trainer_cmd else None
         if _FLAGS.trainer_cmd is not None and not trainer_cmd:
             raise ValueError("--trainer_cmd is empty")
@@ -249,6 +253,9 @@ def main(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
         config = tf_config(env, request.workers, request.port)
     except IdentityError as e:
         return _error(f"launch.jobset: {e}")
+    # Checked before anything is printed, so that a bad --trainer_cmd is one error line.
+    if shutil.which(cmd[0], path=env.get("PATH", os.defpath)) is None:
+        return _error(f"launch.jobset: cannot run {cmd[0]!r}: not an executable file")
     env["TF_CONFIG"] = json.dumps(config, separators=(",", ":"))
     index, workers = config["task"]["index"], config["cluster"]["worker"]
     print(
