@@ -1401,7 +1401,13 @@ def render_example(directory: str, tmp_path) -> list[dict]:
 
 def test_readme_examples_exist():
     dirs = {os.path.dirname(p) for p in readme_examples()}
-    assert {"my-runs/horovod-32gpu", "my-runs/tfjob-resnet", "my-runs/cpu-smoke"} <= dirs
+    assert {
+        "my-runs/horovod-32gpu",
+        "my-runs/tfjob-resnet",
+        "my-runs/cpu-smoke",
+        "my-runs/trainjob-horovod-32gpu",
+        "my-runs/queued-multiworker",
+    } <= dirs
 
 
 def check_rendered(objs: list[dict], tmp_path) -> list:
@@ -1477,3 +1483,32 @@ def test_readme_example_runs_the_single_gpu_job_on_cpu(tmp_path):
     assert c["image"] == "convoy-cpu:0.1.0"
     assert "nvidia.com/gpu" not in c["resources"]["limits"]
     assert "tolerations" not in pod
+
+
+def test_readme_example_scales_the_trainjob_horovod_job(tmp_path):
+    objs = render_example("my-runs/trainjob-horovod-32gpu", tmp_path)
+    ((_, _, config, pod_spec, c),) = check_rendered(objs, tmp_path)
+    trainjob, runtime = one(objs, "TrainJob"), one(objs, "TrainingRuntime")
+    pods = trainjob_pods(trainjob, runtime)
+    nodes, node_tmpl = pods["node"]
+    (nc,) = node_tmpl["spec"]["containers"]
+    assert nodes == 4
+    assert nc["resources"]["limits"]["nvidia.com/gpu"] == 8 == mpi_policy(runtime)["numProcPerNode"]
+    for _, (_, tmpl) in pods.items():
+        assert tmpl["spec"]["containers"][0]["image"] == "registry.example.com/ml/convoy-gpu:0.2.0"
+    assert config.global_batch_size == 2048
+    check_paths_on_claims("example", config, pod_spec, c)
+    # The launcher's -np follows: 4 nodes x 8 slots (horovod_ranks checks np == 32).
+    assert trainer_hostfile(trainjob, runtime).count("slots=8") == 4
+
+
+def test_readme_example_queues_a_bigger_multiworker_trainjob(tmp_path):
+    objs = render_example("my-runs/queued-multiworker", tmp_path)
+    runs = check_rendered(objs, tmp_path)
+    trainjob = one(objs, "TrainJob")
+    assert trainjob["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-team-a"
+    # One trainer command line per pod template; trainer_invocations checked --workers == 4.
+    ((_, _, config, pod_spec, c),) = runs
+    assert trainjob["spec"]["trainer"]["numNodes"] == 4
+    assert config.strategy == "multi_worker"
+    check_paths_on_claims("example", config, pod_spec, c)
