@@ -11,8 +11,9 @@ TensorFlow job no TF_CONFIG. Every pod of the TrainJob knows enough about itself
   the downward API by the TrainingRuntime (k8s/trainjob-multiworker/trainingruntime.yaml);
 - `CONVOY_JOBSET_SUBDOMAIN` (optional): the JobSet's `network.subdomain`, if the runtime sets one;
   JobSet's default is the JobSet name, which Trainer v2 makes the TrainJob's name;
-- `HOSTNAME` (optional): checked against the hostname JobSet gives the pod, so a runtime with DNS
-  hostnames switched off fails here instead of hanging every worker.
+- `HOSTNAME` (optional): checked against the hostname the pod must have (Indexed Jobs name it
+  `<job name>-<index>`), so identity variables that do not describe this pod (a runtime passing the
+  wrong labels) fail here instead of leaving every worker waiting for peers that never come.
 
 Worker i of N is `<jobset>-<replicated job>-<job index>-<i>.<subdomain>:<port>`, worker 0 is the
 chief, and this pod is worker JOB_COMPLETION_INDEX. Then the launcher replaces itself (exec) with
@@ -184,8 +185,9 @@ def tf_config(env: Mapping[str, str], num_workers: int, port: int = DEFAULT_PORT
     hostname = env.get("HOSTNAME")
     if hostname and hostname != me.hostname(me.pod_index):
         raise IdentityError(
-            f"HOSTNAME={hostname!r} is not the JobSet hostname {me.hostname(me.pod_index)!r}: "
-            "the runtime must keep network.enableDNSHostnames on"
+            f"HOSTNAME={hostname!r} is not {me.hostname(me.pod_index)!r}, the hostname of the pod "
+            f"that {JOBSET_NAME_ENV}, {REPLICATED_JOB_ENV}, {JOB_INDEX_ENV} and "
+            f"{COMPLETION_INDEX_ENV} describe"
         )
     return {
         "cluster": {"worker": [me.address(i, port) for i in range(num_workers)]},

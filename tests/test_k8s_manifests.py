@@ -1289,6 +1289,8 @@ def test_trainjob_multiworker_layout():
     trainjob, runtime = one(objs, "TrainJob"), one(objs, "TrainingRuntime")
     # No framework policy: Trainer v2 has none for TensorFlow, and TF_CONFIG is launch.jobset's.
     assert set(runtime["spec"]["mlPolicy"]) == {"numNodes"}
+    # TF_CONFIG names workers by their DNS hostnames: JobSet's headless Service must exist.
+    assert runtime["spec"]["template"]["spec"].get("network", {}).get("enableDNSHostnames", True)
     ((job_name, job),) = job_templates(runtime)
     assert job_name == "node" and is_trainer_job(job)
     trainer = trainjob["spec"]["trainer"]

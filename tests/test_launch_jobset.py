@@ -107,7 +107,7 @@ def _without(name):
         ({**pod_env(0), "CONVOY_JOB_INDEX": "1"}, 2, 2222, "CONVOY_JOB_INDEX=1: expected 0"),
         ({**pod_env(0), "CONVOY_JOBSET_NAME": "Convoy_X"}, 2, 2222, "is not a DNS label"),
         ({**pod_env(0), "CONVOY_JOBSET_SUBDOMAIN": "a.b"}, 2, 2222, "CONVOY_JOBSET_SUBDOMAIN"),
-        ({**pod_env(0), "HOSTNAME": "x-7f9c2"}, 2, 2222, "enableDNSHostnames"),
+        ({**pod_env(0), "HOSTNAME": "x-7f9c2"}, 2, 2222, "HOSTNAME='x-7f9c2' is not"),
         (pod_env(0, trainjob="t" * 55), 2, 2222, "longer than 63 characters"),
         (pod_env(0), 0, 2222, "at least 1"),
         (pod_env(0), 2, 70000, "port 70000"),
