@@ -125,7 +125,7 @@ def _index(env: Mapping[str, str], name: str, source: str) -> int:
     value = env.get(name)
     if value is None or value == "":
         raise IdentityError(f"{name} is not set ({source})")
-    if not value.isdigit():
+    if not re.fullmatch(r"[0-9]+", value):
         raise IdentityError(f"{name}={value!r} is not a non-negative integer ({source})")
     return int(value)
 
