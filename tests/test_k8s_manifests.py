@@ -4,15 +4,20 @@ Every overlay is rendered with `kubectl kustomize` (the venv's kubectl from the 
 wheel, else the one on PATH), and then:
 - core objects validate against the Kubernetes OpenAPI schema (`kubernetes-validate`, strict: an
   unknown field is an error) for the oldest and the newest Kubernetes version this suite targets;
-- MPIJob/TFJob validate against their CRD's openAPIV3Schema (k8s/crds) with jsonschema, plus a
-  walk that rejects every field the structural schema does not declare (CRD schemas do not set
-  additionalProperties: false, so plain JSON-schema validation would accept typos that the API
-  server prunes or, with strict field validation, rejects); their metadata and pod templates also
-  validate strictly as core ObjectMeta / PodTemplateSpec;
+- MPIJob/TFJob/TrainJob/TrainingRuntime validate against their CRD's openAPIV3Schema (k8s/crds)
+  with jsonschema, plus a walk that rejects every field the structural schema does not declare
+  (CRD schemas do not set additionalProperties: false, so plain JSON-schema validation would accept
+  typos that the API server prunes or, with strict field validation, rejects), plus the CRDs' CEL
+  rules (x-kubernetes-validations) evaluated with cel-python; their metadata, pod templates and a
+  TrainingRuntime's Job templates also validate strictly as core ObjectMeta / PodTemplateSpec / Job;
+- a TrainJob is combined with its TrainingRuntime as Kubeflow Trainer v2 does (the TrainJob's
+  trainer block applied to the runtime's `node` container, the MPI plugin's ssh keys and hostfile
+  mounted), and the resulting pods validate as core pods too;
 - every trainer command line parses with the trainer's own parser (`trainer.config`), with the
   rendered ConfigMap standing in for its --flagfile, and names data/workdir paths on the mounted
-  claims; the MPIJob launcher's line goes through the real `convoy-mpi-launcher` script and
-  `launch.horovod`'s flag parser and command builder first;
+  claims; the MPI launchers' lines (MPIJob, TrainJob) go through the real `convoy-mpi-launcher`
+  script and `launch.horovod`'s flag parser and command builder first, the multi-worker TrainJob's
+  through `launch.jobset`'s parser and command builder;
 - security, resources, restart and termination properties are asserted per pod and container;
 - the kustomize overlays shown in k8s/README.md are rendered and checked too.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import os
 import re
 import shutil
@@ -28,6 +34,7 @@ import subprocess
 import sys
 import textwrap
 
+import celpy
 import jsonschema
 import pytest
 import yaml
@@ -37,23 +44,41 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from launch import horovod as hvd_launch  # noqa: E402
+from launch import jobset as jobset_launch  # noqa: E402
 from trainer.config import ConfigError, config_from_argv  # noqa: E402
 
 K8S = os.path.join(REPO, "k8s")
 IMAGES = os.path.join(K8S, "images")
-OVERLAYS = ("horovod-mpijob", "tfjob-multiworker", "single-gpu", "prepare-data", "tensorboard")
+OVERLAYS = (
+    "horovod-mpijob",
+    "tfjob-multiworker",
+    "trainjob-horovod",
+    "trainjob-multiworker",
+    "single-gpu",
+    "prepare-data",
+    "tensorboard",
+)
 # Objects applied with `kubectl apply -f`, outside any kustomization.
 STANDALONE = ("prepare-data/upload-pod.yaml",)
 # Oldest Kubernetes minor the manifests target (podFailurePolicy, podReplacementPolicy are
 # on by default from here), and the newest schema the installed kubernetes-validate has.
 KUBE_VERSIONS = ("1.30.0", kv.latest_version())
+TRAINER_API = "trainer.kubeflow.org/v1alpha1"
 CRD_FILES = {
     ("kubeflow.org/v2beta1", "MPIJob"): "kubeflow.org_mpijobs.yaml",
     ("kubeflow.org/v1", "TFJob"): "kubeflow.org_tfjobs.yaml",
+    (TRAINER_API, "TrainJob"): "trainer.kubeflow.org_trainjobs.yaml",
+    (TRAINER_API, "TrainingRuntime"): "trainer.kubeflow.org_trainingruntimes.yaml",
 }
+# Kubeflow Trainer v2 (kubeflow/trainer v2.3.0, pkg/constants): the Job-template label that marks
+# the replicated job a TrainJob's trainer block applies to, and the container it applies to.
+ANCESTOR_LABEL = "trainer.kubeflow.org/trainjob-ancestor-step"
+TRAINER_CONTAINER = "node"
+MPI_HOSTFILE_DIR = "/etc/mpi"
 DATA_CLAIM, RUNS_CLAIM = "convoy-data", "convoy-runs"
 IMAGE_USER = 1000  # the Dockerfile's USER (checked against the Dockerfile in test_k8s_images.py)
 PID1_COMMANDS = {"convoy-run", "convoy-mpi-launcher", "convoy-mpi-worker"}
+HOME_SSH = "/home/convoy/.ssh"  # the image user's ~/.ssh (checked in test_k8s_images.py)
 TRAINER_GRACE_S = 120  # the trainer's SIGTERM checkpoint must fit in the grace period
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are 1.2 MB of YAML
 
@@ -117,7 +142,16 @@ def pod_templates(obj: dict) -> list[tuple[str, dict]]:
         return [(role, rs["template"]) for role, rs in spec["mpiReplicaSpecs"].items()]
     if kind == "TFJob":
         return [(role, rs["template"]) for role, rs in spec["tfReplicaSpecs"].items()]
+    if kind == "TrainingRuntime":
+        return [(name, job["spec"]["template"]) for name, job in job_templates(obj)]
     return []
+
+
+def job_templates(runtime: dict) -> list[tuple[str, dict]]:
+    """(replicated job name, Job template {metadata, spec}) of a TrainingRuntime's JobSet."""
+    return [
+        (rj["name"], rj["template"]) for rj in runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    ]
 
 
 def containers(pod_spec: dict) -> list[dict]:
@@ -163,6 +197,145 @@ def claim_of(volume: dict) -> str | None:
     return (volume.get("persistentVolumeClaim") or {}).get("claimName")
 
 
+# --- what Kubeflow Trainer v2 makes of a TrainJob ---------------------------------------------
+
+
+def runtime_of(trainjob: dict, objs: list[dict]) -> dict:
+    """The TrainingRuntime a TrainJob references, from the same render."""
+    ref = trainjob["spec"]["runtimeRef"]
+    where = f"TrainJob/{trainjob['metadata']['name']}"
+    # runtimeRef.kind defaults to ClusterTrainingRuntime: a namespaced runtime must be named so.
+    assert ref.get("apiGroup", "trainer.kubeflow.org") == "trainer.kubeflow.org", where
+    assert ref.get("kind") == "TrainingRuntime", where
+    runtime = find(objs, "TrainingRuntime", ref["name"])
+    assert runtime, f"{where}: no TrainingRuntime {ref['name']} in the same render"
+    return runtime
+
+
+def mpi_policy(runtime: dict) -> dict | None:
+    return runtime["spec"].get("mlPolicy", {}).get("mpi")
+
+
+def is_trainer_job(job_template: dict) -> bool:
+    return (job_template.get("metadata") or {}).get("labels", {}).get(ANCESTOR_LABEL) == "trainer"
+
+
+def upsert_env(env: list[dict], extra: list[dict]) -> list[dict]:
+    names = {e["name"] for e in extra}
+    return [e for e in env if e["name"] not in names] + list(extra)
+
+
+def trainjob_pods(trainjob: dict, runtime: dict) -> dict[str, tuple[int, dict]]:
+    """{replicated job: (pod count, pod template)} of the JobSet Kubeflow Trainer v2 builds.
+
+    As kubeflow/trainer v2.3.0 does it (pkg/runtime/framework/plugins): the TrainJob's trainer
+    image, command, args and env go to the `node` container of the replicated job whose Job
+    template carries the trainer ancestor label (jobset/builder.go); trainer.numNodes is the pod
+    count of the MPI `node` job (mpi/mpi.go, runLauncherAsNode false) or of the trainer job
+    (plainml/plainml.go); an MPI runtime gets the job's ssh key Secret at sshAuthMountPath in every
+    `node` container, and in the launcher's the hostfile at /etc/mpi and Open MPI settings.
+    """
+    name, trainer = trainjob["metadata"]["name"], trainjob["spec"].get("trainer", {})
+    mpi = mpi_policy(runtime)
+    num_nodes = trainer.get("numNodes", runtime["spec"].get("mlPolicy", {}).get("numNodes", 1))
+    pods = {}
+    for job_name, job in job_templates(runtime):
+        tmpl = copy.deepcopy(job["spec"]["template"])
+        spec, trainer_job = tmpl["spec"], is_trainer_job(job)
+        count = job["spec"].get("parallelism", 1)
+        if (mpi and job_name == "node") or (trainer_job and not mpi):
+            count = num_nodes
+        if mpi:
+            spec.setdefault("volumes", []).append(
+                {"name": "mpi-ssh-auth", "secret": {"secretName": f"{name}-mpi-ssh-auth"}}
+            )
+            if job_name == "launcher":
+                spec["volumes"].append(
+                    {"name": "mpi-hostfile", "configMap": {"name": f"{name}-mpi-hostfile"}}
+                )
+        for c in spec["containers"]:
+            if c["name"] != TRAINER_CONTAINER:
+                continue
+            if trainer_job:
+                c.update(
+                    {
+                        k: copy.deepcopy(trainer[k])
+                        for k in ("image", "command", "args")
+                        if k in trainer
+                    }
+                )
+                c["env"] = upsert_env(c.get("env", []), trainer.get("env", []))
+            if mpi:
+                mounts = c.setdefault("volumeMounts", [])
+                mounts.append({"name": "mpi-ssh-auth", "mountPath": mpi["sshAuthMountPath"]})
+                if job_name == "launcher":
+                    mounts.append({"name": "mpi-hostfile", "mountPath": MPI_HOSTFILE_DIR})
+                    c["env"] = upsert_env(
+                        c.get("env", []),
+                        [
+                            {
+                                "name": "OMPI_MCA_orte_default_hostfile",
+                                "value": "/etc/mpi/hostfile",
+                            },
+                            {"name": "OMPI_MCA_orte_keep_fqdn_hostnames", "value": "true"},
+                            {
+                                "name": "OMPI_MCA_orte_set_default_slots",
+                                "value": str(slots_per_node(trainjob, runtime)),
+                            },
+                            {"name": "OMPI_MCA_plm_rsh_args", "value": "-o ConnectionAttempts=10"},
+                        ],
+                    )
+        pods[job_name] = (count, tmpl)
+    return pods
+
+
+def slots_per_node(trainjob: dict, runtime: dict) -> int:
+    """numProcPerNode as the MPI plugin settles it: the TrainJob's, else the runtime's."""
+    return trainjob["spec"].get("trainer", {}).get("numProcPerNode") or mpi_policy(runtime).get(
+        "numProcPerNode", 1
+    )
+
+
+def jobset_subdomain(trainjob: dict, runtime: dict) -> str:
+    network = runtime["spec"]["template"]["spec"].get("network", {})
+    return network.get("subdomain") or trainjob["metadata"]["name"]
+
+
+def trainer_hostfile(trainjob: dict, runtime: dict) -> str:
+    """The hostfile Trainer v2 writes for OpenMPI: one line per node pod, named as JobSet names
+    the pods (mpi.go buildHostFileConfigMap, jobset.go IdentifyPodNetwork)."""
+    name = trainjob["metadata"]["name"]
+    count, _ = trainjob_pods(trainjob, runtime)["node"]
+    slots = slots_per_node(trainjob, runtime)
+    return "".join(
+        f"{name}-node-0-{i}.{jobset_subdomain(trainjob, runtime)} slots={slots}\n"
+        for i in range(count)
+    )
+
+
+def jobset_pod_env(container: dict, trainjob: dict, job_name: str, index: int) -> dict[str, str]:
+    """The environment the container of pod `index` of a TrainJob's replicated job gets: its
+    env, with downward-API label references resolved to the labels JobSet puts on the pod
+    (jobset_controller.go labelAndAnnotateObject), and what Kubernetes adds to Indexed Job pods."""
+    name = trainjob["metadata"]["name"]
+    labels = {
+        "jobset.sigs.k8s.io/jobset-name": name,
+        "jobset.sigs.k8s.io/replicatedjob-name": job_name,
+        "jobset.sigs.k8s.io/job-index": "0",
+        "batch.kubernetes.io/job-completion-index": str(index),
+    }
+    env = {"JOB_COMPLETION_INDEX": str(index), "HOSTNAME": f"{name}-{job_name}-0-{index}"}
+    for e in container.get("env", []):
+        if "value" in e:
+            env[e["name"]] = e["value"]
+            continue
+        path = e["valueFrom"]["fieldRef"]["fieldPath"]
+        m = re.fullmatch(r"metadata\.labels\['(.+)'\]", path)
+        assert m and m.group(1) in labels, f"env {e['name']}: {path} is not a JobSet pod label"
+        env[e["name"]] = labels[m.group(1)]
+    return env
+
+
 # --- the overlays exist and render ----------------------------------------------------------
 
 
@@ -186,19 +359,27 @@ def test_overlays_render_the_workload_each_mode_needs():
     expected = {
         "horovod-mpijob": ("kubeflow.org/v2beta1", "MPIJob"),
         "tfjob-multiworker": ("kubeflow.org/v1", "TFJob"),
+        # The pods are the runtime's; the TrainJob (checked below) says what they run.
+        "trainjob-horovod": (TRAINER_API, "TrainingRuntime"),
+        "trainjob-multiworker": (TRAINER_API, "TrainingRuntime"),
         "single-gpu": ("batch/v1", "Job"),
         "prepare-data": ("batch/v1", "Job"),
         "tensorboard": ("apps/v1", "Deployment"),
     }
     for name, (api, kind) in expected.items():
-        workloads = [o for o in render(name) if pod_templates(o)]
+        objs = render(name)
+        workloads = [o for o in objs if pod_templates(o)]
         assert [(o["apiVersion"], o["kind"]) for o in workloads] == [(api, kind)], name
-        labels = workloads[0]["metadata"]["labels"]
-        assert labels.get("app.kubernetes.io/component") == name
+        trainjobs = [o for o in objs if o["kind"] == "TrainJob"]
+        assert len(trainjobs) == (kind == "TrainingRuntime"), name
+        for o in workloads + trainjobs:
+            assert o["metadata"]["labels"].get("app.kubernetes.io/component") == name
         for _, tmpl in pod_templates(workloads[0]):
             tl = tmpl["metadata"]["labels"]
             assert tl.get("app.kubernetes.io/component") == name
             assert tl.get("app.kubernetes.io/part-of") == "convoy"
+        for trainjob in trainjobs:
+            assert runtime_of(trainjob, objs) is workloads[0]
 
 
 # --- schema validation -----------------------------------------------------------------------
@@ -294,42 +475,6 @@ def _int64(value):
     return not isinstance(value, int) or -(2**63) <= value < 2**63
 
 
-def crd_errors(obj: dict) -> list[str]:
-    """JSON-schema errors, undeclared fields, and core errors of metadata and pod templates."""
-    schema = crd_schema(obj["apiVersion"], obj["kind"])
-    validator = jsonschema.Draft7Validator(schema, format_checker=_FORMATS)
-    errors = [
-        f"{'.'.join(str(p) for p in e.path)}: {e.message}" for e in validator.iter_errors(obj)
-    ]
-    errors += [
-        f"{p}: not declared by the {obj['kind']} CRD schema" for p in undeclared_fields(obj, schema)
-    ]
-    for version in KUBE_VERSIONS:
-        # Root metadata is ObjectMeta; pod templates become real pods the cluster validates.
-        meta = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": obj["metadata"]}
-        if err := core_errors(meta, version):
-            errors.append(f"metadata ({version}): {err}")
-        for role, tmpl in pod_templates(obj):
-            wrapped = {
-                "apiVersion": "v1",
-                "kind": "PodTemplate",
-                "metadata": {"name": "t"},
-                "template": tmpl,
-            }
-            if err := core_errors(wrapped, version):
-                errors.append(f"{role} pod template ({version}): {err}")
-    return errors
-
-
-def crd_objects() -> list[tuple[str, dict]]:
-    return [
-        (name, o)
-        for name in OVERLAYS
-        for o in render(name)
-        if (o["apiVersion"], o["kind"]) in CRD_FILES
-    ]
-
-
 def cel_rules(schema, path: tuple = ()) -> list[tuple[str, str]]:
     """(schema path, rule) of every x-kubernetes-validations (CEL) rule in a schema."""
     out = []
@@ -343,18 +488,145 @@ def cel_rules(schema, path: tuple = ()) -> list[tuple[str, str]]:
     return out
 
 
-def test_crd_schemas_have_no_rules_this_check_cannot_evaluate():
-    # CEL rules need an API server to evaluate. The only ones these CRDs have are transition
-    # rules (`self == oldSelf`: a field is immutable), which never fail when an object is
-    # created, so JSON schema + the undeclared-field walk is the whole of create-time validation.
+def is_transition_rule(rule: str) -> bool:
+    # Rules that name oldSelf compare an update with the stored object; the API server skips them
+    # when an object is created.
+    return re.search(r"\boldSelf\b", rule) is not None
+
+
+_CEL = celpy.Environment()
+
+
+@functools.cache
+def cel_program(rule: str):
+    return _CEL.program(_CEL.compile(rule))
+
+
+def cel_errors(obj, schema: dict, path: tuple = ()) -> list[str]:
+    """Create-time CEL rules of a structural schema that `obj` breaks: each rule is evaluated
+    with `self` bound to the value at its schema node, wherever that value is present, as the
+    API server does."""
+    out = []
+    for validation in schema.get("x-kubernetes-validations", []):
+        rule = validation["rule"]
+        if is_transition_rule(rule):
+            continue
+        try:
+            ok = cel_program(rule).evaluate({"self": celpy.json_to_cel(obj)})
+        except celpy.CELEvalError as e:
+            ok = e
+        if ok is not True and ok != celpy.celtypes.BoolType(True):
+            message = validation.get("message", rule)
+            out.append(f"{'.'.join(path) or '<root>'}: {message} (CEL {rule!r}: {ok})")
+    if isinstance(obj, dict):
+        props, extra = schema.get("properties", {}), schema.get("additionalProperties")
+        for key, value in obj.items():
+            if key in props:
+                out += cel_errors(value, props[key], path + (key,))
+            elif isinstance(extra, dict):
+                out += cel_errors(value, extra, path + (key,))
+    elif isinstance(obj, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(obj):
+            out += cel_errors(item, schema["items"], path + (str(i),))
+    return out
+
+
+def trainer_webhook_errors(runtime: dict) -> list[str]:
+    """What Trainer v2's TrainingRuntime admission webhook rejects (kubeflow/trainer v2.3.0,
+    pkg/webhooks/trainingruntime_webhook.go): a replicated job labelled as the trainer ancestor
+    must have replicas 1 and a container named `node`."""
+    out = []
+    for rj in runtime["spec"]["template"]["spec"]["replicatedJobs"]:
+        if not is_trainer_job(rj["template"]):
+            continue
+        if rj.get("replicas", 1) != 1:
+            out.append(f"replicatedJobs {rj['name']}: replicas must be 1")
+        names = [c["name"] for c in rj["template"]["spec"]["template"]["spec"]["containers"]]
+        if TRAINER_CONTAINER not in names:
+            out.append(f"replicatedJobs {rj['name']}: no container named {TRAINER_CONTAINER}")
+    return out
+
+
+def crd_errors(obj: dict, objs: list[dict] | None = None) -> list[str]:
+    """JSON-schema errors, undeclared fields, CEL rule failures, and core errors of metadata, pod
+    templates and Job templates. With the objects rendered alongside, a TrainJob's pods (its
+    runtime's, as Trainer v2 completes them) are validated as core pods too."""
+    schema = crd_schema(obj["apiVersion"], obj["kind"])
+    validator = jsonschema.Draft7Validator(schema, format_checker=_FORMATS)
+    errors = [
+        f"{'.'.join(str(p) for p in e.path)}: {e.message}" for e in validator.iter_errors(obj)
+    ]
+    errors += [
+        f"{p}: not declared by the {obj['kind']} CRD schema" for p in undeclared_fields(obj, schema)
+    ]
+    errors += cel_errors(obj, schema)
+    templates = pod_templates(obj)
+    if obj["kind"] == "TrainingRuntime":
+        errors += trainer_webhook_errors(obj)
+    if obj["kind"] == "TrainJob" and objs is not None:
+        runtime = runtime_of(obj, objs)
+        templates = [(f"pod {job}", t) for job, (_, t) in trainjob_pods(obj, runtime).items()]
+    for version in KUBE_VERSIONS:
+        # Root metadata is ObjectMeta; pod templates become real pods the cluster validates.
+        meta = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": obj["metadata"]}
+        if err := core_errors(meta, version):
+            errors.append(f"metadata ({version}): {err}")
+        for role, tmpl in templates:
+            wrapped = {
+                "apiVersion": "v1",
+                "kind": "PodTemplate",
+                "metadata": {"name": "t"},
+                "template": tmpl,
+            }
+            if err := core_errors(wrapped, version):
+                errors.append(f"{role} pod template ({version}): {err}")
+        # A TrainingRuntime's replicated jobs become batch/v1 Jobs.
+        for name, job in job_templates(obj) if obj["kind"] == "TrainingRuntime" else []:
+            meta = {"name": f"{obj['metadata']['name']}-{name}-0", **job.get("metadata", {})}
+            wrapped = {
+                "apiVersion": "batch/v1",
+                "kind": "Job",
+                "metadata": meta,
+                "spec": job["spec"],
+            }
+            if err := core_errors(wrapped, version):
+                errors.append(f"{name} Job template ({version}): {err}")
+    return errors
+
+
+def crd_objects() -> list[tuple[str, dict, list[dict]]]:
+    return [
+        (name, o, render(name))
+        for name in OVERLAYS
+        for o in render(name)
+        if (o["apiVersion"], o["kind"]) in CRD_FILES
+    ]
+
+
+def test_every_create_time_cel_rule_of_the_crds_is_evaluated():
+    # The rules the API server checks on create (all but transition rules) must compile here:
+    # cel_errors would otherwise not be the whole of create-time validation.
     rules = [r for api_version, kind in CRD_FILES for r in cel_rules(crd_schema(api_version, kind))]
-    assert rules and {rule for _, rule in rules} == {"self == oldSelf"}, rules
+    create_time = {rule for _, rule in rules if not is_transition_rule(rule)}
+    assert {rule for _, rule in rules} - create_time == {"self == oldSelf"}
+    assert len(create_time) >= 7, create_time
+    for rule in create_time:
+        cel_program(rule)
 
 
 def test_kubeflow_jobs_validate_against_their_crds():
     objs = crd_objects()
-    assert sorted(o["kind"] for _, o in objs) == ["MPIJob", "TFJob"]
-    failures = [f"{where} {o['kind']}: {e}" for where, o in objs for e in crd_errors(o)]
+    assert sorted(o["kind"] for _, o, _ in objs) == [
+        "MPIJob",
+        "TFJob",
+        "TrainJob",
+        "TrainJob",
+        "TrainingRuntime",
+        "TrainingRuntime",
+    ]
+    failures = [
+        f"{where} {o['kind']}: {e}" for where, o, rendered in objs for e in crd_errors(o, rendered)
+    ]
     assert not failures, "\n".join(failures)
 
 
@@ -382,6 +654,57 @@ def test_crd_validation_rejects_unknown_and_invalid_fields():
     bad_enum = copy.deepcopy(mpijob)
     bad_enum["spec"]["mpiImplementation"] = "OpenMPI5"
     assert any("mpiImplementation" in e for e in crd_errors(bad_enum))
+
+
+def test_trainer_v2_validation_rejects_unknown_and_invalid_fields():
+    objs = render("trainjob-horovod")
+    trainjob, runtime = one(objs, "TrainJob"), one(objs, "TrainingRuntime")
+    assert not crd_errors(trainjob, objs) and not crd_errors(runtime)
+
+    typo = copy.deepcopy(trainjob)
+    typo["spec"]["trainer"]["numNode"] = typo["spec"]["trainer"].pop("numNodes")
+    assert any("spec.trainer.numNode:" in e for e in crd_errors(typo))
+
+    # Deep inside the JobSet template: a pod's container, and a Job's spec.
+    nested = copy.deepcopy(runtime)
+    (node, _), (launcher, _) = [(rj["template"], rj) for rj in replicated_jobs(nested)]
+    node["spec"]["template"]["spec"]["containers"][0]["securityContex"] = {}
+    launcher["spec"]["backoffLimt"] = 0
+    errors = crd_errors(nested)
+    assert any("containers.0.securityContex: not declared" in e for e in errors), errors
+    assert any("template.spec.backoffLimt: not declared" in e for e in errors), errors
+    assert any("launcher Job template" in e and "backoffLimt" in e for e in errors), errors
+
+    bad_enum = copy.deepcopy(runtime)
+    bad_enum["spec"]["template"]["spec"]["failurePolicy"]["restartStrategy"] = "Restart"
+    assert any("restartStrategy" in e for e in crd_errors(bad_enum))
+
+    # CEL rules: the TrainJob's name must make DNS names; one ML policy per runtime.
+    bad_name = copy.deepcopy(trainjob)
+    bad_name["metadata"]["name"] = "Convoy_Horovod"
+    assert any("<root>" in e and "matches" in e for e in crd_errors(bad_name))
+    two_policies = copy.deepcopy(runtime)
+    two_policies["spec"]["mlPolicy"]["torch"] = {}
+    assert any("Only one of the policy" in e for e in crd_errors(two_policies))
+
+    # Trainer v2's admission webhook: the trainer replicated job needs a `node` container.
+    renamed = copy.deepcopy(runtime)
+    replicated_jobs(renamed)[1]["template"]["spec"]["template"]["spec"]["containers"][0]["name"] = (
+        "launcher"
+    )
+    assert any("no container named node" in e for e in crd_errors(renamed))
+
+    # The TrainJob's pods (runtime + TrainJob, as Trainer v2 builds them) validate as core pods:
+    # a bad env value shows up in the TrainJob and in the launcher pod it lands in.
+    bad_env = copy.deepcopy(trainjob)
+    bad_env["spec"]["trainer"]["env"] = [{"name": "X", "value": 1}]
+    errors = crd_errors(bad_env, objs)
+    assert any(e.startswith("spec.trainer.env.0.value:") for e in errors), errors
+    assert any(e.startswith("pod launcher pod template") and "env" in e for e in errors), errors
+
+
+def replicated_jobs(runtime: dict) -> list[dict]:
+    return runtime["spec"]["template"]["spec"]["replicatedJobs"]
 
 
 def test_references_resolve_within_each_render():
@@ -418,7 +741,9 @@ def parse_quantity(q) -> float:
 
 def test_pods_are_hardened():
     pods = all_pods()
-    assert len(pods) == 7  # launcher, worker, tensorflow worker, 2 Jobs, TensorBoard, upload pod
+    # MPIJob launcher + worker, TFJob worker, TrainingRuntimes: MPI launcher + node, multi-worker
+    # node; 2 Jobs, TensorBoard, upload pod.
+    assert len(pods) == 10
     for where, _, tmpl, _ in pods:
         spec = tmpl["spec"]
         assert spec.get("automountServiceAccountToken") is False, where
@@ -461,7 +786,7 @@ def test_containers_are_hardened():
             assert sc.get("readOnlyRootFilesystem") is True, at
             tmp = volume_for(spec, c, "/tmp")
             assert tmp and tmp[0]["mountPath"] == "/tmp" and "emptyDir" in tmp[1], at
-    assert count == 7
+    assert count == 10
 
 
 def test_containers_have_requests_and_limits():
@@ -502,7 +827,7 @@ def test_termination_grace_covers_the_sigterm_checkpoint():
     for where, wl, tmpl, _ in all_pods():
         spec = tmpl["spec"]
         grace = spec.get("terminationGracePeriodSeconds", 30)
-        runs_trainer = wl["kind"] in ("MPIJob", "TFJob") or any(
+        runs_trainer = wl["kind"] in ("MPIJob", "TFJob", "TrainingRuntime") or any(
             "trainer" in c["command"] for c in spec["containers"]
         )
         if runs_trainer:
@@ -554,6 +879,42 @@ def test_restart_policies_let_preempted_runs_resume():
             assert "restartPolicy" not in rs["template"]["spec"]
 
 
+def test_trainer_v2_jobs_restart_as_a_group_and_stop_on_permanent_errors():
+    permanent = {}
+    for name in ("trainjob-horovod", "trainjob-multiworker"):
+        runtime = one(render(name), "TrainingRuntime")
+        policy = runtime["spec"]["template"]["spec"]["failurePolicy"]
+        assert policy["maxRestarts"] >= 3, name
+        # New pods start only when the old ones (maybe still checkpointing) are gone.
+        assert policy["restartStrategy"] == "BlockingRecreate", name
+        # A Job failed by a podFailurePolicy FailJob rule fails the TrainJob; any other failed Job
+        # (default action) restarts the whole JobSet.
+        assert policy["rules"] == [
+            {
+                "name": "permanent",
+                "action": "FailJobSet",
+                "onJobFailureReasons": ["PodFailurePolicy"],
+            }
+        ], name
+        for job_name, job in job_templates(runtime):
+            spec = job["spec"]
+            assert spec["template"]["spec"]["restartPolicy"] == "Never", (name, job_name)
+            # One stopped pod (preempted, crashed, stalled) fails its Job, so the group restarts.
+            assert spec["backoffLimit"] == 0, (name, job_name)
+            for rule in spec.get("podFailurePolicy", {}).get("rules", []):
+                # No Ignore rule: a replaced pod alone could not rejoin the running group.
+                assert rule["action"] == "FailJob", (name, job_name)
+                assert rule["onExitCodes"]["containerName"] == TRAINER_CONTAINER
+                assert not {124, 143} & set(rule["onExitCodes"]["values"]), (name, job_name)
+                permanent[(name, job_name)] = rule["onExitCodes"]["values"]
+    assert permanent == {
+        # The trainer: 1 (non-finite loss), 2 (invalid flags or data).
+        ("trainjob-multiworker", "node"): [1, 2],
+        # launch.horovod: 2 (invalid flags, Horovod without MPI); mpirun's own statuses vary.
+        ("trainjob-horovod", "launcher"): [2],
+    }
+
+
 # --- trainer command lines -------------------------------------------------------------------
 
 
@@ -602,38 +963,73 @@ def launch_horovod_request(argv: list[str]) -> tuple:
         hvd_launch._FLAGS.unparse_flags()
 
 
+def horovod_ranks(
+    where: str, launcher: dict, hostfile: str, nodes: int, worker_pod: dict, tmp_path
+) -> tuple[str, list[str], dict, dict]:
+    """The trainer argv of the ranks an MPI launcher container starts: its command line runs
+    through the real convoy-mpi-launcher (with the hostfile the operator writes), then
+    launch.horovod's own parser and command builder, as in the launcher pod."""
+    assert launcher["command"] == ["convoy-mpi-launcher"], where
+    recorded = run_launcher_script(launcher.get("args", []), hostfile, tmp_path)
+    assert recorded[:2] == ["-m", "launch.horovod"], recorded
+    np, rest, hostfile_path, stall = launch_horovod_request(["launch.horovod"] + recorded[2:])
+    cmd = hvd_launch.build_command(
+        np, rest, hostfile=hostfile_path, use_mpi=True, stall_timeout_s=stall, python="python3"
+    )
+    slots = {int(m) for m in re.findall(r"slots=(\d+)", hostfile)}
+    assert len(slots) == 1 and np == nodes * slots.pop(), (where, np, hostfile)
+    i = cmd.index("trainer")
+    assert cmd[i - 1] == "-m"
+    # The ranks run on the workers: their mounts must provide the trainer's paths.
+    return where, ["trainer"] + cmd[i + 1 :], worker_pod, worker_pod["containers"][0]
+
+
+def jobset_workers(
+    where: str, trainjob: dict, pods: dict[str, tuple[int, dict]]
+) -> list[tuple[str, list[str], dict, dict]]:
+    """The trainer argv of each multi-worker TrainJob pod: its command line through
+    launch.jobset's own parser and command builder."""
+    out = []
+    for job_name, (count, tmpl) in pods.items():
+        for c in containers(tmpl["spec"]):
+            argv = list(c.get("command", [])) + list(c.get("args", []))
+            if "launch.jobset" not in argv:
+                continue
+            i = argv.index("launch.jobset")
+            assert argv[i - 1] == "-m", where
+            request = jobset_launch.parse_args(["launch.jobset"] + argv[i + 1 :])
+            assert request.workers == count, f"{where}: --workers != trainer.numNodes"
+            cmd = jobset_launch.trainer_command(request.trainer_args, ["python3", "-m", "trainer"])
+            out.append((f"{where} {job_name} {c['name']}", ["trainer"] + cmd[3:], tmpl["spec"], c))
+    return out
+
+
 def trainer_invocations(objs: list[dict], tmp_path) -> list[tuple[str, list[str], dict, dict]]:
     """(where, trainer argv, pod spec and container the trainer runs in) for each workload."""
     out = []
     for wl in objs:
+        where = f"{wl['kind']}/{wl['metadata']['name']}"
         if wl["kind"] == "MPIJob":
             spec = wl["spec"]["mpiReplicaSpecs"]
             launcher = spec["Launcher"]["template"]["spec"]["containers"][0]
-            assert launcher["command"] == ["convoy-mpi-launcher"]
-            recorded = run_launcher_script(
-                launcher.get("args", []), operator_hostfile(wl), tmp_path
-            )
-            assert recorded[:2] == ["-m", "launch.horovod"], recorded
-            # launch.horovod's own parser and command builder, as in the launcher pod.
-            np, rest, hostfile, stall = launch_horovod_request(["launch.horovod"] + recorded[2:])
-            cmd = hvd_launch.build_command(
-                np, rest, hostfile=hostfile, use_mpi=True, stall_timeout_s=stall, python="python3"
-            )
-            workers = spec["Worker"]["replicas"]
-            assert np == workers * wl["spec"].get("slotsPerWorker", 1)
-            i = cmd.index("trainer")
-            assert cmd[i - 1] == "-m"
-            # The ranks run on the workers: their mounts must provide the trainer's paths.
-            worker_pod = spec["Worker"]["template"]["spec"]
+            nodes, worker_pod = spec["Worker"]["replicas"], spec["Worker"]["template"]["spec"]
             out.append(
-                (
-                    f"MPIJob/{wl['metadata']['name']}",
-                    ["trainer"] + cmd[i + 1 :],
-                    worker_pod,
-                    worker_pod["containers"][0],
-                )
+                horovod_ranks(where, launcher, operator_hostfile(wl), nodes, worker_pod, tmp_path)
             )
             continue
+        if wl["kind"] == "TrainJob":
+            runtime = runtime_of(wl, objs)
+            pods = trainjob_pods(wl, runtime)
+            if not mpi_policy(runtime):
+                out += jobset_workers(where, wl, pods)
+                continue
+            (launcher,) = pods["launcher"][1]["spec"]["containers"]
+            nodes, node_pod = pods["node"][0], pods["node"][1]["spec"]
+            hostfile = trainer_hostfile(wl, runtime)
+            out.append(horovod_ranks(where, launcher, hostfile, nodes, node_pod, tmp_path))
+            continue
+        if wl["kind"] == "TrainingRuntime":
+            continue  # its pods run what a TrainJob says (above)
         for role, tmpl in pod_templates(wl):
             for c in containers(tmpl["spec"]):
                 argv = list(c.get("command", [])) + list(c.get("args", []))
@@ -641,7 +1037,7 @@ def trainer_invocations(objs: list[dict], tmp_path) -> list[tuple[str, list[str]
                     if argv[i] == "-m" and argv[i + 1] == "trainer":
                         out.append(
                             (
-                                f"{wl['kind']}/{wl['metadata']['name']} {role} {c['name']}",
+                                f"{where} {role} {c['name']}",
                                 ["trainer"] + argv[i + 2 :],
                                 tmpl["spec"],
                                 c,
@@ -697,6 +1093,8 @@ def test_trainer_command_lines_parse_and_use_the_mounted_claims(tmp_path):
     expected_strategy = {
         "horovod-mpijob": "horovod",
         "tfjob-multiworker": "multi_worker",
+        "trainjob-horovod": "horovod",
+        "trainjob-multiworker": "multi_worker",
         "single-gpu": "auto",
     }
     workdirs, data_dirs = {}, set()
@@ -704,9 +1102,9 @@ def test_trainer_command_lines_parse_and_use_the_mounted_claims(tmp_path):
         runs = parsed_trainer_runs(render(name), tmp_path)
         assert len(runs) == 1, (name, [r[0] for r in runs])
         where, argv, config, pod_spec, c = runs[0]
-        # Overlay flags come after the flagfile, so they override it (launch.horovod puts its
-        # --strategy=horovod first, which the flags file does not set).
-        own = [a for a in argv[1:] if a != "--strategy=horovod"]
+        # Overlay flags come after the flagfile, so they override it (launch.horovod and
+        # launch.jobset put their --strategy first, which the flags file does not set).
+        own = [a for a in argv[1:] if a not in ("--strategy=horovod", "--strategy=multi_worker")]
         assert own[0].startswith("--flagfile="), (where, argv)
         assert config.strategy == strategy, where
         check_paths_on_claims(where, config, pod_spec, c)
@@ -725,14 +1123,36 @@ def test_a_bad_trainer_flag_is_caught(tmp_path):
         parsed_trainer_runs(objs, tmp_path)
 
 
-def test_prepare_data_writes_the_dataset_the_trainers_read(tmp_path):
+def run_prepare_data_script(args: list[str], tmp_path) -> list[list[str]]:
+    """Runs k8s/images/bin/convoy-prepare-data as the Job's container would, with a stand-in
+    python that records each `python3 ...` it is asked to run (and succeeds)."""
+    record = tmp_path / "calls"
+    fake_python = tmp_path / "python3"
+    fake_python.write_text(
+        f"#!{sys.executable}\nimport json, sys\n"
+        f"open({str(record)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
+    )
+    fake_python.chmod(0o755)
+    proc = subprocess.run(
+        [os.path.join(IMAGES, "bin", "convoy-prepare-data"), *args],
+        env={**os.environ, "CONVOY_PYTHON": str(fake_python)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return [json.loads(line) for line in record.read_text().splitlines()]
+
+
+def test_prepare_data_writes_and_verifies_the_dataset_the_trainers_read(tmp_path):
     objs = render("prepare-data")
     pod = one(objs, "Job")["spec"]["template"]["spec"]
     (c,) = pod["containers"]
-    argv = c["command"] + c.get("args", [])
-    i = argv.index("datasets.prepare")
-    assert argv[i - 1] == "-m"
-    flags = argv[i + 1 :]
+    assert c["command"] == ["convoy-run", "--", "convoy-prepare-data"]
+    prepare_call, verify_call = run_prepare_data_script(c.get("args", []), tmp_path)
+    assert prepare_call[:2] == ["-m", "datasets.prepare"]
+    flags = prepare_call[2:]
     # datasets.prepare defines its flags on absl's global registry (some share the trainer's
     # names), so parse them in a fresh interpreter with the module's own definitions.
     code = textwrap.dedent("""
@@ -758,6 +1178,8 @@ def test_prepare_data_writes_the_dataset_the_trainers_read(tmp_path):
     assert out and claim_of(out[1]) == DATA_CLAIM and not out[0].get("readOnly")
     inp = volume_for(pod, c, parsed["input"])
     assert inp and claim_of(inp[1]) == DATA_CLAIM
+    # Then the same directory is verified (datasets.verify's CLI: --data_dir=DIR).
+    assert verify_call == ["-m", "datasets.verify", f"--data_dir={parsed['output_dir']}"]
     trainer = parsed_trainer_runs(render("single-gpu"), tmp_path)[0][2]
     assert parsed["output_dir"] == trainer.data_dir
 
@@ -806,6 +1228,117 @@ def test_tfjob_layout():
     (c,) = pod["containers"]
     assert any(p["name"] == "tfjob-port" for p in c["ports"])
     assert c["resources"]["limits"]["nvidia.com/gpu"] >= 1
+
+
+def test_trainjob_horovod_layout():
+    objs = render("trainjob-horovod")
+    trainjob, runtime = one(objs, "TrainJob"), one(objs, "TrainingRuntime")
+    mpi = mpi_policy(runtime)
+    assert mpi["mpiImplementation"] == "OpenMPI"
+    # The launcher runs mpirun only; every rank runs on a node pod (as in the MPIJob overlay).
+    assert mpi["runLauncherAsNode"] is False
+    assert [name for name, _ in job_templates(runtime)] == ["node", "launcher"]
+    jobs = dict(job_templates(runtime))
+    # The TrainJob's args go to the launcher alone: the node Job carries no labels that Trainer
+    # v2 would read as "apply the TrainJob here" (which would replace sshd).
+    assert is_trainer_job(jobs["launcher"]) and not jobs["node"].get("metadata")
+    launcher_rj, node_rj = (
+        rj for name in ("launcher", "node") for rj in replicated_jobs(runtime) if rj["name"] == name
+    )
+    assert launcher_rj["dependsOn"] == [{"name": "node", "status": "Ready"}]
+    assert runtime["spec"]["template"]["spec"]["successPolicy"] == {
+        "operator": "All",
+        "targetReplicatedJobs": ["launcher"],
+    }
+    trainer = trainjob["spec"]["trainer"]
+    assert trainer["numNodes"] >= 2
+    # Ranks per node come from the runtime, next to the GPU limit they must equal; the TrainJob
+    # sets neither (resourcesPerNode would land on the launcher's container).
+    assert set(trainer) == {"numNodes", "args"}
+    pods = trainjob_pods(trainjob, runtime)
+    assert pods["launcher"][0] == 1 and pods["node"][0] == trainer["numNodes"]
+    node_pod = pods["node"][1]["spec"]
+    (nc,) = node_pod["containers"]
+    assert nc["command"] == ["convoy-mpi-worker"], "sshd, not the TrainJob's command"
+    assert mpi["numProcPerNode"] == nc["resources"]["limits"]["nvidia.com/gpu"], "a rank per GPU"
+    ssh_port = next(p for p in nc["ports"] if p["name"] == "ssh")["containerPort"]
+    assert nc["readinessProbe"]["tcpSocket"]["port"] in ("ssh", ssh_port) and ssh_port == 2222
+    shm = volume_for(node_pod, nc, "/dev/shm")
+    assert shm and shm[1]["emptyDir"].get("medium") == "Memory"
+    assert claim_of(volume_for(node_pod, nc, "/data")[1]) == DATA_CLAIM
+    assert claim_of(volume_for(node_pod, nc, "/runs")[1]) == RUNS_CLAIM
+    (lc,) = pods["launcher"][1]["spec"]["containers"]
+    assert "nvidia.com/gpu" not in lc["resources"].get("limits", {}), "the launcher runs no rank"
+    # The keys (and, in the launcher, the hostfile) that Trainer v2 mounts are where the image
+    # looks for them, and no mount of ours shadows them or sits inside them.
+    assert mpi["sshAuthMountPath"] == HOME_SSH
+    for _, tmpl in pod_templates(runtime):
+        for m in containers(tmpl["spec"])[0].get("volumeMounts", []):
+            for theirs in (HOME_SSH, MPI_HOSTFILE_DIR):
+                ours = m["mountPath"].rstrip("/")
+                assert not (ours + "/").startswith(theirs + "/"), m
+                assert not (theirs + "/").startswith(ours + "/"), m
+    for pod, c in ((node_pod, nc), (pods["launcher"][1]["spec"], lc)):
+        assert "secret" in volume_for(pod, c, f"{HOME_SSH}/id_rsa")[1]
+    assert volume_for(pods["launcher"][1]["spec"], lc, "/etc/mpi/hostfile")[1]["configMap"]
+    assert trainer_hostfile(trainjob, runtime).count("slots=1") == trainer["numNodes"]
+
+
+def test_trainjob_multiworker_layout():
+    objs = render("trainjob-multiworker")
+    trainjob, runtime = one(objs, "TrainJob"), one(objs, "TrainingRuntime")
+    # No framework policy: Trainer v2 has none for TensorFlow, and TF_CONFIG is launch.jobset's.
+    assert set(runtime["spec"]["mlPolicy"]) == {"numNodes"}
+    # TF_CONFIG names workers by their DNS hostnames: JobSet's headless Service must exist.
+    assert runtime["spec"]["template"]["spec"].get("network", {}).get("enableDNSHostnames", True)
+    ((job_name, job),) = job_templates(runtime)
+    assert job_name == "node" and is_trainer_job(job)
+    trainer = trainjob["spec"]["trainer"]
+    assert set(trainer) == {"numNodes", "args"} and trainer["numNodes"] >= 2
+    count, tmpl = trainjob_pods(trainjob, runtime)["node"]
+    assert count == trainer["numNodes"]
+    (c,) = tmpl["spec"]["containers"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] >= 1
+    argv = c["command"] + c["args"]
+    request = jobset_launch.parse_args(argv[argv.index("launch.jobset") :])
+    assert request.workers == count and request.trainer_cmd is None
+    assert {"name": "tensorflow", "containerPort": request.port} in c["ports"]
+    # Each pod's TF_CONFIG, from the environment the runtime gives it (downward API from the
+    # labels JobSet sets), names every worker at the pod's own JobSet hostname.
+    name = trainjob["metadata"]["name"]
+    subdomain = jobset_subdomain(trainjob, runtime)
+    addresses = [f"{name}-node-0-{i}.{subdomain}:{request.port}" for i in range(count)]
+    for i in range(count):
+        env = jobset_pod_env(c, trainjob, job_name, i)
+        config = jobset_launch.tf_config(env, request.workers, request.port)
+        assert config == {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": i}}
+    # The downward API names exactly the labels launch.jobset documents.
+    wired = {
+        e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in c["env"] if "valueFrom" in e
+    }
+    assert wired == {
+        var: f"metadata.labels['{label}']" for var, label in jobset_launch.JOBSET_LABELS.items()
+    }
+
+
+def test_a_name_prefix_renames_a_trainjob_and_its_runtime_together(tmp_path):
+    (tmp_path / "k8s").symlink_to(K8S)
+    mine = tmp_path / "my-runs" / "prefixed"
+    mine.mkdir(parents=True)
+    mine.joinpath("kustomization.yaml").write_text(
+        "resources: [../../k8s/trainjob-multiworker]\nnamePrefix: team-a-\n"
+    )
+    objs = render_dir(str(mine))
+    runtime = runtime_of(one(objs, "TrainJob"), objs)
+    assert runtime["metadata"]["name"] == "team-a-convoy-multiworker"
+    spec = runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]
+    pod = spec["template"]["spec"]
+    assert find(objs, "ServiceAccount", pod["serviceAccountName"])
+    for v in pod["volumes"]:
+        if claim_of(v):
+            assert find(objs, "PersistentVolumeClaim", claim_of(v)), v
+        if "configMap" in v:
+            assert find(objs, "ConfigMap", v["configMap"]["name"]), v
 
 
 def test_single_gpu_layout():
@@ -870,7 +1403,13 @@ def render_example(directory: str, tmp_path) -> list[dict]:
 
 def test_readme_examples_exist():
     dirs = {os.path.dirname(p) for p in readme_examples()}
-    assert {"my-runs/horovod-32gpu", "my-runs/tfjob-resnet", "my-runs/cpu-smoke"} <= dirs
+    assert {
+        "my-runs/horovod-32gpu",
+        "my-runs/tfjob-resnet",
+        "my-runs/cpu-smoke",
+        "my-runs/trainjob-horovod-32gpu",
+        "my-runs/queued-multiworker",
+    } <= dirs
 
 
 def check_rendered(objs: list[dict], tmp_path) -> list:
@@ -878,7 +1417,7 @@ def check_rendered(objs: list[dict], tmp_path) -> list:
     failures = []
     for o in objs:
         if (o["apiVersion"], o["kind"]) in CRD_FILES:
-            failures += crd_errors(o)
+            failures += crd_errors(o, objs)
         else:
             failures += [e for v in KUBE_VERSIONS if (e := core_errors(o, v))]
     assert not failures, "\n".join(failures)
@@ -946,3 +1485,32 @@ def test_readme_example_runs_the_single_gpu_job_on_cpu(tmp_path):
     assert c["image"] == "convoy-cpu:0.1.0"
     assert "nvidia.com/gpu" not in c["resources"]["limits"]
     assert "tolerations" not in pod
+
+
+def test_readme_example_scales_the_trainjob_horovod_job(tmp_path):
+    objs = render_example("my-runs/trainjob-horovod-32gpu", tmp_path)
+    ((_, _, config, pod_spec, c),) = check_rendered(objs, tmp_path)
+    trainjob, runtime = one(objs, "TrainJob"), one(objs, "TrainingRuntime")
+    pods = trainjob_pods(trainjob, runtime)
+    nodes, node_tmpl = pods["node"]
+    (nc,) = node_tmpl["spec"]["containers"]
+    assert nodes == 4
+    assert nc["resources"]["limits"]["nvidia.com/gpu"] == 8 == mpi_policy(runtime)["numProcPerNode"]
+    for _, (_, tmpl) in pods.items():
+        assert tmpl["spec"]["containers"][0]["image"] == "registry.example.com/ml/convoy-gpu:0.2.0"
+    assert config.global_batch_size == 2048
+    check_paths_on_claims("example", config, pod_spec, c)
+    # The launcher's -np follows: 4 nodes x 8 slots (horovod_ranks checks np == 32).
+    assert trainer_hostfile(trainjob, runtime).count("slots=8") == 4
+
+
+def test_readme_example_queues_a_bigger_multiworker_trainjob(tmp_path):
+    objs = render_example("my-runs/queued-multiworker", tmp_path)
+    runs = check_rendered(objs, tmp_path)
+    trainjob = one(objs, "TrainJob")
+    assert trainjob["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-team-a"
+    # One trainer command line per pod template; trainer_invocations checked --workers == 4.
+    ((_, _, config, pod_spec, c),) = runs
+    assert trainjob["spec"]["trainer"]["numNodes"] == 4
+    assert config.strategy == "multi_worker"
+    check_paths_on_claims("example", config, pod_spec, c)
