@@ -287,8 +287,9 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_last_checkpoint(tmp_pat
     assert tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints")) == good
 
 
-# A run whose best evaluation is not its last: after half the steps the learning rate jumps 30x
-# and the eval loss at step 40 is far worse than at step 20 (1.65 vs 1.29 here).
+# A run whose best evaluation is not its last: after half the steps Adam's learning rate jumps
+# to 0.1 and the model collapses to chance (eval loss 2.32 at step 40 against 1.29 at step 20 on
+# an AMD EPYC with AVX512_BF16; a 30x jump recovered to 1.2919 there, too close to call).
 GETS_WORSE = (
     *FAST_FLAGS,
     "--train_steps=40",
@@ -296,7 +297,7 @@ GETS_WORSE = (
     "--keep_best=eval/loss",
     "--lr_schedule=step",
     "--lr_step_boundaries=0.5",
-    "--lr_step_factor=30",
+    "--lr_step_factor=100",
     "--deterministic",
     "--export=true",
 )

@@ -1,7 +1,8 @@
 """`python -m trainer`: parse flags into a Config, run train_and_evaluate, report.
 
-Exit codes: 0 done; 1 training failed (e.g. non-finite loss); 2 invalid flags or data;
-128+signal when stopped by SIGTERM/SIGINT after saving a checkpoint (so Kubernetes and
+Exit codes (trainer/errors.py): 0 done; 1 training failed (non-finite loss, a checkpoint that
+could not be written); 2 invalid flags, paths or data; 3 a shard found corrupt mid-run; 124
+stalled; 128+signal when stopped by SIGTERM/SIGINT after saving a checkpoint (so Kubernetes and
 horovodrun treat it as retryable and the next attempt resumes).
 """
 
@@ -30,18 +31,21 @@ def _parse(argv):
 def main(config) -> int:
     # Imported here so a bad command line fails before TensorFlow loads.
     from datasets.errors import DataError
+    from trainer import errors
     from trainer.config import ConfigError
     from trainer.interrupts import Interrupted
-    from trainer.loop import NonFiniteLossError, train_and_evaluate
+    from trainer.loop import train_and_evaluate
 
     try:
         summary = train_and_evaluate(config)
-    except (ConfigError, DataError) as e:
+    except (
+        ConfigError,
+        DataError,
+        errors.NonFiniteLossError,
+        errors.CheckpointWriteError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return errors.exit_code(e)
     except Interrupted as e:
         logging.warning("%s", e)
         return 128 + e.signum

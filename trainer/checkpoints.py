@@ -14,6 +14,7 @@ deleted right away, as TensorFlow requires.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import tensorflow as tf
@@ -21,7 +22,9 @@ from absl import logging
 
 from trainer.backends.base import Backend
 from trainer.config import ConfigError
+from trainer.errors import CheckpointWriteError
 from trainer.state import TrainState
+from trainer.workdir import remove_stale_temporaries
 
 
 class Checkpointer:
@@ -74,7 +77,13 @@ class Checkpointer:
         latest = self.latest
         if latest:
             # expect_partial: the input position of another topology is legitimately left unused.
-            self.checkpoint.restore(latest).expect_partial()
+            try:
+                self.checkpoint.restore(latest).expect_partial()
+            except (ValueError, tf.errors.OpError) as e:  # e.g. shapes of another model
+                raise ConfigError(
+                    f"{latest}: does not fit this run ({_reason(e)}); resume it with the "
+                    "settings it was written with, or choose another --workdir"
+                ) from None
             return f"resumed from {latest} at step {int(self._step.numpy())}"
         if init_checkpoint:
             path = (
@@ -112,9 +121,25 @@ class Checkpointer:
         step = int(self._step.numpy())
         if manager.latest_checkpoint and manager.latest_checkpoint.endswith(f"-{step}"):
             return manager.latest_checkpoint  # Already saved at this step.
-        path = manager.save(checkpoint_number=step)
+        try:
+            path = manager.save(checkpoint_number=step)
+        except (tf.errors.OpError, OSError) as e:
+            remove_stale_temporaries(self.directory)  # What a failed save left frees the disk.
+            free = shutil.disk_usage(self.directory).free if os.path.isdir(self.directory) else 0
+            raise CheckpointWriteError(
+                f"{manager.directory}: could not write the {what} of step {step} "
+                f"({_reason(e)}; {free:,} bytes free); the newest complete checkpoint is still "
+                f"{self.latest or 'none'}"
+            ) from None
         if not self.is_chief:
             shutil.rmtree(self._scratch, ignore_errors=True)
             return None
         logging.info("saved %s %s", what, path)
         return path
+
+
+def _reason(error: Exception) -> str:
+    """TensorFlow's error text without its graph-node prefix and op suffix."""
+    text = getattr(error, "message", None) or getattr(error, "strerror", None) or str(error)
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", str(text))
+    return " ".join(re.sub(r"\s*\[Op:\w+\]", "", text).split())

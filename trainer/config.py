@@ -343,6 +343,9 @@ def _model_is_known(name: str) -> bool:
 
 
 def _check_paths(c: Config) -> None:
+    from trainer.workdir import check_writable  # trainer.workdir imports this module
+
+    check_writable(c.workdir)
     where = c.model.rsplit(":", 1)[0] if ":" in c.model else ""
     if where.endswith(".py") and not os.path.isfile(where):
         raise ConfigError(f"--model={c.model}: {where}: no such file")

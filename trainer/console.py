@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import logging as std_logging
+import os
 import sys
 
 from absl import logging
@@ -44,3 +46,24 @@ class Progress:
     def close(self) -> None:
         if self.show_bar:
             sys.stdout.write("\n")
+
+
+class _LibraryInfoFilter(std_logging.Filter):
+    def __init__(self, roots: tuple[str, ...]):
+        super().__init__()
+        self._roots = roots
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno > std_logging.INFO or not record.pathname.startswith(self._roots)
+
+
+def quiet_library_info() -> None:
+    """Drops TensorFlow's and Keras's own INFO lines (saver timings, SavedModel renames, asset
+    paths): nothing a user acts on. Their warnings and errors still show."""
+    import keras
+    import tensorflow as tf
+
+    roots = tuple(os.path.dirname(m.__file__) + os.sep for m in (tf, keras))
+    handler = logging.get_absl_handler()
+    if not any(isinstance(f, _LibraryInfoFilter) for f in handler.filters):
+        handler.addFilter(_LibraryInfoFilter(roots))

@@ -15,6 +15,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from datasets.errors import DataError
+from trainer import errors
 from trainer import step as step_lib
 from trainer.backends.base import Backend
 from trainer.checkpoints import Checkpointer
@@ -67,11 +69,21 @@ class Evaluator:
         return result
 
     def _evaluate(self) -> dict:
-        plan = self._plan
+        plan, metadata = self._plan, self._inputs.metadata
         dataset_fn = self._inputs.evaluation(plan.eval_split, plan.eval_batches_per_worker)
-        iterator = iter(self._backend.distribute(dataset_fn, plan.per_worker_batch))
-        sums = self._loops.evaluate(iterator, tf.constant(plan.eval_batches_per_worker))
+        with errors.reading_split(metadata, plan.data_dir, plan.eval_split):
+            iterator = iter(self._backend.distribute(dataset_fn, plan.per_worker_batch))
+            sums = self._loops.evaluate(iterator, tf.constant(plan.eval_batches_per_worker))
+            sums = {k: np.asarray(v) for k, v in sums.items()}
         count = float(sums["count"])
+        promised = metadata.num_examples(plan.eval_split)
+        if round(count) != promised:
+            # Never report an accuracy over fewer examples than the dataset says it has.
+            raise DataError(
+                f"{plan.data_dir}: split '{plan.eval_split}' yielded {round(count)} examples; "
+                f"metadata.json promises {promised} (a truncated shard?); check it with "
+                f"`python -m datasets.verify --data_dir={plan.data_dir}`"
+            )
         self.confusion = np.asarray(sums["confusion"]) if "confusion" in sums else None
         return {
             "loss": float(sums["loss_sum"]) / count,

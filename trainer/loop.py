@@ -23,7 +23,7 @@ from absl import logging
 
 from datasets import embedded
 from datasets.metadata import DatasetMetadata
-from trainer import checkpoints, console, export, periodic
+from trainer import checkpoints, console, errors, export, periodic, workdir
 from trainer import step as step_lib
 from trainer.backends import create_backend
 from trainer.backends.base import Backend
@@ -40,10 +40,6 @@ from trainer.watchdog import StallWatchdog
 # The first chunk also traces (and on GPUs XLA-compiles) the step: the watchdog allows it this
 # much longer than --stall_timeout_s.
 _FIRST_CHUNK_GRACE_S = 600
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/Inf loss."""
 
 
 @dataclasses.dataclass
@@ -67,6 +63,7 @@ def train_and_evaluate(config: Config) -> dict:
     backend = create_backend(
         config.strategy, config.gpus, config.num_cpu_devices, config.fp16_allreduce
     )
+    console.quiet_library_info()
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -75,10 +72,22 @@ def train_and_evaluate(config: Config) -> dict:
     plan = resolve_plan(config, backend.topology, metadata, data_dir)
     logging.info("%s; model %s\n%s", backend, config.model, plan.describe())
     state = create_train_state(config, plan, backend)  # Builds (and checks) the model first.
+    with workdir.WorkdirLock(config.workdir) if backend.is_chief else contextlib.nullcontext():
+        _prepare_workdir(config, plan, backend)
+        return _train_and_finish(config, plan, backend, state, metadata)
+
+
+def _prepare_workdir(config: Config, plan: Plan, backend: Backend) -> None:
+    """Refuses a workdir of another model or dataset, then (chief) clears unfinished saves and
+    writes config.json and plan.json. Nothing is written before the check."""
+    workdir.check_compatible(config.workdir, config.model, plan.input_shape, plan.num_classes)
     if backend.is_chief:
-        tf.io.gfile.makedirs(config.workdir)
-        with open(os.path.join(config.workdir, "config.json"), "w") as f:
-            f.write(config.to_json())
+        workdir.remove_stale_temporaries(os.path.join(config.workdir, "checkpoints"))
+        plan_fields = {"model": config.model, **dataclasses.asdict(plan)}
+        workdir.write_run_files(config.workdir, config.to_json(), plan_fields)
+
+
+def _train_and_finish(config, plan, backend, state, metadata) -> dict:
     inputs = InputSpec(config, plan, metadata)
     checkpointer, train_iterator, start_step = _restore(config, plan, backend, state, inputs)
     loops = step_lib.build_loops(
@@ -150,13 +159,14 @@ def _train(run: _Run, loops: step_lib.Loops, iterator, start_step: int) -> int:
                 current, plan.total_steps, config.steps_per_loop, actions
             )
             started = time.perf_counter()
-            sums, steps_run = loops.train(iterator, tf.constant(n))
-            sums = {k: float(v) for k, v in sums.items()}  # The one host sync per chunk.
+            with errors.reading_split(run.inputs.metadata, plan.data_dir, plan.train_split):
+                sums, steps_run = loops.train(iterator, tf.constant(n))
+                sums = {k: float(v) for k, v in sums.items()}  # The one host sync per chunk.
             current += int(steps_run)
             run.meter.record(sums, int(steps_run), time.perf_counter() - started)
             watchdog.beat(current)
             if not math.isfinite(sums["loss"]):
-                raise NonFiniteLossError(
+                raise errors.NonFiniteLossError(
                     f"loss became {sums['loss']} at step {current}; stopping (the last good "
                     f"checkpoint is {run.checkpointer.latest or 'none'})"
                 )
@@ -260,13 +270,37 @@ def _write_run_start(run: _Run) -> None:
 
 
 def _finish(run: _Run, final_step: int, start_step: int) -> dict:
-    """Final checkpoint and eval, weights fingerprint, export and summary.json (chief)."""
-    config, plan, backend, state = run.config, run.plan, run.backend, run.state
-    run.checkpointer.save()
-    final_eval = run.evaluate(final_step)
-    # Every worker logs this: equal fingerprints prove the replicas ended with identical weights.
-    logging.info("weights fingerprint %s", _fingerprint(state.model.get_weights()))
-    run.summaries.close()
+    """Final checkpoint and eval, weights fingerprint, export and summary.json (chief).
+
+    A SIGTERM here is honoured like one during training, at the next safe point: after the
+    final evaluation or after the export, which is written aside and renamed into place, so a
+    rerun (which resumes at the final step) finds either the old export or the new one.
+    """
+    config, backend, state = run.config, run.backend, run.state
+    with StopRequest() as stop:
+        run.checkpointer.save()
+        final_eval = run.evaluate(final_step)
+        # Every worker logs this: equal fingerprints prove the replicas ended with identical
+        # weights.
+        logging.info("weights fingerprint %s", _fingerprint(state.model.get_weights()))
+        run.summaries.close()
+        stop.raise_if_requested()
+        summary = _summary(run, final_step, start_step, final_eval)
+        if config.export and backend.is_chief:
+            summary.update(_export(run))
+            stop.raise_if_requested()
+    if backend.is_chief:
+        with open(os.path.join(config.workdir, "summary.json.tmp"), "w") as f:
+            json.dump(summary, f, indent=2)
+        os.replace(
+            os.path.join(config.workdir, "summary.json.tmp"),
+            os.path.join(config.workdir, "summary.json"),
+        )
+    return summary
+
+
+def _summary(run: _Run, final_step: int, start_step: int, final_eval: dict) -> dict:
+    config, plan, state = run.config, run.plan, run.state
     summary = {
         "final_step": final_step,
         "total_steps": plan.total_steps,
@@ -288,27 +322,28 @@ def _finish(run: _Run, final_step: int, start_step: int) -> dict:
         "data_dir": plan.data_dir,
         "workdir": config.workdir,
         "resumed_from_step": start_step,
-        "is_chief": backend.is_chief,
+        "is_chief": run.backend.is_chief,
     }
     if state.best.enabled:
         summary["best"] = {**state.best.describe(), "checkpoint": run.checkpointer.best}
-    if config.export and backend.is_chief:
-        from_best = state.best.enabled and config.export_from != "last"
-        if from_best:
-            logging.info("exporting the best checkpoint %s", run.checkpointer.restore_best())
-        with state.averaged_weights():  # With --ema_decay, the averaged weights are exported.
-            summary["export"] = export.export_model(
-                state.model,
-                config.model,
-                plan.input_shape,
-                plan.num_classes,
-                os.path.join(config.workdir, "export"),
-            )
-        summary["export_weights"] = "best" if from_best else "last"
-    if backend.is_chief:
-        with open(os.path.join(config.workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
     return summary
+
+
+def _export(run: _Run) -> dict:
+    """Exports the best (--keep_best, unless --export_from=last) or last weights, EMA applied."""
+    config, plan, state = run.config, run.plan, run.state
+    from_best = state.best.enabled and config.export_from != "last"
+    if from_best:
+        logging.info("exporting the best checkpoint %s", run.checkpointer.restore_best())
+    final = os.path.join(config.workdir, "export")
+    with workdir.atomic_directory(final) as temporary, state.averaged_weights():
+        paths = export.export_model(
+            state.model, config.model, plan.input_shape, plan.num_classes, temporary
+        )
+    return {
+        "export": {k: v.replace(temporary, final) for k, v in paths.items()},
+        "export_weights": "best" if from_best else "last",
+    }
 
 
 def _fingerprint(weights) -> str:

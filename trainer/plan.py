@@ -72,6 +72,12 @@ def resolve_plan(
 ) -> Plan:
     """The plan for `config` on `topology` over the dataset in `data_dir`; raises ConfigError."""
     eval_split = config.eval_split or ("test" if "test" in metadata.splits else "validation")
+    if not config.eval_split and eval_split not in metadata.splits:
+        raise ConfigError(
+            f"--eval_split: the dataset in {data_dir} has no test or validation split (only "
+            f"{sorted(metadata.splits)}); pass --eval_split=train to evaluate on the training "
+            "data, or prepare it again with --validation_fraction=0.1 to hold some out"
+        )
     for flag, split in (("train_split", config.train_split), ("eval_split", eval_split)):
         if split not in metadata.splits:
             raise ConfigError(
