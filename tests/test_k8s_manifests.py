@@ -1409,6 +1409,7 @@ def test_readme_examples_exist():
         "my-runs/cpu-smoke",
         "my-runs/trainjob-horovod-32gpu",
         "my-runs/queued-multiworker",
+        "my-runs/own-model",
     } <= dirs
 
 
@@ -1514,3 +1515,18 @@ def test_readme_example_queues_a_bigger_multiworker_trainjob(tmp_path):
     assert trainjob["spec"]["trainer"]["numNodes"] == 4
     assert config.strategy == "multi_worker"
     check_paths_on_claims("example", config, pod_spec, c)
+
+
+def test_readme_example_trains_a_user_model_from_the_image(tmp_path):
+    objs = render_example("my-runs/own-model", tmp_path)
+    ((_, _, config, pod_spec, c),) = check_rendered(objs, tmp_path)
+    # The flags name the module where examples/Dockerfile copies it, by file path.
+    assert config.model == "/opt/models/resnet_tiny.py:resnet_tiny"
+    assert config.strategy == "multi_worker"
+    check_paths_on_claims("example", config, pod_spec, c)
+    trainjob, runtime = one(objs, "TrainJob"), one(objs, "TrainingRuntime")
+    for _, (_, tmpl) in trainjob_pods(trainjob, runtime).items():
+        for container in tmpl["spec"]["containers"]:
+            assert container["image"] == "registry.example.com/ml/convoy-resnet-tiny:0.2.0"
+    (cm,) = [o for o in objs if o["kind"] == "ConfigMap"]
+    assert "resnet_tiny.py:resnet_tiny" in cm["data"]["trainer.flags"]

@@ -6,9 +6,14 @@ stalled; 128+signal when stopped by SIGTERM/SIGINT after saving a checkpoint (so
 horovodrun treat it as retryable and the next attempt resumes).
 """
 
+import os
 import sys
 
 from absl import app, logging
+
+# TensorFlow's C++ INFO lines (CPU feature notes, TFRecord buffer defaults) are nothing a user acts
+# on; its warnings and errors still show. Set before TensorFlow loads; an explicit value wins.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 _HELP_ARGS = ("-h", "-help", "--help", "--helpshort")
 

@@ -17,17 +17,20 @@ def format_eta(seconds: float) -> str:
 
 
 class Progress:
-    """Prints training progress for one worker; only the chief draws the bar."""
+    """Prints training progress for one worker; only the chief draws the bar.
 
-    def __init__(self, total_steps: int, *, is_chief: bool, worker_index: int):
+    Lines carry no worker tag: every launcher already says whose line it is (local_cluster's
+    `[worker i]`, horovodrun's `[rank]<stdout>`, one log per pod under Kubernetes).
+    """
+
+    def __init__(self, total_steps: int, *, is_chief: bool):
         self.total_steps = total_steps
-        self.prefix = "" if is_chief else f"[worker {worker_index}] "
         # One bar per terminal: the chief's, and only when a person is watching.
         self.show_bar = is_chief and sys.stdout.isatty()
 
     def line(self, step: int, window: Window, eta_seconds: float) -> None:
         text = (
-            f"{self.prefix}step {step}/{self.total_steps}  loss {window.loss:.4f}  "
+            f"step {step}/{self.total_steps}  loss {window.loss:.4f}  "
             f"acc {window.accuracy:.4f}  {window.images_per_sec:,.0f} img/s  "
             f"ETA {format_eta(eta_seconds)}"
         )

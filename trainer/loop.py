@@ -60,10 +60,10 @@ class _Run:
 def train_and_evaluate(config: Config) -> dict:
     """Trains and evaluates per `config`; returns the summary (also WORKDIR/summary.json, chief)."""
     config = validated(config)
+    console.quiet_library_info()  # Before the backend, whose strategy logs its set-up at INFO.
     backend = create_backend(
         config.strategy, config.gpus, config.num_cpu_devices, config.fp16_allreduce
     )
-    console.quiet_library_info()
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -138,9 +138,7 @@ def _train(run: _Run, loops: step_lib.Loops, iterator, start_step: int) -> int:
     Returns the step reached.
     """
     config, plan, backend = run.config, run.plan, run.backend
-    progress = console.Progress(
-        plan.total_steps, is_chief=backend.is_chief, worker_index=backend.worker_index
-    )
+    progress = console.Progress(plan.total_steps, is_chief=backend.is_chief)
     watchdog = StallWatchdog(
         config.stall_timeout_s,
         first_beat_timeout_s=config.stall_timeout_s + _FIRST_CHUNK_GRACE_S,
