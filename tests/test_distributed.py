@@ -378,3 +378,44 @@ def test_user_model_distributed_matches_one_process(
     s = summary(workdir)
     assert s["model"] == user_model and s["num_replicas"] == 2
     _assert_matches_single_process(workdir, user_single_process)
+
+
+# --- the end of a run: no worker leaves while the chief still writes ----------------------------
+
+SLOW_EXPORT_MODEL = '''
+import time
+
+import keras
+from keras import layers
+
+
+@keras.saving.register_keras_serializable("convoy_test")
+class SlowToSave(layers.Layer):
+    """Identity; its config takes seconds to write, as a big model's export does."""
+
+    def call(self, x):
+        return x
+
+    def get_config(self):
+        time.sleep(8)
+        return super().get_config()
+
+
+def build(input_shape, num_classes):
+    inputs = keras.Input(shape=input_shape, name="images")
+    x = layers.Flatten()(SlowToSave()(inputs))
+    return keras.Model(inputs, layers.Dense(num_classes)(x))
+'''
+
+
+def test_multi_worker_run_with_a_slow_export_ends_without_a_crashed_task(tiny_mnist, tmp_path):
+    # Without the final barrier worker 1 left while the chief exported, and the chief's
+    # coordination service logged "StartAbort UNAVAILABLE ... The tasks have crashed".
+    module = tmp_path / "slow_model.py"
+    module.write_text(SLOW_EXPORT_MODEL)
+    workdir = str(tmp_path / "slow_export")
+    flags = [f for f in _flags(tiny_mnist, workdir) if not f.startswith("--export")]
+    output = _check(_local_cluster(2, *flags, f"--model={module}:build", "--export=true"))
+    assert "StartAbort" not in output and "have crashed" not in output, output[-4000:]
+    assert len(_fingerprints(output)) == 2
+    assert os.path.exists(os.path.join(workdir, "export", "saved_model", "saved_model.pb"))

@@ -294,6 +294,7 @@ def _finish(run: _Run, final_step: int, start_step: int) -> dict:
             os.path.join(config.workdir, "summary.json.tmp"),
             os.path.join(config.workdir, "summary.json"),
         )
+    backend.barrier()
     return summary
 
 

@@ -80,6 +80,13 @@ class Backend(abc.ABC):
     def reduce_gradients(self, grads: list[tf.Tensor]) -> list[tf.Tensor]:
         """Sums gradients over all replicas; called in the replica context, outside XLA."""
 
+    def barrier(self) -> None:  # noqa: B027 - one worker waits for no one; others override
+        """Returns once every worker has called it; a no-op for one worker.
+
+        The run ends here, so no worker exits while the chief still exports: TensorFlow's
+        coordination service reports a peer that stops early as crashed (tensorflow#58434).
+        """
+
     def broadcast_initial_state(self, variables: list) -> None:
         """Makes every worker start from worker 0's values (no-op where the strategy does it)."""
         del variables  # Mirrored variables are already identical; only Horovod overrides this.

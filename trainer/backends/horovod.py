@@ -50,6 +50,9 @@ class HorovodBackend(Backend):
             list(grads), op=self._hvd.Sum, compression=self._compression
         )
 
+    def barrier(self):
+        self._hvd.allreduce(tf.ones([]), op=self._hvd.Sum, name="convoy_barrier")
+
     def broadcast_initial_state(self, variables):
         # Keras 3 variables wrap a tf.Variable in `.value`; Horovod needs the tf.Variable itself.
         self._hvd.broadcast_variables(

@@ -102,6 +102,14 @@ class MultiWorkerBackend(_StrategyBackend):
             resolver.task_id + (1 if has_chief else 0) if resolver.task_type == "worker" else 0
         )
 
+    def barrier(self):
+        # A one-number all-reduce that every worker must join.
+        @tf.function
+        def all_arrive():
+            return self.strategy.run(lambda: self.reduce_sum(tf.ones([])))
+
+        all_arrive()
+
 
 def tf_config_task_count() -> int:
     """How many tasks TF_CONFIG names (0 when unset or unreadable)."""
