@@ -15,6 +15,7 @@ BUILTIN_MODELS = (
     "small_convnet",
     "sign_cnn",
     "cats_dogs_cnn",
+    "cats_dogs_cnn4",
     "resnet50",
 )
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "horovod")
