@@ -64,16 +64,18 @@ def _files(folder: str) -> list[str]:
     return names
 
 
+def folder_checksum(folder: str) -> str:
+    """The checksum metadata.json records for one class folder."""
+    return manifest_checksum(folder, _files(folder))
+
+
 def source_files(input_path: str) -> list[SourceFile]:
     checksums = []
     for root in split_roots(input_path).values():
         for cls in class_folders(root):
             folder = os.path.join(root, cls)
             checksums.append(
-                SourceFile(
-                    path=os.path.relpath(folder, input_path),
-                    sha256=manifest_checksum(folder, _files(folder)),
-                )
+                SourceFile(path=os.path.relpath(folder, input_path), sha256=folder_checksum(folder))
             )
     return checksums
 
