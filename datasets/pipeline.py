@@ -324,7 +324,10 @@ def _eval(share, metadata, target, batch_size, worker_index, num_workers, num_ba
         )
 
     ds = _batches(records, metadata, target, batch_size, False, pad)
+    # Padding without end, then exactly `total` batches: a shard cut short at a record boundary
+    # (fewer records than metadata.json promises) still gives every worker the same number of
+    # batches, so the evaluation ends and its example count can tell (trainer/evaluation.py).
     padding = tf.data.Dataset.from_tensors(
         (tf.zeros([batch_size, h, w, c]), tf.zeros([batch_size], tf.int32), tf.zeros([batch_size]))
-    ).repeat(total - real)
-    return ds.concatenate(padding)
+    ).repeat()
+    return ds.concatenate(padding).take(total)

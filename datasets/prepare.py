@@ -7,9 +7,12 @@
 Order of work, chosen so that bad input never touches OUT and a re-run is cheap:
 1. check the options; checksum the source files (missing files fail here);
 2. if OUT holds a dataset made from the same checksums and options: do nothing;
-3. read and validate the whole source (every bad-input error is raised here, before OUT is touched);
-4. refuse to replace a different dataset in OUT unless `overwrite`;
-5. write shards and metadata.json (see `datasets.writer`).
+3. check OUT is writable and holds no shard-named files prepare did not write;
+4. read and validate the whole source (every bad-input error is raised here, before OUT is
+   touched), including that it has at least two classes;
+5. refuse to replace a different dataset in OUT unless `overwrite` (the same dataset with a
+   missing or damaged shard, or without recorded shard sizes, is rewritten);
+6. write shards and metadata.json aside, then swap them in (see `datasets.writer`).
 """
 
 from __future__ import annotations
@@ -91,16 +94,102 @@ def split_off_validation(data: SourceData, fraction: float, seed: int) -> Source
 
 
 def _state(output_dir: str, source_files: list[SourceFile], options: dict) -> DatasetMetadata | str:
-    """The up-to-date dataset in `output_dir`, or "empty" (no metadata.json), or "other"."""
+    """What `output_dir` holds: the up-to-date dataset; "empty" (no metadata.json); "stale" (this
+    same dataset, but a shard is missing or damaged, or metadata.json predates shard sizes: ours
+    to rewrite); or "other" (another dataset, or one we cannot read: not ours to replace)."""
     if not os.path.exists(os.path.join(output_dir, METADATA_FILE)):
         return "empty"
     try:
-        existing = DatasetMetadata.load(output_dir)
+        existing = DatasetMetadata.load(output_dir, check_shards=False)
     except DataError:
         return "other"  # broken or another format version: still not ours to replace silently
-    if existing.source_files == source_files and existing.options == options:
-        return existing
-    return "other"
+    if existing.source_files != source_files or existing.options != options:
+        return "other"
+    if _stale_reason(existing, output_dir):
+        return "stale"
+    return existing
+
+
+def _stale_reason(existing: DatasetMetadata, output_dir: str) -> str:
+    problems = existing.shard_problems(output_dir)
+    if problems:
+        return f"{problems[0][0]}: {problems[0][1].split(';')[0]}"
+    return "" if existing.has_shard_sizes else "its metadata.json records no shard sizes"
+
+
+def check_num_shards(num_shards) -> None:
+    if not isinstance(num_shards, int) or isinstance(num_shards, bool) or num_shards < 1:
+        raise DataError(
+            f"--num_shards={num_shards}: expected a positive number of shards per split"
+        )
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Before reading any input: OUT must be a writable directory (or creatable) and hold no
+    shard-named files that prepare did not write."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise DataError(
+            f"{output_dir}: is a file; expected --output_dir to be a directory (or not to exist)"
+        )
+    writer.check_writable(output_dir)
+    writer.check_no_foreign_shards(output_dir)
+
+
+def write_prepared(
+    data: SourceData,
+    output_dir: str,
+    *,
+    source: str,
+    source_files: list[SourceFile],
+    options: dict,
+    num_shards: int,
+    seed: int,
+    overwrite: bool,
+    where: str,
+    progress_interval: float = 2.0,
+) -> DatasetMetadata:
+    """Writes a checked `SourceData` into `output_dir`: the common last step of `prepare` and
+    `datasets.write_arrays`. `where` names the input in errors (a path, or "labels")."""
+    if data.num_classes < 2:
+        raise DataError(
+            f"{where}: {data.num_classes} class ({', '.join(map(str, data.class_names))}); "
+            "expected at least 2 classes (a classifier needs two to tell apart)"
+        )
+    if data.skipped:
+        logging.warning(
+            "prepare: skipped %d unreadable files (listed in metadata.json 'skipped'), "
+            "first: %s (%s)",
+            len(data.skipped),
+            data.skipped[0]["path"],
+            data.skipped[0]["reason"],
+        )
+    if _state(output_dir, source_files, options) == "other" and not overwrite:
+        raise _exists_error(output_dir)
+    check_output_dir(output_dir)
+    with writer.output_lock(output_dir):
+        # Another process may have finished the same work while we were reading.
+        state = _state(output_dir, source_files, options)
+        if not overwrite and isinstance(state, DatasetMetadata):
+            return state
+        if state == "other" and not overwrite:
+            raise _exists_error(output_dir)
+        if state == "stale":
+            logging.warning(
+                "prepare: %s holds this dataset, but %s; rewriting it",
+                output_dir,
+                _stale_reason(DatasetMetadata.load(output_dir, check_shards=False), output_dir),
+            )
+        writer.check_no_foreign_shards(output_dir)
+        return writer.write_dataset(
+            data,
+            output_dir,
+            source=source,
+            num_shards=num_shards,
+            seed=seed,
+            source_files=source_files,
+            options=options,
+            progress_interval=progress_interval,
+        )
 
 
 def prepare(
@@ -125,10 +214,7 @@ def prepare(
     """
     if source not in SOURCES:
         raise DataError(f"--source={source}: unknown source; expected one of {', '.join(SOURCES)}")
-    if not isinstance(num_shards, int) or num_shards < 1:
-        raise DataError(
-            f"--num_shards={num_shards}: expected a positive number of shards per split"
-        )
+    check_num_shards(num_shards)
     if not 0 <= validation_fraction < 1:
         raise DataError(
             f"--validation_fraction={validation_fraction}: expected a fraction in [0, 1)"
@@ -156,6 +242,7 @@ def prepare(
     if not overwrite and isinstance(state, DatasetMetadata):
         logging.info("prepare: %s is up to date; nothing to do", output_dir)
         return state
+    check_output_dir(output_dir)  # before the (possibly long) read
 
     data = _read(
         source,
@@ -166,34 +253,18 @@ def prepare(
         tfds_data_dir=tfds_data_dir,
     )
     data = split_off_validation(data, validation_fraction, seed)
-    if data.skipped:
-        logging.warning(
-            "prepare: skipped %d unreadable files (listed in metadata.json 'skipped'), "
-            "first: %s (%s)",
-            len(data.skipped),
-            data.skipped[0]["path"],
-            data.skipped[0]["reason"],
-        )
-    if state != "empty" and not overwrite:
-        raise _exists_error(output_dir)
-
-    with writer.output_lock(output_dir):
-        # Another process may have finished the same work while we were reading.
-        state = _state(output_dir, source_files, options)
-        if not overwrite and isinstance(state, DatasetMetadata):
-            return state
-        if state != "empty" and not overwrite:
-            raise _exists_error(output_dir)
-        metadata = writer.write_dataset(
-            data,
-            output_dir,
-            source=source,
-            num_shards=num_shards,
-            seed=seed,
-            source_files=source_files,
-            options=options,
-            progress_interval=progress_interval,
-        )
+    metadata = write_prepared(
+        data,
+        output_dir,
+        source=source,
+        source_files=source_files,
+        options=options,
+        num_shards=num_shards,
+        seed=seed,
+        overwrite=overwrite,
+        where=tfds_name if source == "tfds" else input_path,
+        progress_interval=progress_interval,
+    )
     logging.info(
         "prepare: %s ready in %.2f s (read, check and write)", output_dir, time.monotonic() - start
     )
