@@ -106,6 +106,12 @@ def read(
 ) -> SourceData:
     roots = split_roots(input_path)
     classes = sorted({cls for root in roots.values() for cls in class_folders(root)})
+    if len(classes) < 2:
+        # Before decoding anything: one class trains to a meaningless "accuracy 1.0".
+        raise DataError(
+            f"{roots['train']}: 1 class folder ({classes[0]}); expected at least 2 class "
+            "sub-folders (a classifier needs two classes to tell apart)"
+        )
     paths_by_split = {}
     for split, root in roots.items():
         paths_by_split[split] = [
