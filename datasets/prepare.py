@@ -1,6 +1,6 @@
 """Raw source -> sharded TFRecords + metadata.json: the `prepare` function and its CLI.
 
-    python -m datasets.prepare --source=idx|csv|image_folder|tfds --input=... --output_dir=OUT
+    python -m datasets.prepare --source=idx|csv|image_folder|tfds|npz --input=... --output_dir=OUT
         [--num_shards=16] [--validation_fraction=0] [--seed=0] [--overwrite] [--skip_bad_images]
         [--class_names=auto] [--tfds_name=...] [--tfds_data_dir=...]
 
@@ -26,12 +26,12 @@ import zlib
 import numpy as np
 from absl import app, flags, logging
 
-from datasets import csv_pixels, idx, image_folder, tfds_source, writer
+from datasets import csv_pixels, idx, image_folder, npz, tfds_source, writer
 from datasets.errors import DataError, OutputExistsError
 from datasets.metadata import FORMAT_VERSION, METADATA_FILE, DatasetMetadata, SourceFile
 from datasets.source_data import SourceData
 
-SOURCES = ("idx", "csv", "image_folder", "tfds")
+SOURCES = ("idx", "csv", "image_folder", "tfds", "npz")
 DEFAULT_NUM_SHARDS = 16
 
 
@@ -44,6 +44,8 @@ def _source_files(
         return csv_pixels.source_files(input_path)
     if source == "image_folder":
         return image_folder.source_files(input_path)
+    if source == "npz":
+        return npz.source_files(input_path)
     return tfds_source.source_files(tfds_name, tfds_data_dir)
 
 
@@ -62,6 +64,8 @@ def _read(
         return csv_pixels.read(input_path, class_names=class_names)
     if source == "image_folder":
         return image_folder.read(input_path, skip_bad_images=skip_bad_images)
+    if source == "npz":
+        return npz.read(input_path, class_names=class_names)
     return tfds_source.read(tfds_name, tfds_data_dir)
 
 
@@ -150,6 +154,10 @@ def write_prepared(
 ) -> DatasetMetadata:
     """Writes a checked `SourceData` into `output_dir`: the common last step of `prepare` and
     `datasets.write_arrays`. `where` names the input in errors (a path, or "labels")."""
+    state = _state(output_dir, source_files, options)
+    if not overwrite and isinstance(state, DatasetMetadata):
+        logging.info("prepare: %s is up to date; nothing to do", output_dir)
+        return state
     if data.num_classes < 2:
         raise DataError(
             f"{where}: {data.num_classes} class ({', '.join(map(str, data.class_names))}); "
@@ -163,7 +171,7 @@ def write_prepared(
             data.skipped[0]["path"],
             data.skipped[0]["reason"],
         )
-    if _state(output_dir, source_files, options) == "other" and not overwrite:
+    if state == "other" and not overwrite:
         raise _exists_error(output_dir)
     check_output_dir(output_dir)
     with writer.output_lock(output_dir):
@@ -291,7 +299,8 @@ def define_flags() -> None:
         None,
         "idx: folder of IDX files or IMAGES,LABELS; csv: a CSV file or a "
         "folder with *train*/*test*.csv; image_folder: folder of class folders (or of "
-        "train/validation/test); tfds: the dataset name (or use --tfds_name).",
+        "train/validation/test); tfds: the dataset name (or use --tfds_name); npz: a "
+        "numpy.savez file with x_train, y_train[, x_test, y_test].",
     )
     flags.DEFINE_string("output_dir", None, "Where shards and metadata.json go.")
     flags.DEFINE_integer(
@@ -312,7 +321,8 @@ def define_flags() -> None:
     flags.DEFINE_string(
         "class_names",
         "auto",
-        "csv: auto | letters | numbers | comma-separated names indexed by the original label.",
+        "csv: auto | letters | numbers | comma-separated names indexed by the original label; "
+        "npz: auto | numbers | comma-separated names indexed by the class id.",
     )
     flags.DEFINE_string("tfds_name", None, "tfds: dataset name, e.g. mnist or mnist:3.0.1.")
     flags.DEFINE_string(
