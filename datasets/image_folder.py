@@ -3,7 +3,7 @@
 If `--input` has `train`/`validation`/`test` sub-folders, each is a split with class folders inside;
 otherwise the class folders sit directly in `--input` and form the train split. The file bytes are
 stored as they are (no re-encode, so no quality loss and no size blow-up); the pipeline decodes and
-resizes. Every file is decoded once here anyway, so a corrupt or non-image file is caught at
+resizes, every epoch, unless `prepare --image_size=H,W` resized them once into raw records. Every file is decoded once here anyway, so a corrupt or non-image file is caught at
 prepare time, naming the file, rather than crashing a training run hours later. Hidden files
 (`.DS_Store`, ...) are ignored.
 """

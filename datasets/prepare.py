@@ -2,14 +2,15 @@
 
     python -m datasets.prepare --source=idx|csv|image_folder|tfds|npz --input=... --output_dir=OUT
         [--num_shards=16] [--validation_fraction=0] [--seed=0] [--overwrite] [--skip_bad_images]
-        [--class_names=auto] [--tfds_name=...] [--tfds_data_dir=...]
+        [--class_names=auto] [--tfds_name=...] [--tfds_data_dir=...] [--image_size=H,W]
 
 Order of work, chosen so that bad input never touches OUT and a re-run is cheap:
 1. check the options; checksum the source files (missing files fail here);
 2. if OUT holds a dataset made from the same checksums and options: do nothing;
 3. check OUT is writable and holds no shard-named files prepare did not write;
 4. read and validate the whole source (every bad-input error is raised here, before OUT is
-   touched), including that it has at least two classes;
+   touched), including that it has at least two classes; with `--image_size`, decode and resize
+   every image once (`datasets.resize`, the pipeline's own resize) into raw records;
 5. refuse to replace a different dataset in OUT unless `overwrite` (the same dataset with a
    missing or damaged shard, or without recorded shard sizes, is rewritten);
 6. write shards and metadata.json aside, then swap them in (see `datasets.writer`).
@@ -128,6 +129,38 @@ def check_num_shards(num_shards) -> None:
         )
 
 
+RESIZABLE_SOURCES = ("image_folder", "tfds")
+
+
+def check_image_size(image_size, source: str) -> None:
+    if source not in RESIZABLE_SOURCES:
+        raise DataError(
+            f"--image_size: only for --source={' or '.join(RESIZABLE_SOURCES)} (images of "
+            f"varying size); --source={source} images keep their size"
+        )
+    if (
+        len(image_size) != 2
+        or not all(isinstance(d, int) and not isinstance(d, bool) for d in image_size)
+        or min(image_size) < 1
+    ):
+        raise DataError(f"--image_size={image_size}: expected HEIGHT,WIDTH, positive integers")
+
+
+def parse_image_size(text: str | None) -> tuple[int, int] | None:
+    """ "150,150" -> (150, 150); None or "" -> None. Raises DataError naming the flag."""
+    if not text:
+        return None
+    try:
+        height, width = (int(part) for part in text.split(","))
+    except ValueError:
+        raise DataError(
+            f"--image_size={text}: expected HEIGHT,WIDTH, positive integers (e.g. 150,150)"
+        ) from None
+    if min(height, width) < 1:
+        raise DataError(f"--image_size={text}: expected HEIGHT,WIDTH, positive integers")
+    return height, width
+
+
 def check_output_dir(output_dir: str) -> None:
     """Before reading any input: OUT must be a writable directory (or creatable) and hold no
     shard-named files that prepare did not write."""
@@ -213,12 +246,15 @@ def prepare(
     class_names: str = "auto",
     tfds_name: str | None = None,
     tfds_data_dir: str | None = None,
+    image_size: tuple[int, int] | None = None,
     progress_interval: float = 2.0,
 ) -> DatasetMetadata:
     """Prepares `input_path` into `output_dir`; returns its metadata. Raises DataError on bad input.
 
-    `input_path` is a path for idx/csv/image_folder; for tfds it is the dataset name unless `tfds_name`
-    is given. `num_shards` applies to every split (capped at the split's size).
+    `input_path` is a path for idx/csv/image_folder/npz; for tfds it is the dataset name unless
+    `tfds_name` is given. `num_shards` applies to every split (capped at the split's size).
+    `image_size` (H, W), for image_folder and tfds: decode and resize every image once, as the
+    input pipeline would, and store raw uint8 records of that size.
     """
     if source not in SOURCES:
         raise DataError(f"--source={source}: unknown source; expected one of {', '.join(SOURCES)}")
@@ -231,6 +267,8 @@ def prepare(
         raise DataError(
             f"{output_dir}: is a file; expected --output_dir to be a directory (or not to exist)"
         )
+    if image_size is not None:
+        check_image_size(image_size, source)
     if source == "tfds":
         tfds_name = tfds_name or input_path
     options = {
@@ -243,6 +281,8 @@ def prepare(
         "class_names": class_names,
         "tfds_name": tfds_name if source == "tfds" else None,
     }
+    if image_size is not None:  # only when set, so datasets prepared without it stay up to date
+        options["image_size"] = [int(image_size[0]), int(image_size[1])]
 
     start = time.monotonic()
     source_files = _source_files(source, input_path, tfds_name, tfds_data_dir)
@@ -260,6 +300,10 @@ def prepare(
         tfds_name=tfds_name,
         tfds_data_dir=tfds_data_dir,
     )
+    if image_size is not None:
+        from datasets import resize  # TensorFlow: only for this option
+
+        data = resize.resize_source(data, image_size)
     data = split_off_validation(data, validation_fraction, seed)
     metadata = write_prepared(
         data,
@@ -326,6 +370,12 @@ def define_flags() -> None:
     )
     flags.DEFINE_string("tfds_name", None, "tfds: dataset name, e.g. mnist or mnist:3.0.1.")
     flags.DEFINE_string(
+        "image_size",
+        None,
+        "image_folder, tfds: HEIGHT,WIDTH to decode and resize every image to once, stored as "
+        "raw uint8 records (as the input pipeline would resize them, but not every epoch).",
+    )
+    flags.DEFINE_string(
         "tfds_data_dir",
         None,
         "tfds: folder where the dataset is already prepared "
@@ -343,6 +393,7 @@ def main(argv: list[str]) -> None:
     ):
         raise app.UsageError("--source, --input (or --tfds_name) and --output_dir are required")
     try:
+        image_size = parse_image_size(FLAGS.image_size)
         metadata = prepare(
             FLAGS.source,
             FLAGS.input or "",
@@ -355,6 +406,7 @@ def main(argv: list[str]) -> None:
             class_names=FLAGS.class_names,
             tfds_name=FLAGS.tfds_name,
             tfds_data_dir=FLAGS.tfds_data_dir,
+            image_size=image_size,
         )
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
