@@ -1,10 +1,24 @@
 """convoy datasets: raw sources -> sharded TFRecords + metadata.json, and the tf.data input pipeline.
 
-Modules (each owns one thing; nothing is imported here, so `import datasets` stays cheap):
+Modules (each owns one thing; nothing is imported here until used, so `import datasets` stays
+cheap; `datasets.write_arrays` loads `arrays` on first use):
 - `prepare`: the `prepare()` function and the `python -m datasets.prepare` CLI.
-- `idx`, `csv_pixels`, `image_folder`, `tfds_source`: one reader per kind of source.
+- `arrays`: `write_arrays(images, labels, output_dir, ...)`, numpy arrays -> a prepared dataset.
+- `verify`: the `python -m datasets.verify` CLI, the corrupt-shard locator, pre-training checks.
+- `idx`, `csv_pixels`, `image_folder`, `tfds_source`, `npz`: one reader per kind of source.
 - `source_data`: the in-memory form readers hand to the writer; `writer`: shards + metadata on disk.
-- `metadata`: the metadata.json contract; `errors`: `DataError`; `progress`: progress lines.
+- `metadata`: the metadata.json contract; `errors`: `DataError`; `progress`: progress lines;
+  `tfrecord`: TFRecord framing and checksums with numpy.
 - `pipeline`: `input_fn`, `normalize`, `eval_batches_per_worker`; `augment`: augmentation ops.
 - `embedded`: the MNIST sample shipped in `sample/mnist/`, prepared on demand by `sample_data_dir()`.
 """
+
+__all__ = ["write_arrays"]
+
+
+def __getattr__(name):
+    if name == "write_arrays":
+        from datasets.arrays import write_arrays
+
+        return write_arrays
+    raise AttributeError(f"module 'datasets' has no attribute {name!r}")

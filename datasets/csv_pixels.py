@@ -184,7 +184,7 @@ def read(input_path: str, class_names: str = "auto") -> SourceData:
         layouts.add((images.shape[1:], from_one))
     if len({shape for shape, _ in layouts}) != 1:
         raise DataError(f"{input_path}: CSV files hold different image sizes; expected one size")
-    dense, original = dense_class_ids(labels_by_split)
+    dense, original = dense_class_ids(labels_by_split, input_path)
     shape = next(iter(images_by_split.values())).shape[1:]
     name_root = input_path if os.path.isdir(input_path) else os.path.splitext(input_path)[0]
     return SourceData(

@@ -155,7 +155,7 @@ def read(input_path: str) -> SourceData:
         raise DataError(
             f"{input_path}: image shapes differ between splits {shapes}; expected one shape"
         )
-    dense, original = dense_class_ids(labels_by_split)
+    dense, original = dense_class_ids(labels_by_split, input_path)
     name_root = (
         input_path
         if os.path.isdir(input_path)

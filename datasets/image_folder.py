@@ -3,7 +3,7 @@
 If `--input` has `train`/`validation`/`test` sub-folders, each is a split with class folders inside;
 otherwise the class folders sit directly in `--input` and form the train split. The file bytes are
 stored as they are (no re-encode, so no quality loss and no size blow-up); the pipeline decodes and
-resizes. Every file is decoded once here anyway, so a corrupt or non-image file is caught at
+resizes, every epoch, unless `prepare --image_size=H,W` resized them once into raw records. Every file is decoded once here anyway, so a corrupt or non-image file is caught at
 prepare time, naming the file, rather than crashing a training run hours later. Hidden files
 (`.DS_Store`, ...) are ignored.
 """
@@ -64,16 +64,18 @@ def _files(folder: str) -> list[str]:
     return names
 
 
+def folder_checksum(folder: str) -> str:
+    """The checksum metadata.json records for one class folder."""
+    return manifest_checksum(folder, _files(folder))
+
+
 def source_files(input_path: str) -> list[SourceFile]:
     checksums = []
     for root in split_roots(input_path).values():
         for cls in class_folders(root):
             folder = os.path.join(root, cls)
             checksums.append(
-                SourceFile(
-                    path=os.path.relpath(folder, input_path),
-                    sha256=manifest_checksum(folder, _files(folder)),
-                )
+                SourceFile(path=os.path.relpath(folder, input_path), sha256=folder_checksum(folder))
             )
     return checksums
 
@@ -104,6 +106,12 @@ def read(
 ) -> SourceData:
     roots = split_roots(input_path)
     classes = sorted({cls for root in roots.values() for cls in class_folders(root)})
+    if len(classes) < 2:
+        # Before decoding anything: one class trains to a meaningless "accuracy 1.0".
+        raise DataError(
+            f"{roots['train']}: 1 class folder ({classes[0]}); expected at least 2 class "
+            "sub-folders (a classifier needs two classes to tell apart)"
+        )
     paths_by_split = {}
     for split, root in roots.items():
         paths_by_split[split] = [

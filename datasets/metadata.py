@@ -29,6 +29,10 @@ def shard_file_name(split: str, index: int, num_shards: int) -> str:
 class ShardInfo:
     file: str  # relative to the dataset directory
     num_examples: int
+    # The file's size, so that a shard cut short exactly at a record boundary (which reads back
+    # as a valid, shorter file) is caught by one stat() at load. None in datasets written before
+    # it was recorded (same format version: they still load).
+    num_bytes: int | None = None
 
 
 @dataclasses.dataclass
@@ -51,7 +55,7 @@ class DatasetMetadata:
 
     format_version: int
     name: str
-    source: str  # idx | csv | image_folder | tfds
+    source: str  # idx | csv | image_folder | tfds | npz | arrays (datasets.write_arrays)
     encoding: str  # "raw": uint8 H*W*C bytes; "encoded": the source's JPEG/PNG bytes as they were
     image_shape: tuple[int, int, int] | None  # (H, W, C); None when encoded sizes vary
     channels: int
@@ -92,9 +96,43 @@ class DatasetMetadata:
             f.write(self.to_json())
         os.replace(tmp, path)
 
+    @property
+    def has_shard_sizes(self) -> bool:
+        return all(s.num_bytes is not None for info in self.splits.values() for s in info.shards)
+
+    def shard_problems(self, data_dir: str) -> list[tuple[str, str]]:
+        """(shard path, problem) for every listed shard that is missing or of the wrong size."""
+        path = os.path.join(data_dir, METADATA_FILE)
+        problems = []
+        for split, info in self.splits.items():
+            for shard in info.shards:
+                shard_path = os.path.join(data_dir, shard.file)
+                try:
+                    size = os.path.getsize(shard_path)
+                except OSError:
+                    problems.append(
+                        (
+                            shard_path,
+                            f"missing; {path} lists it as a shard of split '{split}' with "
+                            f"{shard.num_examples} examples",
+                        )
+                    )
+                    continue
+                if shard.num_bytes is not None and size != shard.num_bytes:
+                    problems.append(
+                        (
+                            shard_path,
+                            f"{size} bytes; {path} lists {shard.num_bytes} (truncated or "
+                            "changed after prepare?); re-run `python -m datasets.prepare` for "
+                            "this dataset",
+                        )
+                    )
+        return problems
+
     @classmethod
-    def load(cls, data_dir: str) -> DatasetMetadata:
-        """Reads and checks `data_dir/metadata.json`, and that every shard it lists exists."""
+    def load(cls, data_dir: str, *, check_shards: bool = True) -> DatasetMetadata:
+        """Reads and checks `data_dir/metadata.json`; with `check_shards`, also that every shard
+        it lists exists and (where metadata.json records it) has the size it had when written."""
         if not os.path.isdir(data_dir):
             raise DataError(
                 f"{data_dir}: no such directory; expected a dataset directory written "
@@ -112,14 +150,10 @@ class DatasetMetadata:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError(f"{path}: not valid JSON ({e}); expected a metadata object") from None
         metadata = cls.from_dict(raw, path)
-        for split, info in metadata.splits.items():
-            for shard in info.shards:
-                shard_path = os.path.join(data_dir, shard.file)
-                if not os.path.isfile(shard_path):
-                    raise DataError(
-                        f"{shard_path}: missing; {path} lists it as a shard of split "
-                        f"'{split}' with {shard.num_examples} examples"
-                    )
+        if check_shards:
+            problems = metadata.shard_problems(data_dir)
+            if problems:
+                raise DataError(f"{problems[0][0]}: {problems[0][1]}")
         return metadata
 
     @classmethod
@@ -137,7 +171,13 @@ class DatasetMetadata:
                 name: SplitInfo(
                     num_examples=int(s["num_examples"]),
                     shards=[
-                        ShardInfo(file=str(sh["file"]), num_examples=int(sh["num_examples"]))
+                        ShardInfo(
+                            file=str(sh["file"]),
+                            num_examples=int(sh["num_examples"]),
+                            num_bytes=(
+                                int(sh["num_bytes"]) if sh.get("num_bytes") is not None else None
+                            ),
+                        )
                         for sh in s["shards"]
                     ],
                 )

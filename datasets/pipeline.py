@@ -4,7 +4,8 @@ Training: this worker's share of the shards, files read in parallel (in chunks),
 (seeded) while still serialized (cheap to buffer), repeated forever, then batched and decoded per
 batch (one `parse_example` + `decode_raw` per batch instead of per example: with the chunked file
 reads, that is what gives ~200k MNIST images/s on two cores), augmented, normalized, prefetched.
-Encoded (JPEG/PNG) datasets are decoded and resized per example before batching, as sizes vary.
+Encoded (JPEG/PNG) datasets are decoded and resized per example before batching, as sizes vary
+(`prepare --image_size` does that once instead; `datasets.resize` holds the one decode and resize).
 
 Eval: no shuffle, augmentation or repeat; every example of the split is read exactly once across
 all workers, batches are padded to full size with weight-0 examples, and with `num_batches` every
@@ -24,6 +25,7 @@ import tensorflow as tf
 from absl import logging
 
 from datasets import augment as augment_lib
+from datasets import resize as resize_lib
 from datasets.augment import AugmentConfig
 from datasets.metadata import DatasetMetadata
 
@@ -104,7 +106,7 @@ def _to_model_input(images: tf.Tensor, height: int, width: int, channels: int) -
         raise ValueError(f"cannot convert {have}-channel images to {channels} channels")
     if tuple(images.shape[1:3]) != (height, width):
         # Back to uint8 so training sees exactly what an exported model fed uint8 images sees.
-        images = tf.saturate_cast(tf.round(tf.image.resize(images, (height, width))), tf.uint8)
+        images = resize_lib.resize_uint8(images, (height, width))
     return images
 
 
@@ -127,8 +129,7 @@ def _decode_encoded_example(target):
 
     def decode(serialized):
         parsed = tf.io.parse_single_example(serialized, _FEATURES)
-        image = tf.io.decode_image(parsed["image"], channels=channels, expand_animations=False)
-        image.set_shape([None, None, channels])
+        image = resize_lib.decode(parsed["image"], channels)
         image = _to_model_input(image[tf.newaxis], height, width, channels)[0]
         image.set_shape([height, width, channels])  # resize is skipped when sizes match
         return image, tf.cast(parsed["label"], tf.int32)
@@ -324,7 +325,10 @@ def _eval(share, metadata, target, batch_size, worker_index, num_workers, num_ba
         )
 
     ds = _batches(records, metadata, target, batch_size, False, pad)
+    # Padding without end, then exactly `total` batches: a shard cut short at a record boundary
+    # (fewer records than metadata.json promises) still gives every worker the same number of
+    # batches, so the evaluation ends and its example count can tell (trainer/evaluation.py).
     padding = tf.data.Dataset.from_tensors(
         (tf.zeros([batch_size, h, w, c]), tf.zeros([batch_size], tf.int32), tf.zeros([batch_size]))
-    ).repeat(total - real)
-    return ds.concatenate(padding)
+    ).repeat()
+    return ds.concatenate(padding).take(total)

@@ -1,15 +1,19 @@
 """Raw source -> sharded TFRecords + metadata.json: the `prepare` function and its CLI.
 
-    python -m datasets.prepare --source=idx|csv|image_folder|tfds --input=... --output_dir=OUT
+    python -m datasets.prepare --source=idx|csv|image_folder|tfds|npz --input=... --output_dir=OUT
         [--num_shards=16] [--validation_fraction=0] [--seed=0] [--overwrite] [--skip_bad_images]
-        [--class_names=auto] [--tfds_name=...] [--tfds_data_dir=...]
+        [--class_names=auto] [--tfds_name=...] [--tfds_data_dir=...] [--image_size=H,W]
 
 Order of work, chosen so that bad input never touches OUT and a re-run is cheap:
 1. check the options; checksum the source files (missing files fail here);
 2. if OUT holds a dataset made from the same checksums and options: do nothing;
-3. read and validate the whole source (every bad-input error is raised here, before OUT is touched);
-4. refuse to replace a different dataset in OUT unless `overwrite`;
-5. write shards and metadata.json (see `datasets.writer`).
+3. check OUT is writable and holds no shard-named files prepare did not write;
+4. read and validate the whole source (every bad-input error is raised here, before OUT is
+   touched), including that it has at least two classes; with `--image_size`, decode and resize
+   every image once (`datasets.resize`, the pipeline's own resize) into raw records;
+5. refuse to replace a different dataset in OUT unless `overwrite` (the same dataset with a
+   missing or damaged shard, or without recorded shard sizes, is rewritten);
+6. write shards and metadata.json aside, then swap them in (see `datasets.writer`).
 """
 
 from __future__ import annotations
@@ -23,12 +27,12 @@ import zlib
 import numpy as np
 from absl import app, flags, logging
 
-from datasets import csv_pixels, idx, image_folder, tfds_source, writer
+from datasets import csv_pixels, idx, image_folder, npz, tfds_source, writer
 from datasets.errors import DataError, OutputExistsError
 from datasets.metadata import FORMAT_VERSION, METADATA_FILE, DatasetMetadata, SourceFile
 from datasets.source_data import SourceData
 
-SOURCES = ("idx", "csv", "image_folder", "tfds")
+SOURCES = ("idx", "csv", "image_folder", "tfds", "npz")
 DEFAULT_NUM_SHARDS = 16
 
 
@@ -41,6 +45,8 @@ def _source_files(
         return csv_pixels.source_files(input_path)
     if source == "image_folder":
         return image_folder.source_files(input_path)
+    if source == "npz":
+        return npz.source_files(input_path)
     return tfds_source.source_files(tfds_name, tfds_data_dir)
 
 
@@ -59,6 +65,8 @@ def _read(
         return csv_pixels.read(input_path, class_names=class_names)
     if source == "image_folder":
         return image_folder.read(input_path, skip_bad_images=skip_bad_images)
+    if source == "npz":
+        return npz.read(input_path, class_names=class_names)
     return tfds_source.read(tfds_name, tfds_data_dir)
 
 
@@ -91,16 +99,138 @@ def split_off_validation(data: SourceData, fraction: float, seed: int) -> Source
 
 
 def _state(output_dir: str, source_files: list[SourceFile], options: dict) -> DatasetMetadata | str:
-    """The up-to-date dataset in `output_dir`, or "empty" (no metadata.json), or "other"."""
+    """What `output_dir` holds: the up-to-date dataset; "empty" (no metadata.json); "stale" (this
+    same dataset, but a shard is missing or damaged, or metadata.json predates shard sizes: ours
+    to rewrite); or "other" (another dataset, or one we cannot read: not ours to replace)."""
     if not os.path.exists(os.path.join(output_dir, METADATA_FILE)):
         return "empty"
     try:
-        existing = DatasetMetadata.load(output_dir)
+        existing = DatasetMetadata.load(output_dir, check_shards=False)
     except DataError:
         return "other"  # broken or another format version: still not ours to replace silently
-    if existing.source_files == source_files and existing.options == options:
-        return existing
-    return "other"
+    if existing.source_files != source_files or existing.options != options:
+        return "other"
+    if _stale_reason(existing, output_dir):
+        return "stale"
+    return existing
+
+
+def _stale_reason(existing: DatasetMetadata, output_dir: str) -> str:
+    problems = existing.shard_problems(output_dir)
+    if problems:
+        return f"{problems[0][0]}: {problems[0][1].split(';')[0]}"
+    return "" if existing.has_shard_sizes else "its metadata.json records no shard sizes"
+
+
+def check_num_shards(num_shards) -> None:
+    if not isinstance(num_shards, int) or isinstance(num_shards, bool) or num_shards < 1:
+        raise DataError(
+            f"--num_shards={num_shards}: expected a positive number of shards per split"
+        )
+
+
+RESIZABLE_SOURCES = ("image_folder", "tfds")
+
+
+def check_image_size(image_size, source: str) -> None:
+    if source not in RESIZABLE_SOURCES:
+        raise DataError(
+            f"--image_size: only for --source={' or '.join(RESIZABLE_SOURCES)} (images of "
+            f"varying size); --source={source} images keep their size"
+        )
+    if (
+        len(image_size) != 2
+        or not all(isinstance(d, int) and not isinstance(d, bool) for d in image_size)
+        or min(image_size) < 1
+    ):
+        raise DataError(f"--image_size={image_size}: expected HEIGHT,WIDTH, positive integers")
+
+
+def parse_image_size(text: str | None) -> tuple[int, int] | None:
+    """ "150,150" -> (150, 150); None or "" -> None. Raises DataError naming the flag."""
+    if not text:
+        return None
+    try:
+        height, width = (int(part) for part in text.split(","))
+    except ValueError:
+        raise DataError(
+            f"--image_size={text}: expected HEIGHT,WIDTH, positive integers (e.g. 150,150)"
+        ) from None
+    if min(height, width) < 1:
+        raise DataError(f"--image_size={text}: expected HEIGHT,WIDTH, positive integers")
+    return height, width
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Before reading any input: OUT must be a writable directory (or creatable) and hold no
+    shard-named files that prepare did not write."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise DataError(
+            f"{output_dir}: is a file; expected --output_dir to be a directory (or not to exist)"
+        )
+    writer.check_writable(output_dir)
+    writer.check_no_foreign_shards(output_dir)
+
+
+def write_prepared(
+    data: SourceData,
+    output_dir: str,
+    *,
+    source: str,
+    source_files: list[SourceFile],
+    options: dict,
+    num_shards: int,
+    seed: int,
+    overwrite: bool,
+    where: str,
+    progress_interval: float = 2.0,
+) -> DatasetMetadata:
+    """Writes a checked `SourceData` into `output_dir`: the common last step of `prepare` and
+    `datasets.write_arrays`. `where` names the input in errors (a path, or "labels")."""
+    state = _state(output_dir, source_files, options)
+    if not overwrite and isinstance(state, DatasetMetadata):
+        logging.info("prepare: %s is up to date; nothing to do", output_dir)
+        return state
+    if data.num_classes < 2:
+        raise DataError(
+            f"{where}: {data.num_classes} class ({', '.join(map(str, data.class_names))}); "
+            "expected at least 2 classes (a classifier needs two to tell apart)"
+        )
+    if data.skipped:
+        logging.warning(
+            "prepare: skipped %d unreadable files (listed in metadata.json 'skipped'), "
+            "first: %s (%s)",
+            len(data.skipped),
+            data.skipped[0]["path"],
+            data.skipped[0]["reason"],
+        )
+    if state == "other" and not overwrite:
+        raise _exists_error(output_dir)
+    check_output_dir(output_dir)
+    with writer.output_lock(output_dir):
+        # Another process may have finished the same work while we were reading.
+        state = _state(output_dir, source_files, options)
+        if not overwrite and isinstance(state, DatasetMetadata):
+            return state
+        if state == "other" and not overwrite:
+            raise _exists_error(output_dir)
+        if state == "stale":
+            logging.warning(
+                "prepare: %s holds this dataset, but %s; rewriting it",
+                output_dir,
+                _stale_reason(DatasetMetadata.load(output_dir, check_shards=False), output_dir),
+            )
+        writer.check_no_foreign_shards(output_dir)
+        return writer.write_dataset(
+            data,
+            output_dir,
+            source=source,
+            num_shards=num_shards,
+            seed=seed,
+            source_files=source_files,
+            options=options,
+            progress_interval=progress_interval,
+        )
 
 
 def prepare(
@@ -116,19 +246,19 @@ def prepare(
     class_names: str = "auto",
     tfds_name: str | None = None,
     tfds_data_dir: str | None = None,
+    image_size: tuple[int, int] | None = None,
     progress_interval: float = 2.0,
 ) -> DatasetMetadata:
     """Prepares `input_path` into `output_dir`; returns its metadata. Raises DataError on bad input.
 
-    `input_path` is a path for idx/csv/image_folder; for tfds it is the dataset name unless `tfds_name`
-    is given. `num_shards` applies to every split (capped at the split's size).
+    `input_path` is a path for idx/csv/image_folder/npz; for tfds it is the dataset name unless
+    `tfds_name` is given. `num_shards` applies to every split (capped at the split's size).
+    `image_size` (H, W), for image_folder and tfds: decode and resize every image once, as the
+    input pipeline would, and store raw uint8 records of that size.
     """
     if source not in SOURCES:
         raise DataError(f"--source={source}: unknown source; expected one of {', '.join(SOURCES)}")
-    if not isinstance(num_shards, int) or num_shards < 1:
-        raise DataError(
-            f"--num_shards={num_shards}: expected a positive number of shards per split"
-        )
+    check_num_shards(num_shards)
     if not 0 <= validation_fraction < 1:
         raise DataError(
             f"--validation_fraction={validation_fraction}: expected a fraction in [0, 1)"
@@ -137,6 +267,8 @@ def prepare(
         raise DataError(
             f"{output_dir}: is a file; expected --output_dir to be a directory (or not to exist)"
         )
+    if image_size is not None:
+        check_image_size(image_size, source)
     if source == "tfds":
         tfds_name = tfds_name or input_path
     options = {
@@ -149,6 +281,8 @@ def prepare(
         "class_names": class_names,
         "tfds_name": tfds_name if source == "tfds" else None,
     }
+    if image_size is not None:  # only when set, so datasets prepared without it stay up to date
+        options["image_size"] = [int(image_size[0]), int(image_size[1])]
 
     start = time.monotonic()
     source_files = _source_files(source, input_path, tfds_name, tfds_data_dir)
@@ -156,6 +290,7 @@ def prepare(
     if not overwrite and isinstance(state, DatasetMetadata):
         logging.info("prepare: %s is up to date; nothing to do", output_dir)
         return state
+    check_output_dir(output_dir)  # before the (possibly long) read
 
     data = _read(
         source,
@@ -165,35 +300,23 @@ def prepare(
         tfds_name=tfds_name,
         tfds_data_dir=tfds_data_dir,
     )
-    data = split_off_validation(data, validation_fraction, seed)
-    if data.skipped:
-        logging.warning(
-            "prepare: skipped %d unreadable files (listed in metadata.json 'skipped'), "
-            "first: %s (%s)",
-            len(data.skipped),
-            data.skipped[0]["path"],
-            data.skipped[0]["reason"],
-        )
-    if state != "empty" and not overwrite:
-        raise _exists_error(output_dir)
+    if image_size is not None:
+        from datasets import resize  # TensorFlow: only for this option
 
-    with writer.output_lock(output_dir):
-        # Another process may have finished the same work while we were reading.
-        state = _state(output_dir, source_files, options)
-        if not overwrite and isinstance(state, DatasetMetadata):
-            return state
-        if state != "empty" and not overwrite:
-            raise _exists_error(output_dir)
-        metadata = writer.write_dataset(
-            data,
-            output_dir,
-            source=source,
-            num_shards=num_shards,
-            seed=seed,
-            source_files=source_files,
-            options=options,
-            progress_interval=progress_interval,
-        )
+        data = resize.resize_source(data, image_size)
+    data = split_off_validation(data, validation_fraction, seed)
+    metadata = write_prepared(
+        data,
+        output_dir,
+        source=source,
+        source_files=source_files,
+        options=options,
+        num_shards=num_shards,
+        seed=seed,
+        overwrite=overwrite,
+        where=tfds_name if source == "tfds" else input_path,
+        progress_interval=progress_interval,
+    )
     logging.info(
         "prepare: %s ready in %.2f s (read, check and write)", output_dir, time.monotonic() - start
     )
@@ -220,7 +343,8 @@ def define_flags() -> None:
         None,
         "idx: folder of IDX files or IMAGES,LABELS; csv: a CSV file or a "
         "folder with *train*/*test*.csv; image_folder: folder of class folders (or of "
-        "train/validation/test); tfds: the dataset name (or use --tfds_name).",
+        "train/validation/test); tfds: the dataset name (or use --tfds_name); npz: a "
+        "numpy.savez file with x_train, y_train[, x_test, y_test].",
     )
     flags.DEFINE_string("output_dir", None, "Where shards and metadata.json go.")
     flags.DEFINE_integer(
@@ -241,9 +365,16 @@ def define_flags() -> None:
     flags.DEFINE_string(
         "class_names",
         "auto",
-        "csv: auto | letters | numbers | comma-separated names indexed by the original label.",
+        "csv: auto | letters | numbers | comma-separated names indexed by the original label; "
+        "npz: auto | numbers | comma-separated names indexed by the class id.",
     )
     flags.DEFINE_string("tfds_name", None, "tfds: dataset name, e.g. mnist or mnist:3.0.1.")
+    flags.DEFINE_string(
+        "image_size",
+        None,
+        "image_folder, tfds: HEIGHT,WIDTH to decode and resize every image to once, stored as "
+        "raw uint8 records (as the input pipeline would resize them, but not every epoch).",
+    )
     flags.DEFINE_string(
         "tfds_data_dir",
         None,
@@ -262,6 +393,7 @@ def main(argv: list[str]) -> None:
     ):
         raise app.UsageError("--source, --input (or --tfds_name) and --output_dir are required")
     try:
+        image_size = parse_image_size(FLAGS.image_size)
         metadata = prepare(
             FLAGS.source,
             FLAGS.input or "",
@@ -274,6 +406,7 @@ def main(argv: list[str]) -> None:
             class_names=FLAGS.class_names,
             tfds_name=FLAGS.tfds_name,
             tfds_data_dir=FLAGS.tfds_data_dir,
+            image_size=image_size,
         )
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -14,6 +14,7 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+from absl import logging
 
 from datasets.errors import DataError
 from datasets.metadata import SourceFile
@@ -53,17 +54,41 @@ class SourceData:
         return len(self.class_names)
 
 
+def label_set_text(labels, limit: int = 12) -> str:
+    """Sorted integer labels as ranges: "0-8, 10-24"; long sets end in "... (N labels)"."""
+    values = sorted(int(v) for v in labels)
+    runs, start = [], 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[i - 1] + 1:
+            a, b = values[start], values[i - 1]
+            runs.append(str(a) if a == b else f"{a}-{b}")
+            start = i
+    text = ", ".join(runs[:limit])
+    return text + (f", ... ({len(values)} labels)" if len(runs) > limit else "")
+
+
 def dense_class_ids(
-    labels_by_split: dict[str, np.ndarray],
+    labels_by_split: dict[str, np.ndarray], where: str
 ) -> tuple[dict[str, np.ndarray], list[int]]:
     """Maps the source's labels (which may have gaps) to dense ids 0..K-1, in sorted label order.
 
     Returns the remapped labels per split and the original label of each dense id. The class list
     is the union over all splits, so a class missing from one split keeps its id everywhere.
+    Labels that are not already 0..K-1 (gaps, or values above the class count: huge or sparse
+    labels silently becoming many classes) get one warning naming `where` and the label set.
     """
     original = np.unique(
         np.concatenate([np.asarray(lab).ravel() for lab in labels_by_split.values()])
     )
+    if len(original) and int(original[-1]) != len(original) - 1:
+        logging.warning(
+            "prepare: %s: labels {%s} are not 0..%d; mapped to %d dense class ids in sorted "
+            "order (metadata.json original_labels keeps each class's label)",
+            where,
+            label_set_text(original),
+            len(original) - 1,
+            len(original),
+        )
     dense = {
         split: np.searchsorted(original, labels).astype(np.int64)
         for split, labels in labels_by_split.items()

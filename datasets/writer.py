@@ -8,9 +8,12 @@ Owns the on-disk protocol:
   the same as protobuf's deterministic serialization (a test checks it), but raw images of one size
   become one matrix of records built with numpy, framed by `datasets.tfrecord` without TensorFlow
   (full MNIST: ~0.3 s instead of seconds); encoded images go one by one through TFRecordWriter;
-- shards go to temporary names and are renamed; the old metadata.json is removed before the first
-  shard is touched and the new one is written last, so a crash never leaves a directory that
-  looks complete; a lock file serializes concurrent prepares of the same directory.
+- the free space is checked against the estimated size first; shards and metadata.json are
+  written into a hidden staging directory inside the output directory, then swapped in by renames
+  (see `_swap_in`), so the previous dataset stays valid until the new one is complete, and any
+  failure leaves no temporary files; each shard's byte size goes into metadata.json;
+- only shards that a metadata.json of a prepare lists are ever replaced or deleted; a directory
+  holding other shard-named files is refused; a lock file serializes concurrent prepares.
 """
 
 from __future__ import annotations
@@ -18,14 +21,18 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import json
 import os
 import re
+import shutil
+import tempfile
 import zlib
 from collections.abc import Iterator
 
 import numpy as np
 
 from datasets import tfrecord
+from datasets.errors import DataError
 from datasets.metadata import (
     FORMAT_VERSION,
     METADATA_FILE,
@@ -39,6 +46,9 @@ from datasets.progress import Progress
 from datasets.source_data import SourceData, SplitData
 
 LOCK_FILE = ".prepare.lock"
+# Hidden, inside the output directory: the same filesystem, so the swap is renames only.
+STAGING = ".prepare-staging-"
+_PREVIOUS_METADATA = "previous-metadata.json"
 _SHARD_RE = re.compile(r"^(train|validation|test)-\d{5}-of-\d{5}\.tfrecord$")
 _TMP_MARK = ".tmp-"
 # The numpy CRC walks byte positions in Python (a few us each): worth it for small images (MNIST,
@@ -133,33 +143,125 @@ def write_order(split: str, num_examples: int, seed: int) -> np.ndarray:
 # --- the output directory ---------------------------------------------------------------------
 
 
+def _unwritable(output_dir: str, error: OSError) -> DataError:
+    return DataError(
+        f"{output_dir}: cannot write here ({error.strerror}); expected a writable --output_dir"
+    )
+
+
+def check_writable(output_dir: str) -> None:
+    """Raises a one-line DataError when `output_dir` (or, if missing, the nearest existing parent
+    it would be created in) is not a writable directory: before any work, not as a traceback."""
+    path = os.path.abspath(output_dir)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise DataError(f"{output_dir}: {path} is a file; expected --output_dir in a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        read_only = os.statvfs(path).f_flag & os.ST_RDONLY
+        reason = "read-only file system" if read_only else "permission denied"
+        raise DataError(
+            f"{output_dir}: cannot write to {path} ({reason}); expected a writable --output_dir"
+        )
+
+
 @contextlib.contextmanager
 def output_lock(output_dir: str) -> Iterator[None]:
     """Holds an exclusive lock on `output_dir` (created if missing) against concurrent prepares."""
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, LOCK_FILE), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        lock = open(os.path.join(output_dir, LOCK_FILE), "a")
+    except OSError as e:
+        raise _unwritable(output_dir, e) from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _write_shard(path: str, split: SplitData, indices: np.ndarray, progress: Progress) -> None:
-    tmp = f"{path}{_TMP_MARK}{os.getpid()}"
+def _listed_shards(metadata_path: str) -> set[str]:
+    """Shard names a metadata.json lists; read leniently (any version, no checks), {} if none."""
+    try:
+        with open(metadata_path) as f:
+            raw = json.load(f)
+        return {str(s["file"]) for info in raw["splits"].values() for s in info["shards"]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+
+
+def _staging_dirs(output_dir: str) -> list[str]:
+    if not os.path.isdir(output_dir):
+        return []
+    return [
+        os.path.join(output_dir, n) for n in sorted(os.listdir(output_dir)) if n.startswith(STAGING)
+    ]
+
+
+def own_shards(output_dir: str) -> set[str]:
+    """Shard names a prepare wrote into `output_dir`: those its metadata.json lists, and (after a
+    prepare died mid-swap) those the metadata files in a staging directory list."""
+    names = _listed_shards(os.path.join(output_dir, METADATA_FILE))
+    for staging in _staging_dirs(output_dir):
+        names |= _listed_shards(os.path.join(staging, METADATA_FILE))
+        names |= _listed_shards(os.path.join(staging, _PREVIOUS_METADATA))
+    return names
+
+
+def check_no_foreign_shards(output_dir: str) -> None:
+    """Refuses a directory holding shard-named files that no prepare here wrote: they are the
+    user's, and would be replaced or deleted by this prepare."""
+    if not os.path.isdir(output_dir):
+        return
+    own = own_shards(output_dir)
+    for name in sorted(os.listdir(output_dir)):
+        if _SHARD_RE.match(name) and name not in own:
+            raise DataError(
+                f"{os.path.join(output_dir, name)}: named like a shard but not listed by "
+                f"{METADATA_FILE} here, so not written by prepare; expected --output_dir to hold "
+                "no such files of its own (move it elsewhere, or choose another --output_dir)"
+            )
+
+
+def record_bytes(image_len: int, label: int) -> int:
+    """Bytes one record takes in a shard: framing + the serialized Example."""
+    prefix, suffix = _framing(image_len, label)
+    return tfrecord.HEADER_BYTES + len(prefix) + image_len + len(suffix) + tfrecord.FOOTER_BYTES
+
+
+def estimated_bytes(data: SourceData, num_shards: int) -> int:
+    """Bytes the shards of `data` will take (exact for the records), plus room for metadata.json
+    and the filesystem's rounding of each file to whole blocks."""
+    total, files = 0, 0
+    for split in data.splits.values():
+        if isinstance(split.images, np.ndarray):
+            length = int(np.prod(split.images.shape[1:]))
+            labels, counts = np.unique(split.labels, return_counts=True)
+            total += sum(int(c) * record_bytes(length, int(lab)) for lab, c in zip(labels, counts))
+        else:
+            total += sum(
+                record_bytes(len(i), int(lab)) for i, lab in zip(split.images, split.labels)
+            )
+        files += min(num_shards, len(split))
+    return total + (1 << 16) + 4096 * files
+
+
+def _write_shard(path: str, split: SplitData, indices: np.ndarray, progress: Progress) -> int:
+    """Writes one shard at `path`, flushed to disk; returns its size in bytes."""
     records = None
     if isinstance(split.images, np.ndarray) and split.images[0].size <= _NUMPY_FRAMING_MAX_BYTES:
         records = encode_examples(
             split.images[indices].reshape(len(indices), -1), split.labels[indices]
         )
     if records is not None:
-        with open(tmp, "wb") as f:
+        with open(path, "wb") as f:
             f.write(tfrecord.frame(records))
         progress.update(len(indices))
     else:
         import tensorflow as tf  # variable-length records: TF's writer does the framing
 
-        with tf.io.TFRecordWriter(tmp) as out:
+        with tf.io.TFRecordWriter(path) as out:
             for k, i in enumerate(indices):
                 image = split.images[i]
                 if isinstance(image, np.ndarray):
@@ -168,17 +270,40 @@ def _write_shard(path: str, split: SplitData, indices: np.ndarray, progress: Pro
                 if k % 256 == 255:
                     progress.update(256)
         progress.update(len(indices) % 256)
-    os.replace(tmp, path)
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())  # on disk before the rename makes it part of the dataset
+    return os.path.getsize(path)
 
 
-def _remove_stale(output_dir: str, keep: set[str]) -> None:
-    """Removes shards of an earlier dataset and temp files of crashed runs (we hold the lock)."""
+def _remove_leftovers(output_dir: str) -> None:
+    """Staging directories of prepares that died (we hold the lock, so none is running) and the
+    temporary files of older prepare versions (`<shard>.tmp-PID`, `metadata.json.tmp-PID`)."""
+    for staging in _staging_dirs(output_dir):
+        shutil.rmtree(staging, ignore_errors=True)
     for name in os.listdir(output_dir):
-        if (_SHARD_RE.match(name) and name not in keep) or (
-            _TMP_MARK in name
-            and (_SHARD_RE.match(name.split(_TMP_MARK)[0]) or name.startswith(METADATA_FILE))
-        ):
+        base = name.split(_TMP_MARK)[0]
+        if _TMP_MARK in name and (_SHARD_RE.match(base) or base == METADATA_FILE):
             os.remove(os.path.join(output_dir, name))
+
+
+def _swap_in(staging: str, output_dir: str, new_shards: list[str], replaced: set[str]) -> None:
+    """Makes the staged dataset the dataset of `output_dir`.
+
+    Between dropping the old metadata.json and placing the new one only renames happen (no space
+    needed, nothing to fail half-way for lack of it). The old metadata.json is moved into the
+    staging directory, so that if we die in between, the next prepare still knows which shards
+    here were its own. Files of the old dataset that the new one does not reuse go last.
+    """
+    metadata_path = os.path.join(output_dir, METADATA_FILE)
+    if os.path.exists(metadata_path):
+        os.replace(metadata_path, os.path.join(staging, _PREVIOUS_METADATA))
+    for name in new_shards:
+        os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+    os.replace(os.path.join(staging, METADATA_FILE), metadata_path)
+    for name in sorted(replaced - set(new_shards)):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(output_dir, name))
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_dataset(
@@ -192,11 +317,62 @@ def write_dataset(
     options: dict,
     progress_interval: float = 2.0,
 ) -> DatasetMetadata:
-    """Writes every split of `data` and then metadata.json. The caller holds `output_lock`."""
-    metadata_path = os.path.join(output_dir, METADATA_FILE)
-    if os.path.exists(metadata_path):
-        os.remove(metadata_path)  # from here on the directory no longer claims to hold a dataset
+    """Writes every split of `data` and metadata.json into a staging directory inside
+    `output_dir`, then swaps it in. The caller holds `output_lock`.
 
+    Whatever `output_dir` held stays valid until the new dataset is complete; on any failure the
+    staging directory is removed and the old dataset is left as it was. Raises DataError when the
+    estimated size does not fit the free space, or a write fails (full disk, I/O error).
+    """
+    replaced = own_shards(output_dir)
+    _remove_leftovers(output_dir)
+    needed = estimated_bytes(data, num_shards)
+    free = shutil.disk_usage(output_dir).free
+    if needed > free:
+        raise DataError(
+            f"{output_dir}: needs about {needed} bytes for the new shards, {free} bytes free; "
+            "expected enough free space (what the directory holds now stays as it is)"
+        )
+    try:
+        staging = tempfile.mkdtemp(prefix=STAGING, dir=output_dir)
+    except OSError as e:
+        raise _unwritable(output_dir, e) from None
+    try:
+        metadata = _write_staged(
+            data,
+            staging,
+            source=source,
+            num_shards=num_shards,
+            seed=seed,
+            source_files=source_files,
+            options=options,
+            progress_interval=progress_interval,
+        )
+    except BaseException as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise DataError(
+                f"{output_dir}: writing the new shards failed ({e.strerror or e}); needed about "
+                f"{needed} bytes, {shutil.disk_usage(output_dir).free} bytes free now; what the "
+                "directory held before is untouched"
+            ) from None
+        raise
+    new_shards = [s.file for info in metadata.splits.values() for s in info.shards]
+    _swap_in(staging, output_dir, new_shards, replaced)
+    return metadata
+
+
+def _write_staged(
+    data: SourceData,
+    staging: str,
+    *,
+    source: str,
+    num_shards: int,
+    seed: int,
+    source_files: list[SourceFile],
+    options: dict,
+    progress_interval: float,
+) -> DatasetMetadata:
     progress = Progress("write", sum(len(s) for s in data.splits.values()), progress_interval)
     splits = {}
     for split_name, split in data.splits.items():
@@ -205,12 +381,10 @@ def write_dataset(
         shards = []
         for i, (start, end) in enumerate(bounds):
             name = shard_file_name(split_name, i, len(bounds))
-            _write_shard(os.path.join(output_dir, name), split, order[start:end], progress)
-            shards.append(ShardInfo(file=name, num_examples=end - start))
+            size = _write_shard(os.path.join(staging, name), split, order[start:end], progress)
+            shards.append(ShardInfo(file=name, num_examples=end - start, num_bytes=size))
         splits[split_name] = SplitInfo(num_examples=len(split), shards=shards)
     progress.finish()
-
-    _remove_stale(output_dir, {s.file for info in splits.values() for s in info.shards})
     metadata = DatasetMetadata(
         format_version=FORMAT_VERSION,
         name=data.name,
@@ -227,5 +401,5 @@ def write_dataset(
         options=options,
         skipped=data.skipped,
     )
-    metadata.save(output_dir)
+    metadata.save(staging)
     return metadata

@@ -6,9 +6,11 @@ the suite needs no network and no ../shared.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import struct
+import subprocess
 
 import numpy as np
 import pytest
@@ -147,3 +149,26 @@ def csv_writer():
 @pytest.fixture
 def tree_snapshot():
     return _tree_snapshot
+
+
+@contextlib.contextmanager
+def _tmpfs(path, size, read_only=False):
+    """A small tmpfs mounted at `path` (the tests run as root here); skips, saying why, where
+    mounting is refused."""
+    os.makedirs(path, exist_ok=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()})")
+    try:
+        yield str(path)
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.fixture
+def tmpfs():
+    """tmpfs(path, size, read_only=False): a context manager mounting a small tmpfs at path."""
+    return _tmpfs

@@ -145,6 +145,16 @@ def empty_class_folder(tmp_path, make_image_folder, **_):
     return "image_folder", root, {}, os.path.join(root, "dogs"), "empty class folder"
 
 
+def single_class_folder(tmp_path, make_image_folder, **_):
+    root = make_image_folder({"cats": [np.zeros((4, 4, 3), np.uint8)] * 3})
+    return "image_folder", root, {}, root, "1 class folder (cats); expected at least 2 class"
+
+
+def single_label_idx(tmp_path, make_idx_dir, **_):
+    folder = make_idx_dir((np.zeros((5, 4, 4), np.uint8), np.full(5, 7)), name="one_label")
+    return "idx", folder, {}, folder, "1 class (7); expected at least 2 classes"
+
+
 def zero_shards(tmp_path, make_idx_dir, **_):
     return (
         "idx",
@@ -170,6 +180,8 @@ CASES = [
     non_image_in_class_folder,
     corrupt_jpeg,
     empty_class_folder,
+    single_class_folder,
+    single_label_idx,
     zero_shards,
 ]
 
@@ -284,3 +296,38 @@ def test_metadata_load_errors(tmp_path, existing_out):
     with pytest.raises(DataError) as e:
         DatasetMetadata.load(existing_out)
     assert str(e.value).startswith(f"{shard}: missing")
+
+
+def test_labels_with_gaps_keep_dense_ids_and_print_the_label_set(
+    tmp_path, make_idx_dir, csv_writer, caplog
+):
+    import logging
+
+    folder = make_idx_dir((np.zeros((6, 2, 2), np.uint8), np.array([0, 200, 255] * 2)))
+    with caplog.at_level(logging.WARNING):
+        metadata = prepare("idx", folder, str(tmp_path / "a"), num_shards=1)
+    assert metadata.num_classes == 3 and metadata.original_labels == [0, 200, 255]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"prepare: {folder}: labels {{0, 200, 255}} are not 0..2; mapped to 3 dense class "
+        "ids in sorted order (metadata.json original_labels keeps each class's label)"
+    ]
+    caplog.clear()
+    path = csv_writer(str(tmp_path / "huge.csv"), np.zeros((4, 2, 2), np.uint8), [3, 1000000] * 2)
+    with caplog.at_level(logging.WARNING):
+        metadata = prepare("csv", path, str(tmp_path / "h"), num_shards=1)
+    assert metadata.original_labels == [3, 1000000]
+    assert [
+        r for r in caplog.records if f"{path}: labels {{3, 1000000}} are not 0..1" in r.getMessage()
+    ]
+    caplog.clear()
+    labels = [v for v in range(25) if v != 9]  # Sign-Language-MNIST: no J
+    path = csv_writer(str(tmp_path / "sign_train.csv"), np.zeros((24, 2, 2), np.uint8), labels)
+    with caplog.at_level(logging.WARNING):
+        prepare("csv", path, str(tmp_path / "b"), num_shards=1)
+    assert [r.getMessage() for r in caplog.records if "labels {0-8, 10-24}" in r.getMessage()]
+    caplog.clear()
+    dense = make_idx_dir((np.zeros((4, 2, 2), np.uint8), np.arange(4) % 2), name="dense")
+    with caplog.at_level(logging.WARNING):
+        prepare("idx", dense, str(tmp_path / "c"), num_shards=1)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

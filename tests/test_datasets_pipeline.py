@@ -315,3 +315,61 @@ def test_sample_trains_through_input_fn(sample_dir):
         tf.reduce_max(images)
     )
     assert len(set(labels.numpy())) > 5
+
+
+def _all_eval_images(metadata, data_dir, **kwargs):
+    ds = pipeline.input_fn(metadata, data_dir, "train", 4, training=False, **kwargs)
+    images, labels = [], []
+    for batch_images, batch_labels, weights in ds:
+        keep = weights.numpy() > 0
+        images.append(batch_images.numpy()[keep])
+        labels.append(batch_labels.numpy()[keep])
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def test_resized_at_prepare_equals_resized_in_the_pipeline(tmp_path, make_image_folder):
+    rng = np.random.default_rng(3)
+    root = make_image_folder(
+        {
+            "a": [
+                rng.integers(0, 256, (20 + 7 * i, 31 - 3 * i, 3), dtype=np.uint8) for i in range(4)
+            ],
+            "b": [rng.integers(0, 256, (13, 40, 1), dtype=np.uint8) for _ in range(3)]
+            + [rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)],  # already the size
+        },
+        fmt=("jpeg", "png"),
+    )
+    encoded = prepare("image_folder", root, str(tmp_path / "encoded"), num_shards=2)
+    resized = prepare(
+        "image_folder", root, str(tmp_path / "resized"), num_shards=2, image_size=(24, 24)
+    )
+    assert encoded.encoding == "encoded" and encoded.image_shape is None
+    assert resized.encoding == "raw" and resized.image_shape == (24, 24, 3)
+    assert resized.options["image_size"] == [24, 24] and "image_size" not in encoded.options
+    # Same images, same seed: the same write order, so the same eval order.
+    every_epoch, labels = _all_eval_images(
+        encoded, str(tmp_path / "encoded"), image_size=(24, 24), channels=3
+    )
+    once, once_labels = _all_eval_images(resized, str(tmp_path / "resized"))
+    np.testing.assert_array_equal(labels, once_labels)
+    assert once.shape == every_epoch.shape == (8, 24, 24, 3)
+    np.testing.assert_allclose(once, every_epoch, rtol=0, atol=1 / 255 + 1e-6)  # to rounding
+    # A re-run is a no-op; the same folder without --image_size is another dataset.
+    assert (
+        prepare("image_folder", root, str(tmp_path / "resized"), num_shards=2, image_size=(24, 24))
+        == resized
+    )
+    with pytest.raises(DataError, match="--overwrite"):
+        prepare("image_folder", root, str(tmp_path / "resized"), num_shards=2)
+
+
+def test_image_size_is_checked(tmp_path, make_idx_dir):
+    from datasets.prepare import parse_image_size
+
+    folder = make_idx_dir((np.zeros((4, 2, 2), np.uint8), np.arange(4) % 2))
+    with pytest.raises(DataError, match="--image_size: only for --source=image_folder or tfds"):
+        prepare("idx", folder, str(tmp_path / "o"), image_size=(4, 4))
+    assert parse_image_size("150,150") == (150, 150) and parse_image_size(None) is None
+    for bad in ("150", "a,b", "0,5", "1,2,3"):
+        with pytest.raises(DataError, match=f"--image_size={bad}: expected HEIGHT,WIDTH"):
+            parse_image_size(bad)

@@ -345,6 +345,33 @@ def test_tfds_variable_shape_keeps_encoded_bytes(tmp_path, tfds_dir):
     assert decoded_got == decoded_want
 
 
+@pytest.mark.parametrize("name", ["convoy_tiny_fixed", "convoy_tiny_variable"])
+def test_tfds_image_size_resizes_as_the_pipeline_does(tmp_path, tfds_dir, name):
+    from datasets import pipeline
+
+    kept = prepare("tfds", name, str(tmp_path / "kept"), tfds_data_dir=tfds_dir, num_shards=1)
+    resized = prepare(
+        "tfds",
+        name,
+        str(tmp_path / "resized"),
+        tfds_data_dir=tfds_dir,
+        num_shards=1,
+        image_size=(9, 8),
+    )
+    assert resized.encoding == "raw" and resized.image_shape == (9, 8, kept.channels)
+
+    def images(metadata, data_dir, **kwargs):
+        ds = pipeline.input_fn(metadata, data_dir, "train", 64, training=False, **kwargs)
+        batch, labels, weights = next(iter(ds))
+        keep = weights.numpy() > 0
+        return batch.numpy()[keep], labels.numpy()[keep]
+
+    want, want_labels = images(kept, str(tmp_path / "kept"), image_size=(9, 8))
+    got, got_labels = images(resized, str(tmp_path / "resized"))
+    np.testing.assert_array_equal(got_labels, want_labels)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1 / 255 + 1e-6)
+
+
 def test_tfds_not_prepared_says_how(tmp_path):
     with pytest.raises(DataError) as e:
         prepare("tfds", "mnist", str(tmp_path / "out"), tfds_data_dir=str(tmp_path / "empty"))

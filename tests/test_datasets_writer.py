@@ -1,5 +1,6 @@
 """The writer: record bytes, determinism, shard balance, up-to-date checks, crash safety, progress."""
 
+import json
 import logging
 import os
 import threading
@@ -165,29 +166,99 @@ def test_up_to_date_does_nothing_and_overwrite_rewrites(
     assert DatasetMetadata.load(out) == rewritten
 
 
-def test_crash_mid_write_never_looks_complete(tmp_path, small_idx, monkeypatch):
+def test_a_failed_write_keeps_the_old_dataset_and_leaves_nothing_behind(
+    tmp_path, small_idx, monkeypatch, tree_snapshot
+):
     out = str(tmp_path / "out")
-    prepare("idx", small_idx, out, num_shards=4)
+    first = prepare("idx", small_idx, out, num_shards=4)
+    before = tree_snapshot(out)
     calls = {"n": 0}
     real_frame = tfrecord.frame
 
     def failing_frame(records):  # fault injection: the disk "fills up" at the third shard
         calls["n"] += 1
         if calls["n"] == 3:
-            raise OSError("No space left on device")
+            raise OSError(28, "No space left on device")
         return real_frame(records)
 
     monkeypatch.setattr(tfrecord, "frame", failing_frame)
-    with pytest.raises(OSError):
+    with pytest.raises(DataError) as e:
         prepare("idx", small_idx, out, num_shards=4, seed=9, overwrite=True)
-    with pytest.raises(DataError, match="metadata.json: missing"):
-        DatasetMetadata.load(out)
-    assert any(".tmp-" in n for n in os.listdir(out))  # the half-written shard kept its temp name
+    assert str(e.value).startswith(
+        f"{out}: writing the new shards failed (No space left on device)"
+    )
+    # The old dataset is whole and still the dataset; no staging directory or temp file stays.
+    assert tree_snapshot(out) == before and DatasetMetadata.load(out) == first
 
     monkeypatch.setattr(tfrecord, "frame", real_frame)
-    metadata = prepare("idx", small_idx, out, num_shards=4, seed=9)  # no --overwrite needed now
+    metadata = prepare("idx", small_idx, out, num_shards=4, seed=9, overwrite=True)
+    assert DatasetMetadata.load(out) == metadata and metadata.seed == 9
+
+
+def test_a_prepare_killed_mid_swap_is_recovered_by_the_next(tmp_path, small_idx):
+    # What a prepare killed between its renames leaves: no metadata.json, a mix of old and new
+    # shards, and its staging directory holding the metadata files that name them.
+    out = str(tmp_path / "out")
+    prepare("idx", small_idx, out, num_shards=4)
+    staging = os.path.join(out, writer.STAGING + "dead")
+    os.mkdir(staging)
+    os.replace(os.path.join(out, "metadata.json"), os.path.join(staging, "previous-metadata.json"))
+    metadata = prepare("idx", small_idx, out, num_shards=3)  # no foreign-shard refusal
+    assert sorted(n for n in os.listdir(out) if n.endswith(".tfrecord")) == sorted(
+        s.file for info in metadata.splits.values() for s in info.shards
+    )
+    assert not os.path.exists(staging)
+
+
+def test_shard_sizes_are_recorded_and_checked_at_load(tmp_path, small_idx):
+    out = str(tmp_path / "out")
+    metadata = prepare("idx", small_idx, out, num_shards=4)
+    for shard, path in zip(metadata.splits["train"].shards, metadata.shard_paths(out, "train")):
+        assert shard.num_bytes == os.path.getsize(path)
+    path = metadata.shard_paths(out, "train")[1]
+    starts = tfrecord.scan(open(path, "rb").read()).starts
+    open(path, "r+b").truncate(int(starts[-1]))  # exactly at a record boundary
+    with pytest.raises(DataError) as e:
+        DatasetMetadata.load(out)
+    size = int(starts[-1])
+    expected = metadata.splits["train"].shards[1].num_bytes
+    assert str(e.value).startswith(
+        f"{path}: {size} bytes; {out}/metadata.json lists {expected} (truncated"
+    )
+    # The same prepare again rewrites its own damaged dataset, no --overwrite needed.
+    assert prepare("idx", small_idx, out, num_shards=4) == metadata
     assert DatasetMetadata.load(out) == metadata
-    assert not any(".tmp-" in n for n in os.listdir(out))
+
+
+def test_a_dataset_without_shard_sizes_still_loads_and_is_upgraded(tmp_path, small_idx):
+    out = str(tmp_path / "out")
+    metadata = prepare("idx", small_idx, out, num_shards=2)
+    raw = json.load(open(os.path.join(out, "metadata.json")))
+    for info in raw["splits"].values():
+        for shard in info["shards"]:
+            del shard["num_bytes"]
+    open(os.path.join(out, "metadata.json"), "w").write(json.dumps(raw))
+    old = DatasetMetadata.load(out)
+    assert not old.has_shard_sizes and old.num_examples("train") == 103
+    assert prepare("idx", small_idx, out, num_shards=2) == metadata  # sizes recorded again
+
+
+def test_files_of_the_user_are_never_deleted(tmp_path, small_idx, tree_snapshot):
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = out / "train-00000-of-00001.tfrecord"
+    mine.write_bytes(b"my own data")
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError) as e:
+        prepare("idx", small_idx, str(out), num_shards=4, overwrite=True)
+    assert str(e.value).startswith(f"{mine}: named like a shard but not listed by metadata.json")
+    assert mine.read_bytes() == b"my own data"
+    mine.unlink()
+    metadata = prepare("idx", small_idx, str(out), num_shards=4)
+    # Other files are not shard-named: left alone, through a later overwrite too.
+    prepare("idx", small_idx, str(out), num_shards=2, overwrite=True)
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert metadata.num_examples("train") == 103
 
 
 def test_concurrent_prepares_of_one_dir_agree(tmp_path, small_idx):

@@ -3,15 +3,15 @@
 Each test builds the bad case for real (files, read-only and full filesystems, a second process,
 a signal), runs the real CLI and checks the exit code, the one `error:` line naming the file,
 flag or directory, the absence of a traceback, and that what was valid before is still there.
-The filesystem cases mount a small tmpfs (the tests run as root here); where mounting is
-refused they skip, printing why.
+The filesystem cases mount a small tmpfs (the `tmpfs` fixture of conftest.py; the tests run as
+root here); where mounting is refused they skip, printing why.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
+import shutil
 import subprocess
 import time
 
@@ -36,21 +36,6 @@ def _one_error_line(result, code, *words):
     for word in words:
         assert word in errors[0], errors[0]
     return errors[0]
-
-
-@contextlib.contextmanager
-def _tmpfs(path, size, read_only=False):
-    os.makedirs(path, exist_ok=True)
-    options = f"size={size}" + (",ro" if read_only else "")
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()})")
-    try:
-        yield str(path)
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def _snapshot(directory):
@@ -82,8 +67,8 @@ def test_workdir_that_is_a_file_or_under_one_is_refused_before_tensorflow(tmp_pa
     assert a_file.read_text() == "not a directory"
 
 
-def test_read_only_workdir_is_refused(tmp_path):
-    with _tmpfs(tmp_path / "ro", "1m", read_only=True) as read_only:
+def test_read_only_workdir_is_refused(tmp_path, tmpfs):
+    with tmpfs(tmp_path / "ro", "1m", read_only=True) as read_only:
         result = run_trainer(f"--workdir={read_only}/run", check=False, timeout=60)
         _one_error_line(result, 2, f"--workdir={read_only}/run", "is not writable")
 
@@ -140,10 +125,10 @@ def test_leftover_temporary_checkpoint_directories_are_removed_at_start(tmp_path
     assert not stale.exists() and "unfinished checkpoint save" in result.stderr
 
 
-def test_full_disk_during_a_checkpoint_save_keeps_the_earlier_ones(tmp_path):
+def test_full_disk_during_a_checkpoint_save_keeps_the_earlier_ones(tmp_path, tmpfs):
     # Each checkpoint holds the input position, shuffle buffer included (~6 MB here): 20 MB
     # fits three and fails on the fourth.
-    with _tmpfs(tmp_path / "small", "20m") as small:
+    with tmpfs(tmp_path / "small", "20m") as small:
         workdir = f"{small}/run"
         result = run_trainer(
             *FAST_FLAGS,
@@ -214,3 +199,124 @@ def test_train_only_dataset_says_how_to_choose_an_eval_split(tmp_path, sample_di
         f"--data_dir={data}", f"--workdir={tmp_path / 'run'}", check=False, timeout=120
     )
     _one_error_line(result, 2, "--eval_split", "--eval_split=train", "--validation_fraction")
+
+
+# --- damaged shards ---------------------------------------------------------------------------
+
+
+def _damaged_copy(tmp_path, sample_dir, *, sizes=True):
+    """A copy of the prepared sample to damage; without `sizes`, as an older prepare wrote it."""
+    from datasets.metadata import DatasetMetadata
+
+    data = str(tmp_path / "data")
+    shutil.copytree(sample_dir, data)
+    if not sizes:
+        path = os.path.join(data, "metadata.json")
+        raw = json.load(open(path))
+        for info in raw["splits"].values():
+            for shard in info["shards"]:
+                shard.pop("num_bytes", None)
+        open(path, "w").write(json.dumps(raw))
+    return data, DatasetMetadata.load(data, check_shards=False)
+
+
+def _record_start(path, index):
+    from datasets import tfrecord
+
+    return int(tfrecord.scan(open(path, "rb").read()).starts[index])
+
+
+def test_flipped_bytes_in_a_training_shard_name_the_shard_and_offset_and_keep_the_checkpoint(
+    tmp_path, sample_dir
+):
+    data, metadata = _damaged_copy(tmp_path, sample_dir)
+    workdir = str(tmp_path / "run")
+    flags = (*FAST_FLAGS, f"--data_dir={data}", f"--workdir={workdir}")
+    run_trainer(*flags, "--train_steps=20", "--checkpoint_every_steps=10")
+    newest = tf.train.latest_checkpoint(f"{workdir}/checkpoints")
+    # Damage a record the resumed run has not read yet (the restored input position is at the
+    # start of the second epoch): its size stays the same, only the checksum can tell.
+    shard = metadata.shard_paths(data, "train")[3]
+    offset = _record_start(shard, 500)
+    with open(shard, "r+b") as f:
+        f.seek(offset + 100)
+        f.write(b"\xff\xfe")
+    result = run_trainer(*flags, "--train_steps=400", check=False, timeout=600)
+    line = _one_error_line(result, 3, f"{shard}: corrupt at byte {offset} (record 500: ")
+    assert "checksum" in line and "datasets.prepare --overwrite" in line
+    assert tf.train.latest_checkpoint(f"{workdir}/checkpoints") == newest
+    tf.train.load_checkpoint(newest)
+    assert summary(workdir)["final_step"] == 20  # the first run's, not rewritten
+
+
+def test_a_training_shard_cut_mid_record_names_the_shard_and_offset(tmp_path, sample_dir):
+    # An older dataset records no shard sizes, so the cut is only found while reading.
+    data, metadata = _damaged_copy(tmp_path, sample_dir, sizes=False)
+    shard = metadata.shard_paths(data, "train")[6]
+    offset = _record_start(shard, 321)
+    open(shard, "r+b").truncate(offset + 200)
+    result = run_trainer(
+        *FAST_FLAGS,
+        f"--data_dir={data}",
+        f"--workdir={tmp_path / 'run'}",
+        "--train_steps=20",
+        check=False,
+        timeout=300,
+    )
+    _one_error_line(result, 3, f"{shard}: corrupt at byte {offset} (record 321: truncated")
+    warnings = [line for line in result.stderr.splitlines() if "records no shard sizes" in line]
+    assert len(warnings) == 1, result.stderr[-3000:]
+
+
+def test_a_test_shard_cut_short_fails_the_evaluation_without_an_accuracy(tmp_path, sample_dir):
+    data, metadata = _damaged_copy(tmp_path, sample_dir, sizes=False)
+    shard = metadata.shard_paths(data, "test")[1]
+    offset = _record_start(shard, 100)
+    open(shard, "r+b").truncate(offset + 30)
+    flags = (*FAST_FLAGS, f"--data_dir={data}", "--train_steps=10")
+    result = run_trainer(*flags, f"--workdir={tmp_path / 'a'}", check=False, timeout=300)
+    _one_error_line(result, 3, f"{shard}: corrupt at byte {offset} (record 100: truncated")
+    assert "accuracy" not in result.stdout and not os.path.exists(tmp_path / "a" / "summary.json")
+    # Cut exactly at a record boundary the reader sees a shorter, valid file: the example count
+    # is what tells.
+    open(shard, "r+b").truncate(offset)
+    result = run_trainer(*flags, f"--workdir={tmp_path / 'b'}", check=False, timeout=300)
+    _one_error_line(result, 2, "split 'test' yielded 1850 examples", "promises 2000")
+    assert "accuracy" not in result.stdout and not os.path.exists(tmp_path / "b" / "summary.json")
+
+
+def test_a_shard_cut_at_a_record_boundary_is_refused_before_training(tmp_path, sample_dir):
+    data, metadata = _damaged_copy(tmp_path, sample_dir)
+    shard = metadata.shard_paths(data, "train")[2]
+    expected = metadata.splits["train"].shards[2].num_bytes
+    cut = _record_start(shard, 999)
+    open(shard, "r+b").truncate(cut)
+    result = run_trainer(
+        *FAST_FLAGS,
+        f"--data_dir={data}",
+        f"--workdir={tmp_path / 'run'}",
+        check=False,
+        timeout=120,
+    )
+    _one_error_line(result, 2, f"{shard}: {cut} bytes", f"lists {expected}")
+    assert "step " not in result.stderr  # not a step trained
+    assert not os.path.exists(tmp_path / "run" / "config.json")
+
+
+def test_an_image_shape_that_does_not_match_the_records_is_refused_before_training(
+    tmp_path, sample_dir
+):
+    data, _ = _damaged_copy(tmp_path, sample_dir)
+    path = os.path.join(data, "metadata.json")
+    raw = json.load(open(path))
+    raw["image_shape"] = [32, 32, 1]
+    open(path, "w").write(json.dumps(raw))
+    result = run_trainer(
+        *FAST_FLAGS,
+        f"--data_dir={data}",
+        f"--workdir={tmp_path / 'run'}",
+        check=False,
+        timeout=120,
+    )
+    _one_error_line(result, 2, path, "image_shape [32, 32, 1] means 1024 bytes", "holds 784")
+    assert not os.path.exists(tmp_path / "run" / "config.json")

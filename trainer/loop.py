@@ -21,7 +21,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from datasets import embedded
+from datasets import embedded, verify
 from datasets.metadata import DatasetMetadata
 from trainer import checkpoints, console, errors, export, periodic, workdir
 from trainer import step as step_lib
@@ -68,7 +68,8 @@ def train_and_evaluate(config: Config) -> dict:
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     data_dir = config.data_dir or embedded.sample_data_dir()
-    metadata = DatasetMetadata.load(data_dir)
+    metadata = DatasetMetadata.load(data_dir)  # Compares shard sizes with metadata.json.
+    verify.check_before_training(metadata, data_dir)  # The first records against image_shape.
     plan = resolve_plan(config, backend.topology, metadata, data_dir)
     logging.info("%s; model %s\n%s", backend, config.model, plan.describe())
     state = create_train_state(config, plan, backend)  # Builds (and checks) the model first.
