@@ -147,3 +147,21 @@ def csv_writer():
 @pytest.fixture
 def tree_snapshot():
     return _tree_snapshot
+
+
+@pytest.fixture(scope="session")
+def reported_run(tmp_path_factory):
+    """A short real MNIST-sample run with periodic evaluation, an export and --report (shared by
+    the report, TensorBoard and predict tests)."""
+    from trainer_harness import FAST_FLAGS, run_trainer
+
+    workdir = str(tmp_path_factory.mktemp("reported_run") / "run")
+    run_trainer(
+        *FAST_FLAGS,
+        f"--workdir={workdir}",
+        "--train_steps=40",
+        "--eval_every_steps=20",
+        "--export=true",
+        "--report",
+    )
+    return workdir
