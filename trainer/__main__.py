@@ -57,6 +57,8 @@ def main(config) -> int:
     )
     if summary["is_chief"]:
         print(f"TensorBoard: tensorboard --logdir {summary['workdir']}/tensorboard")
+        if config.report:
+            print(f"Report: {summary['workdir']}/report/index.html")
     return 0
 
 

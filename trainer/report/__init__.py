@@ -15,6 +15,13 @@ Modules: `scalars` (TensorBoard events), `predictions` (the model over the eval 
 atomically), `__main__` (the command line).
 """
 
-from trainer.report.build import ReportError, write_report
-
 __all__ = ["ReportError", "write_report"]
+
+
+def __getattr__(name):
+    # Lazily, so `python -m trainer.report` can refuse a bad command line before TensorFlow loads.
+    if name in __all__:
+        from trainer.report import build
+
+        return getattr(build, name)
+    raise AttributeError(f"module 'trainer.report' has no attribute {name!r}")

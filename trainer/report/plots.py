@@ -23,7 +23,9 @@ INCHES = {
 PIXELS = {name: (round(w * DPI), round(h * DPI)) for name, (w, h) in INCHES.items()}
 MISTAKE_GRID = (2, 8)
 FILTER_GRID = (4, 8)
-MAPS_PER_LAYER = (2, 16)  # rows x columns of feature maps shown per convolution layer
+MAPS_PER_LAYER = (2, 16)
+# Beyond this many classes the names cannot be read on an axis (report.json has them).
+_MAX_LABELLED_CLASSES = 60  # rows x columns of feature maps shown per convolution layer
 
 _CURVE_PANELS = (
     ("loss", ("train/loss", "eval/loss", "eval/loss_raw")),
@@ -101,8 +103,9 @@ def confusion_matrix(counts: np.ndarray, class_names: list[str], path: str):
         axes.set_title(title)
         axes.set_xlabel("predicted")
         axes.set_ylabel("true")
-        axes.set_xticks(range(k), class_names, rotation=90 if k > 10 else 0, fontsize=font)
-        axes.set_yticks(range(k), class_names, fontsize=font)
+        if k <= _MAX_LABELLED_CLASSES:
+            axes.set_xticks(range(k), class_names, rotation=90 if k > 10 else 0, fontsize=font)
+            axes.set_yticks(range(k), class_names, fontsize=font)
         if annotate:
             high = (values.max() or 1) * 0.6
             for (i, j), v in np.ndenumerate(values):
@@ -128,12 +131,13 @@ def per_class(rows: list[dict], accuracy: float, path: str):
     if len(rows) <= 30:
         axes.bar_label(bars, fmt="%.3f", fontsize=_font_size(len(rows)) - 1)
     axes.axhline(accuracy, color="tab:red", linestyle="--", label=f"overall {accuracy:.4f}")
-    axes.set_xticks(
-        range(len(rows)),
-        names,
-        rotation=90 if len(rows) > 10 else 0,
-        fontsize=_font_size(len(rows)),
-    )
+    if len(rows) <= _MAX_LABELLED_CLASSES:
+        axes.set_xticks(
+            range(len(rows)),
+            names,
+            rotation=90 if len(rows) > 10 else 0,
+            fontsize=_font_size(len(rows)),
+        )
     # Zoomed to the range the classes span: at 99% accuracy a 0-1 axis shows no difference.
     axes.set_ylim(min(values + [accuracy]) * 0.95, 1.02)
     axes.set_ylabel("accuracy (of the class's examples)")
