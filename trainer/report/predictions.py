@@ -132,15 +132,13 @@ def evaluate(
     wrong: list[tuple[float, int, Example]] = []  # a min-heap of the most confident mistakes
     first, offset = None, 0
     for images, batch_labels, weights in dataset:
-        logits = tf.cast(forward(images), tf.float32)
         real = weights.numpy() > 0  # padding is weighted 0
-        probabilities = tf.nn.softmax(logits).numpy()[real]
+        logits = tf.cast(forward(images), tf.float32).numpy()[real]
+        probabilities = tf.nn.softmax(logits).numpy()
         batch_labels = batch_labels.numpy()[real]
         images = images.numpy()[real]
-        top = probabilities.argmax(axis=1)
-        losses.append(
-            tf.nn.sparse_softmax_cross_entropy_with_logits(batch_labels, logits.numpy()[real])
-        )
+        top = logits.argmax(axis=1)  # as the run's evaluation decides: on the logits
+        losses.append(tf.nn.sparse_softmax_cross_entropy_with_logits(batch_labels, logits))
         for i in range(len(batch_labels)):
             index, confidence = offset + i, float(probabilities[i, top[i]])
             if first is None:
