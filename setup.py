@@ -13,6 +13,9 @@ setuptools.setup(
     package_data={"datasets": ["sample/*/*"], "trainer": ["configs/*.cfg"]},
     install_requires=[
         "absl-py>=2.1",
+        # The run report's pictures (`python -m trainer.report`, `--report`); imported only by
+        # trainer/report/plots.py, so training never loads it.
+        "matplotlib>=3.8",
         "numpy>=1.26",
         "tensorboard>=2.16",
         "tensorflow-datasets>=4.9",

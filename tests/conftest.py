@@ -172,3 +172,21 @@ def _tmpfs(path, size, read_only=False):
 def tmpfs():
     """tmpfs(path, size, read_only=False): a context manager mounting a small tmpfs at path."""
     return _tmpfs
+
+
+@pytest.fixture(scope="session")
+def reported_run(tmp_path_factory):
+    """A short real MNIST-sample run with periodic evaluation, an export and --report (shared by
+    the report, TensorBoard and predict tests)."""
+    from trainer_harness import FAST_FLAGS, run_trainer
+
+    workdir = str(tmp_path_factory.mktemp("reported_run") / "run")
+    run_trainer(
+        *FAST_FLAGS,
+        f"--workdir={workdir}",
+        "--train_steps=40",
+        "--eval_every_steps=20",
+        "--export=true",
+        "--report",
+    )
+    return workdir

@@ -45,7 +45,8 @@ def _events(workdir):
         for event in tf.compat.v1.train.summary_iterator(path):
             for value in event.summary.value:
                 tensor = tf.make_ndarray(value.tensor) if value.HasField("tensor") else None
-                scalar = float(tensor) if tensor is not None and tensor.ndim == 0 else None
+                numeric = tensor is not None and tensor.ndim == 0 and tensor.dtype.kind in "biuf"
+                scalar = float(tensor) if numeric else None  # text summaries are 0-d strings
                 found.setdefault(value.tag, []).append((event.step, scalar))
     return found
 
@@ -105,10 +106,13 @@ def test_tensorboard_has_every_tag(baseline):
         "train/step_time_ms",
         "eval/loss",
         "eval/accuracy",
+        "eval/confusion_matrix",
+        "eval/confusion_matrix_counts",
         "input/images",
     ):
         assert tag in events, (tag, sorted(events))
     assert sorted(step for step, _ in events["eval/accuracy"]) == [30, 60]
+    assert sorted(step for step, _ in events["eval/confusion_matrix"]) == [30, 60]
     histograms = [t for t in events if t.startswith("weights/")]
     assert histograms and all(sorted(s for s, _ in events[t]) == [30, 60] for t in histograms)
     assert any(t.startswith("_hparams_") for t in events), "hparams were not written"

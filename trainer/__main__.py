@@ -62,6 +62,8 @@ def main(config) -> int:
     )
     if summary["is_chief"]:
         print(f"TensorBoard: tensorboard --logdir {summary['workdir']}/tensorboard")
+        if config.report:
+            print(f"Report: {summary['workdir']}/report/index.html")
     elif summary["strategy"] == "multi_worker":
         _leave_before_the_chief()
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import importlib.util
 import json
 import os
 import sys
@@ -178,6 +179,11 @@ class Config:
         "kept, else last).",
         choices_=choices.EXPORT_FROM,
     )
+    report: bool = _setting(
+        False,
+        "At the end, write WORKDIR/report/ (curves, confusion matrix, mistakes, filters, "
+        "activations, report.json, index.html), as `python -m trainer.report WORKDIR` does.",
+    )
     seed: int = _setting(0, "Random seed (data order, initialisation, dropout).")
     deterministic: bool = _setting(False, "Seed everything and enable TF op determinism.")
 
@@ -330,6 +336,11 @@ def _check_values(c: Config) -> None:
         )
     if c.export_from == "best" and not c.keep_best:
         raise ConfigError("--export_from=best needs --keep_best=METRIC (the best of what)")
+    if c.report and importlib.util.find_spec("matplotlib") is None:
+        raise ConfigError(
+            "--report draws with matplotlib, which is not installed (pip install matplotlib; "
+            "installing convoy with pip brings it)"
+        )
     if c.fp16_allreduce and c.strategy not in ("horovod", "auto"):
         raise ConfigError(f"--fp16_allreduce works with --strategy=horovod, not {c.strategy}")
 

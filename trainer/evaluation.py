@@ -4,9 +4,10 @@ Each evaluation reads every example of the eval split exactly once across worker
 weighted 0) and all-reduces the sums, so every worker gets identical numbers. With --ema_decay
 the model is evaluated twice: with the moving-average weights (reported as eval/accuracy,
 eval/loss, and what --keep_best watches) and with the raw weights (eval/accuracy_raw,
-eval/loss_raw). Each result joins the history with the training seconds spent so far (summary.json
-`eval_history`, for time-to-accuracy), then updates the best-so-far tracker, which saves the best
-checkpoint when it improves.
+eval/loss_raw). The confusion matrix of each evaluation (of the weights eval/accuracy reports)
+goes to TensorBoard as an image and a table of counts. Each result joins the history with the
+training seconds spent so far (summary.json `eval_history`, for time-to-accuracy), then updates
+the best-so-far tracker, which saves the best checkpoint when it improves.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class Evaluator:
         self.history: list[dict] = []
         self.last_step: int | None = None
         self.last: dict | None = None
+        self.confusion = None  # the last evaluation's [true, predicted] counts, when summed
 
     def __call__(self, step: int) -> dict:
         """Evaluates at `step`, logs and records it, keeps the best; returns the result."""
@@ -60,6 +62,10 @@ class Evaluator:
         self._summaries.scalars(
             step, {f"eval/{k}": v for k, v in result.items() if k != "num_examples"}
         )
+        if self.confusion is not None:
+            self._summaries.confusion_matrix(
+                step, self.confusion, self._inputs.metadata.class_names
+            )
         self.history.append(
             {"step": step, "train_seconds": round(self._meter.train_seconds, 3), **result}
         )

@@ -1,18 +1,32 @@
-"""Exports a trained model (chief only): a SavedModel serving uint8 images, and a .keras file.
+"""Exports a trained model (chief only): a SavedModel serving uint8 images, a .keras file, and
+`export.json`, which names the classes and marks the directory as a convoy export.
 
 The export is a float32 copy built outside any distribution scope, so what is saved does not
-depend on the backend or the training precision. Its serving signature applies the same
-normalisation as the input pipeline, so callers send raw uint8 pixels.
+depend on the backend or the training precision.
+
+The SavedModel's `serving_default` takes uint8 images of any height and width with 1 or 3
+channels, and brings them to the model's input exactly as the input pipeline brought the training
+data: the pipeline's own channel conversion and resize (`datasets.pipeline._to_model_input`),
+then its normalisation. It returns the class probabilities and the class names. A second
+signature, `preprocess`, is that first half alone (uint8 in, uint8 at the model's size out), so a
+caller with images of many sizes (`trainer.predict`) can bring each to the model's size and then
+batch them.
+
+`model.keras` is the bare Keras model: float32 images in [0, 1] of exactly the input shape in, logits
+out; no resizing, no softmax.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import keras
 import tensorflow as tf
 
-from datasets.pipeline import normalize
+# The pipeline's own conversion: reused, not reimplemented, so serving sees what training saw.
+from datasets.pipeline import _to_model_input, normalize
+from trainer.export_info import EXPORT_INFO, FORMAT, FORMAT_VERSION, KERAS_FILE, SAVED_MODEL
 from trainer.models import build_model
 
 
@@ -20,26 +34,74 @@ def export_model(
     model: keras.Model,
     model_name: str,
     input_shape: tuple[int, int, int],
-    num_classes: int,
+    class_names: list[str],
     export_dir: str,
 ) -> dict[str, str]:
-    """Writes EXPORT_DIR/saved_model and EXPORT_DIR/model.keras; returns their paths."""
+    """Writes EXPORT_DIR/{saved_model, model.keras, export.json}; returns their paths."""
+    num_classes = len(class_names)
     plain = build_model(model_name, input_shape, num_classes, precision="fp32")
     plain.set_weights(model.get_weights())
+    height, width, channels = input_shape
+    names = tf.constant(list(class_names), tf.string)
+
+    def preprocess(images):
+        """uint8 [N, H, W, 1 or 3], any H and W -> uint8 [N, height, width, channels]."""
+        have = tf.shape(images)[-1]
+        check = tf.debugging.Assert(
+            tf.logical_or(tf.equal(have, 1), tf.equal(have, 3)),
+            ["images must have 1 or 3 channels; got", have],
+        )
+
+        def converted(static_channels):
+            # The pipeline's conversion needs the channel count statically: one branch per count.
+            def branch():
+                known = tf.ensure_shape(images, [None, None, None, static_channels])
+                return _to_model_input(known, height, width, channels)
+
+            return branch
+
+        with tf.control_dependencies([check]):
+            return tf.cond(tf.equal(have, 1), converted(1), converted(3))
 
     def serve(images):
-        logits = plain(normalize(images), training=False)
-        return {"probabilities": tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)}
+        logits = plain(normalize(preprocess(images)), training=False)
+        probabilities = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
+        batch = tf.shape(probabilities)[0]
+        return {
+            "probabilities": probabilities,
+            "classes": tf.gather(names, tf.argmax(probabilities, axis=-1)),
+            # Batch-major like every other output, as TF Serving's row format requires.
+            "class_names": tf.tile(names[tf.newaxis], [batch, 1]),
+        }
 
-    saved_model = os.path.join(export_dir, "saved_model")
+    any_size = [tf.TensorSpec([None, None, None, None], tf.uint8, name="images")]
+    saved_model = os.path.join(export_dir, SAVED_MODEL)
     archive = keras.export.ExportArchive()
     archive.track(plain)
-    archive.add_endpoint(
-        name="serving_default",
-        fn=serve,
-        input_signature=[tf.TensorSpec([None, *input_shape], tf.uint8, name="images")],
-    )
+    archive.add_endpoint(name="serving_default", fn=serve, input_signature=any_size)
+    archive.add_endpoint(name="preprocess", fn=preprocess, input_signature=any_size)
     archive.write_out(saved_model, verbose=False)
-    keras_file = os.path.join(export_dir, "model.keras")
+    keras_file = os.path.join(export_dir, KERAS_FILE)
     plain.save(keras_file)
-    return {"saved_model": saved_model, "keras": keras_file}
+    info = os.path.join(export_dir, EXPORT_INFO)
+    with open(info, "w") as f:
+        json.dump(
+            {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "model": model_name,
+                "input_shape": list(input_shape),
+                "class_names": list(class_names),
+                "saved_model": SAVED_MODEL,
+                "keras": KERAS_FILE,
+                "serving_default": "images: uint8 [N, H, W, 1 or 3], any H and W -> "
+                "probabilities float32 [N, K], classes string [N], class_names string [N, K]",
+                "preprocess": f"images: uint8 [N, H, W, 1 or 3] -> uint8 [N, {height}, {width}, "
+                f"{channels}] (the training pipeline's resize and channel conversion)",
+                "keras_model": f"float32 [N, {height}, {width}, {channels}] in [0, 1] -> "
+                "logits [N, K] (no resize, no softmax)",
+            },
+            f,
+            indent=2,
+        )
+    return {"saved_model": saved_model, "keras": keras_file, "info": info}

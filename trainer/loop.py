@@ -99,6 +99,7 @@ def _train_and_finish(config, plan, backend, state, metadata) -> dict:
         label_smoothing=config.label_smoothing,
         xla=plan.xla,
         grad_accum_steps=plan.grad_accum_steps,
+        confusion_matrix=True,  # TensorBoard shows it at every evaluation.
     )
     summaries = Summaries(config.workdir, enabled=backend.is_chief)
     meter = Meter(step_lib.TRAIN_METRICS, plan.global_batch)
@@ -269,7 +270,8 @@ def _write_run_start(run: _Run) -> None:
 
 
 def _finish(run: _Run, final_step: int, start_step: int) -> dict:
-    """Final checkpoint and eval, weights fingerprint, export and summary.json (chief).
+    """Final checkpoint and eval, weights fingerprint, export, summary.json, and with --report
+    the run report (chief).
 
     A SIGTERM here is honoured like one during training, at the next safe point: after the
     final evaluation or after the export, which is written aside and renamed into place, so a
@@ -295,6 +297,10 @@ def _finish(run: _Run, final_step: int, start_step: int) -> dict:
             os.path.join(config.workdir, "summary.json.tmp"),
             os.path.join(config.workdir, "summary.json"),
         )
+        if config.report:
+            from trainer.report import write_report  # Loads matplotlib; only when asked.
+
+            write_report(config.workdir)
     backend.barrier()
     return summary
 
@@ -338,7 +344,7 @@ def _export(run: _Run) -> dict:
     final = os.path.join(config.workdir, "export")
     with workdir.atomic_directory(final) as temporary, state.averaged_weights():
         paths = export.export_model(
-            state.model, config.model, plan.input_shape, plan.num_classes, temporary
+            state.model, config.model, plan.input_shape, run.inputs.metadata.class_names, temporary
         )
     return {
         "export": {k: v.replace(temporary, final) for k, v in paths.items()},
