@@ -30,6 +30,7 @@ sys.path.insert(0, REPO)
 
 from absl import app, flags  # noqa: E402
 
+from benchmarks.failures import failure_line  # noqa: E402
 from trainer import hardware  # noqa: E402
 
 flags.DEFINE_string("data_dir", "", "Prepared dataset (default: the embedded MNIST sample).")
@@ -87,11 +88,7 @@ def _run(command, env):
     except OSError as e:  # e.g. no horovodrun next to this Python
         raise SetupFailed(f"{command[0]}: {e.strerror or e}") from None
     if result.returncode != 0:
-        lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
-        errors = [line for line in lines if "error" in line.lower()]
-        raise SetupFailed(
-            f"exit {result.returncode}: {(errors or lines or ['no output'])[-1].strip()[:300]}"
-        )
+        raise SetupFailed(failure_line(result))
     return result.stdout + result.stderr
 
 

@@ -51,6 +51,8 @@ sys.path.insert(0, REPO)
 
 from absl import app, flags  # noqa: E402
 
+from benchmarks.failures import failure_line  # noqa: E402
+
 CONVOY = "convoy_mnist_fast"
 PRESET = os.path.join(REPO, "trainer", "configs", "mnist_fast.cfg")
 # name -> (batch size, epochs, description) of the published Keras recipes.
@@ -267,12 +269,6 @@ def _env():
     return dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2")
 
 
-def _failure(result: subprocess.CompletedProcess) -> str:
-    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
-    errors = [line for line in lines if "error" in line.lower()]
-    return f"exit {result.returncode}: {(errors or lines or ['no output'])[-1].strip()[:300]}"
-
-
 def _convoy(data_dir: str, num_train: int, tmp: str) -> dict:
     workdir = os.path.join(tmp, CONVOY)
     batch = 128  # the preset's --global_batch_size; the trainer's summary confirms it
@@ -291,7 +287,7 @@ def _convoy(data_dir: str, num_train: int, tmp: str) -> dict:
         command.append(f"--train_steps={_steps(FLAGS.max_epochs, num_train, batch)}")
     result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True)
     if result.returncode != 0:
-        return {"error": _failure(result)}
+        return {"error": failure_line(result)}
     with open(os.path.join(workdir, "summary.json")) as f:
         summary = json.load(f)
     assert summary["global_batch"] == batch, summary["global_batch"]
@@ -326,7 +322,7 @@ def _keras(name: str, data_dir: str, tmp: str) -> dict:
     ]
     result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True)
     if result.returncode != 0 or not os.path.exists(result_file):
-        return {"error": _failure(result)}
+        return {"error": failure_line(result)}
     with open(result_file) as f:
         return json.load(f)
 
