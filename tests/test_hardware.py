@@ -61,11 +61,13 @@ def test_precision_rules(requested, cpu_flags, gpus, expected):
         ("bf16", UNKNOWN, (), ["cannot tell", "~7x slower"]),
         ("bf16", AVX2, ((7, 5),), ["compute capability 7.5", "auto would choose fp16"]),
         ("bf16", AVX2, ((6, 0),), ["auto would choose fp32"]),
+        ("fp16", AVX512_BF16, (), ["emulated", "~10x slower", "never picks fp16 on a CPU"]),
+        ("fp16", UNKNOWN, (), ["emulated"]),
     ],
 )
-def test_explicit_bf16_where_it_is_emulated_warns_in_one_line(requested, cpu_flags, gpus, words):
+def test_explicit_choice_where_it_is_emulated_warns_in_one_line(requested, cpu_flags, gpus, words):
     choice = resolve_precision(requested, cpu_flags, gpus)
-    assert choice.precision == "bf16"
+    assert choice.precision == requested
     assert "\n" not in choice.warning
     for word in words:
         assert word in choice.warning, choice.warning
@@ -81,6 +83,7 @@ def test_explicit_bf16_where_it_is_emulated_warns_in_one_line(requested, cpu_fla
         ("auto", AVX2, ()),
         ("auto", UNKNOWN, ()),
         ("fp16", AVX2, ((7, 0),)),
+        ("fp16", ("avx2", "avx512f", "avx512_fp16"), ()),
     ],
 )
 def test_no_warning_where_the_choice_runs_natively_or_is_auto(requested, cpu_flags, gpus):
@@ -140,7 +143,13 @@ def test_read_machine_from_a_cpuinfo_file(tmp_path):
     assert machine.cpu_flags == ("avx2", "avx512f", "avx512_bf16")
     assert machine.cpu_count >= 1 and machine.gpus == ()
     found = machine.as_json()
-    assert found["isa"] == {"avx2": True, "avx512f": True, "avx512_bf16": True, "amx_bf16": False}
+    assert found["isa"] == {
+        "avx2": True,
+        "avx512f": True,
+        "avx512_bf16": True,
+        "amx_bf16": False,
+        "avx512_fp16": False,
+    }
     assert found["gpus"] == [] and "cpuinfo_error" not in found
     json.dumps(found)  # the benchmarks print it as it is
     assert "AMD EPYC 7B13, " in machine.describe() and "no GPU" in machine.describe()

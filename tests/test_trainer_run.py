@@ -233,12 +233,12 @@ def test_mixed_precision_trains_with_finite_loss(precision, tmp_path):
     )
     s = summary(workdir)
     assert s["precision"] == precision
-    # An explicit bf16 runs everywhere, with a one-line warning where the CPU emulates it.
+    # An explicit choice runs everywhere, with a one-line warning where the CPU emulates it.
     warning = hardware.resolve_precision(precision, _this_machine().cpu_flags).warning
-    warned = [line for line in run.stderr.splitlines() if "emulated, measured ~7x" in line]
+    warned = [line for line in run.stderr.splitlines() if "is emulated, measured ~" in line]
     assert len(warned) == (1 if warning else 0), run.stderr[-3000:]
     if warning:
-        assert precision == "bf16" and warning in warned[0]
+        assert warning in warned[0]
     assert np.isfinite(s["eval"]["loss"]) and s["eval"]["accuracy"] > 0.5
     events = _events(workdir)
     assert all(np.isfinite(v) for _, v in events["train/loss"])

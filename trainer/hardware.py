@@ -9,7 +9,8 @@ machines. The trainer passes the facts to the plan and records `Machine.as_json(
 summary.json; every benchmark prints the same object next to its figures.
 
 Why these rules (issue 9): oneDNN runs bf16 natively only with AVX512_BF16 or AMX-BF16; without
-them bf16 is emulated, and was measured ~7x slower than fp32. GPUs have bf16 tensor cores from
+them bf16 is emulated, and was measured ~7x slower than fp32 (fp16 on a CPU without AVX512_FP16:
+~10x slower). GPUs have bf16 tensor cores from
 compute capability 8.0 (Ampere) and fp16 tensor cores from 7.0 (Volta), where fp16 needs
 dynamic loss scaling.
 """
@@ -24,15 +25,21 @@ from collections.abc import Iterable, Sequence
 
 CPUINFO = "/proc/cpuinfo"
 # The ISA flags that decide which numerics run fast (the `flags` line of /proc/cpuinfo).
-ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16")
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+NATIVE_FP16_FLAGS = ("avx512_fp16",)
 BF16_GPU = (8, 0)  # Ampere: bf16 tensor cores
 FP16_GPU = (7, 0)  # Volta: fp16 tensor cores
 
-# The one measurement behind the emulated-bf16 warning (issue 9), with the machine it came from.
+# The measurements behind the emulated-precision warnings, with the machines they came from.
 EMULATED_BF16_FIGURE = (
     "measured ~7x slower than fp32 (332 vs 2,294 img/s, tutorial_cnn, batch 128, on a 2-core "
     "AMD EPYC with AVX2 only)"
+)
+EMULATED_FP16_FIGURE = (
+    "measured ~10x slower than fp32 (369-396 vs 3,470-4,692 img/s, tutorial_cnn, batch 128, "
+    "synthetic data, on a 2-core AMD EPYC with AVX512_BF16 but no AVX512_FP16, shared with "
+    "other jobs)"
 )
 
 
@@ -260,6 +267,11 @@ def _on_cpu(requested: str, flags: frozenset[str] | None) -> PrecisionChoice:
     if requested == "auto":
         return PrecisionChoice("bf16" if native else "fp32", f"auto on {has}")
     warning = ""
+    if requested == "fp16" and (flags is None or not flags & set(NATIVE_FP16_FLAGS)):
+        warning = (
+            f"--precision=fp16 on a CPU without {' or '.join(NATIVE_FP16_FLAGS)}: fp16 is "
+            f"emulated, {EMULATED_FP16_FIGURE}; --precision=auto never picks fp16 on a CPU"
+        )
     if requested == "bf16" and not native:
         if flags is None:
             warning = (
