@@ -269,9 +269,18 @@ def _env():
     return dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2")
 
 
+def _preset_batch_size() -> int:
+    """The preset's --global_batch_size (needed before the run, to set the eval cadence)."""
+    with open(PRESET) as f:
+        for line in f:
+            if line.strip().startswith("--global_batch_size="):
+                return int(line.strip().split("=", 1)[1])
+    return 64  # the trainer's default
+
+
 def _convoy(data_dir: str, num_train: int, tmp: str) -> dict:
     workdir = os.path.join(tmp, CONVOY)
-    batch = 128  # the preset's --global_batch_size; the trainer's summary confirms it
+    batch = _preset_batch_size()
     command = [
         sys.executable,
         "-m",
@@ -290,7 +299,6 @@ def _convoy(data_dir: str, num_train: int, tmp: str) -> dict:
         return {"error": failure_line(result)}
     with open(os.path.join(workdir, "summary.json")) as f:
         summary = json.load(f)
-    assert summary["global_batch"] == batch, summary["global_batch"]
     return {
         "recipe": f"python -m trainer --flagfile=trainer/configs/mnist_fast.cfg "
         f"(model {summary['model']}, {summary['total_steps']} steps)",
@@ -342,8 +350,8 @@ def _with_targets(result: dict, targets: list[float]) -> dict:
 def _speedups(results: dict, targets: list[float]) -> dict:
     """convoy's seconds to each target against the fastest Keras recipe's.
 
-    When no Keras recipe reached a target that convoy reached, the figure is a lower bound: the
-    longest any of them trained, over convoy's time.
+    When no Keras recipe reached a target that convoy reached, the figure is a lower bound: each
+    recipe would have needed more than all its training, so the shortest of those over convoy's.
     """
     convoy = results.get(CONVOY, {})
     keras = {k: v for k, v in results.items() if k != CONVOY and "error" not in v}
@@ -362,9 +370,9 @@ def _speedups(results: dict, targets: list[float]) -> dict:
                 "lower_bound": False,
             }
         else:
-            longest = max(keras, key=lambda k: keras[k]["train_seconds"])
+            shortest = min(keras, key=lambda k: keras[k]["train_seconds"])
             speedups[key] = {
-                "speedup": round(keras[longest]["train_seconds"] / mine, 2),
+                "speedup": round(keras[shortest]["train_seconds"] / mine, 2),
                 "fastest_keras": None,
                 "lower_bound": True,
             }

@@ -10,9 +10,9 @@ summary.json; every benchmark prints the same object next to its figures.
 
 Why these rules (issue 9): oneDNN runs bf16 natively only with AVX512_BF16 or AMX-BF16; without
 them bf16 is emulated, and was measured ~7x slower than fp32 (fp16 on a CPU without AVX512_FP16:
-~10x slower). GPUs have bf16 tensor cores from
-compute capability 8.0 (Ampere) and fp16 tensor cores from 7.0 (Volta), where fp16 needs
-dynamic loss scaling.
+~10x slower; auto never picks fp16 on a CPU). GPUs have bf16 tensor cores from compute
+capability 8.0 (Ampere) and fp16 tensor cores from 7.0 (Volta), where fp16 needs dynamic loss
+scaling.
 """
 
 from __future__ import annotations
@@ -233,10 +233,11 @@ def _on_gpus(requested: str, capabilities) -> PrecisionChoice:
     if requested != "auto":
         warning = ""
         if requested == "bf16" and (weakest is None or weakest < BF16_GPU):
+            has = "may lack" if weakest is None else "lacks"
             warning = (
-                f"--precision=bf16 on {where}: no bf16 tensor cores below 8.0, so bf16 is "
-                "emulated or unsupported there; --precision=auto would choose "
-                f"{_auto_on_gpu(weakest)}"
+                f"--precision=bf16 on {where}, which {has} bf16 tensor cores (compute "
+                "capability 8.0 and newer): bf16 runs without them, slower (not measured here); "
+                f"--precision=auto would choose {_auto_on_gpu(weakest)}"
             )
         return PrecisionChoice(requested, f"--precision={requested} on {where}", warning)
     precision = _auto_on_gpu(weakest)
