@@ -90,6 +90,10 @@ def _time_keras_fit(config, plan, inputs) -> Timer:
     return timed
 
 
+def _one_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+
+
 def main(argv):
     del argv
     backend = create_backend("one_device")
@@ -109,20 +113,22 @@ def main(argv):
     machine = hardware.read_machine()
     plan = resolve_plan(config, backend.topology, metadata, data_dir, machine)
     inputs = InputSpec(config, plan, metadata)
-    sides = {"harness": lambda: _time_harness(config, plan, backend, inputs)}
-    sides["keras_fit"] = lambda: _time_keras_fit(config, plan, inputs)
+    sides = {
+        "harness": lambda: _time_harness(config, plan, backend, inputs),
+        "keras_fit": lambda: _time_keras_fit(config, plan, inputs),
+    }
     timers, seconds, errors = {}, {}, {}
     for name, build in sides.items():
         try:
             timers[name] = build()  # Builds and warms up.
         except Exception as e:  # noqa: BLE001 - reported in the JSON line instead of a crash
-            errors[name] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            errors[name] = _one_line(e)
     for _ in range(FLAGS.repeats):  # Alternate so drift in machine load hits both sides.
         for name, timer in list(timers.items()):
             try:
                 seconds.setdefault(name, []).append(timer())
             except Exception as e:  # noqa: BLE001
-                errors[name] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+                errors[name] = _one_line(e)
                 del timers[name]
     images = FLAGS.steps * FLAGS.batch_size
     ips = {n: None if n in errors else images / min(seconds[n]) for n in sides}
