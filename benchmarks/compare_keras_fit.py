@@ -7,7 +7,8 @@ Both sides train the same architecture with Adam on batches from the same `input
 device. The harness runs its compiled multi-step train loop (what `python -m trainer` runs); Keras
 runs `fit` with its defaults. Each side is warmed up (tracing, pipeline fill) and then timed over
 `--steps` steps, alternating sides `--repeats` times; the best repeat of each counts. Prints one
-JSON line with `harness_images_per_sec`, `keras_fit_images_per_sec` and `ratio`.
+JSON line with `harness_images_per_sec`, `keras_fit_images_per_sec`, `ratio` and the `machine` it
+ran on; a side that fails gets null figures and its error under `errors`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from absl import app, flags  # noqa: E402
 
 from datasets import embedded  # noqa: E402
 from datasets.metadata import DatasetMetadata  # noqa: E402
-from trainer import models  # noqa: E402
+from trainer import hardware, models  # noqa: E402
 from trainer import step as step_lib  # noqa: E402
 from trainer.backends import create_backend  # noqa: E402
 from trainer.config import Config  # noqa: E402
@@ -89,6 +90,10 @@ def _time_keras_fit(config, plan, inputs) -> Timer:
     return timed
 
 
+def _one_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+
+
 def main(argv):
     del argv
     backend = create_backend("one_device")
@@ -105,16 +110,29 @@ def main(argv):
         lr_schedule="constant",
         train_steps=10**6,
     )
-    plan = resolve_plan(config, backend.topology, metadata, data_dir)
+    machine = hardware.read_machine()
+    plan = resolve_plan(config, backend.topology, metadata, data_dir, machine)
     inputs = InputSpec(config, plan, metadata)
-    harness = _time_harness(config, plan, backend, inputs)
-    keras_fit = _time_keras_fit(config, plan, inputs)
-    harness_s, keras_s = [], []
+    sides = {
+        "harness": lambda: _time_harness(config, plan, backend, inputs),
+        "keras_fit": lambda: _time_keras_fit(config, plan, inputs),
+    }
+    timers, seconds, errors = {}, {}, {}
+    for name, build in sides.items():
+        try:
+            timers[name] = build()  # Builds and warms up.
+        except Exception as e:  # noqa: BLE001 - reported in the JSON line instead of a crash
+            errors[name] = _one_line(e)
     for _ in range(FLAGS.repeats):  # Alternate so drift in machine load hits both sides.
-        harness_s.append(harness())
-        keras_s.append(keras_fit())
+        for name, timer in list(timers.items()):
+            try:
+                seconds.setdefault(name, []).append(timer())
+            except Exception as e:  # noqa: BLE001
+                errors[name] = _one_line(e)
+                del timers[name]
     images = FLAGS.steps * FLAGS.batch_size
-    harness_ips, keras_ips = images / min(harness_s), images / min(keras_s)
+    ips = {n: None if n in errors else images / min(seconds[n]) for n in sides}
+    harness_ips, keras_ips = ips["harness"], ips["keras_fit"]
     print(
         json.dumps(
             {
@@ -125,9 +143,11 @@ def main(argv):
                 "precision": "fp32",
                 "steps": FLAGS.steps,
                 "repeats": FLAGS.repeats,
-                "harness_images_per_sec": round(harness_ips, 1),
-                "keras_fit_images_per_sec": round(keras_ips, 1),
-                "ratio": round(harness_ips / keras_ips, 3),
+                "harness_images_per_sec": harness_ips and round(harness_ips, 1),
+                "keras_fit_images_per_sec": keras_ips and round(keras_ips, 1),
+                "ratio": round(harness_ips / keras_ips, 3) if harness_ips and keras_ips else None,
+                "errors": errors,
+                "machine": machine.as_json(),
             }
         )
     )

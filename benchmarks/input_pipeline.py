@@ -4,7 +4,8 @@
         [--channels=3] [--seconds=10] [--augment_flip --augment_shift=0.1 ...] [--synthetic]
 
 Batches are pulled inside a tf.function loop, the way the trainer consumes them (several steps per
-call), so Python per-batch overhead does not cap the figure. Prints one JSON line.
+call), so Python per-batch overhead does not cap the figure. Prints one JSON line, with the
+`machine` it ran on (trainer.hardware).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from absl import app, flags  # noqa: E402
 from datasets import embedded, pipeline  # noqa: E402
 from datasets.augment import AugmentConfig  # noqa: E402
 from datasets.metadata import DatasetMetadata  # noqa: E402
+from trainer import hardware  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", None, "Prepared dataset (default: the embedded MNIST sample).")
@@ -113,6 +115,7 @@ def main(argv):
                 "seconds": round(elapsed, 3),
                 "images_per_sec": round(batches * FLAGS.batch_size / elapsed, 1),
                 "cpu_count": os.cpu_count(),
+                "machine": hardware.read_machine().as_json(),
             }
         )
     )

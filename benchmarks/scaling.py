@@ -11,7 +11,8 @@ steady-state `images_per_sec` from summary.json.
 
 It then measures the all-reduce alone: the same two-process set-ups sum tensors shaped like the
 model's gradients, and the fraction of a two-process step spent in that all-reduce is
-all-reduce time / step time. Prints one JSON line.
+all-reduce time / step time. Prints one JSON line, with the `machine` it ran on; a set-up that
+cannot run here (e.g. Horovod not installed) gets null figures and its error under `errors`.
 """
 
 from __future__ import annotations
@@ -29,10 +30,19 @@ sys.path.insert(0, REPO)
 
 from absl import app, flags  # noqa: E402
 
+from benchmarks.failures import failure_line  # noqa: E402
+from trainer import hardware  # noqa: E402
+
 flags.DEFINE_string("data_dir", "", "Prepared dataset (default: the embedded MNIST sample).")
 flags.DEFINE_string("model", "tutorial_cnn", "Model.")
 flags.DEFINE_integer("global_batch_size", 128, "Global batch, the same in every set-up.")
 flags.DEFINE_integer("train_steps", 300, "Steps per run.")
+flags.DEFINE_enum(
+    "precision",
+    "fp32",
+    ["auto", "fp32", "fp16", "bf16"],
+    "Trainer --precision in every set-up (fp32: the figures compare across CPU kinds).",
+)
 flags.DEFINE_integer("allreduce_iterations", 200, "Timed all-reduces in the probe.")
 flags.DEFINE_boolean("probe", False, "Internal: run the all-reduce probe in this process.")
 flags.DEFINE_enum(
@@ -58,6 +68,7 @@ def _trainer_flags(workdir):
         f"--model={FLAGS.model}",
         f"--global_batch_size={FLAGS.global_batch_size}",
         f"--train_steps={FLAGS.train_steps}",
+        f"--precision={FLAGS.precision}",
         "--steps_per_loop=50",
         "--log_every_steps=100",
         "--checkpoint_every_steps=0",
@@ -67,12 +78,17 @@ def _trainer_flags(workdir):
     ]
 
 
+class SetupFailed(RuntimeError):
+    """A set-up that cannot run on this machine; the message is its last error line."""
+
+
 def _run(command, env):
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    try:
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    except OSError as e:  # e.g. no horovodrun next to this Python
+        raise SetupFailed(f"{command[0]}: {e.strerror or e}") from None
     if result.returncode != 0:
-        raise RuntimeError(
-            f"{' '.join(command[:6])}... failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
-        )
+        raise SetupFailed(failure_line(result))
     return result.stdout + result.stderr
 
 
@@ -112,11 +128,15 @@ def _probe(kind):
     backend = create_backend(kind)  # First: collectives must be configured before TF starts.
     data_dir = FLAGS.data_dir or embedded.sample_data_dir()
     metadata = DatasetMetadata.load(data_dir)
-    config = Config(model=FLAGS.model, data_dir=data_dir, global_batch_size=FLAGS.global_batch_size)
-    # The gradients the trainer would all-reduce: one per trainable variable of its own state.
-    state = create_train_state(
-        config, resolve_plan(config, backend.topology, metadata, data_dir), backend
+    config = Config(
+        model=FLAGS.model,
+        data_dir=data_dir,
+        global_batch_size=FLAGS.global_batch_size,
+        precision=FLAGS.precision,
     )
+    # The gradients the trainer would all-reduce: one per trainable variable of its own state.
+    plan = resolve_plan(config, backend.topology, metadata, data_dir, hardware.read_machine())
+    state = create_train_state(config, plan, backend)
     shapes = [v.shape for v in state.model.trainable_variables]
 
     def fake_gradients(previous_total):
@@ -148,7 +168,7 @@ def main(argv):
         _probe(FLAGS.strategy)
         return
     trainer = [sys.executable, "-m", "trainer"]
-    results = {}
+    results, errors = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         runs = {
             "one_process": (trainer + ["--strategy=one_device"], _env()),
@@ -161,31 +181,40 @@ def main(argv):
         }
         for name, (command, env) in runs.items():
             workdir = os.path.join(tmp, name)
-            _run(command + _trainer_flags(workdir), env)
-            results[name] = _images_per_sec(workdir)
+            try:
+                _run(command + _trainer_flags(workdir), env)
+                results[name] = _images_per_sec(workdir)
+            except SetupFailed as e:
+                results[name], errors[name] = None, str(e)
         probe = [sys.executable, os.path.abspath(__file__), f"--model={FLAGS.model}"]
-        horovod_ms = _probe_result(
-            _run(_horovodrun(2, *probe, "--probe", "--strategy=horovod"), _env(ONE_THREAD))
-        )
-        mwms_ms = _probe_result(
-            _run(
-                [
-                    sys.executable,
-                    "-m",
-                    "launch.local_cluster",
-                    "--workers",
-                    "2",
-                    "--worker_cmd",
-                    " ".join(probe + ["--probe"]),
-                    "--",
-                ],
-                _env(ONE_THREAD),
-            )
-        )
+        probes = {
+            "horovod_2": _horovodrun(2, *probe, "--probe", "--strategy=horovod"),
+            "multi_worker_2": [
+                sys.executable,
+                "-m",
+                "launch.local_cluster",
+                "--workers",
+                "2",
+                "--worker_cmd",
+                " ".join(probe + ["--probe"]),
+                "--",
+            ],
+        }
+        allreduce_ms = {}
+        for name, command in probes.items():
+            try:
+                allreduce_ms[name] = _probe_result(_run(command, _env(ONE_THREAD)))
+            except SetupFailed as e:
+                allreduce_ms[name] = None
+                errors.setdefault(name, f"all-reduce probe: {e}")
+
+    def ratio(a, b):
+        return round(a / b, 3) if a and b else None
 
     def step_ms(images_per_sec):
-        return 1000.0 * FLAGS.global_batch_size / images_per_sec
+        return 1000.0 * FLAGS.global_batch_size / images_per_sec if images_per_sec else None
 
+    two_process = ("horovod_2", "multi_worker_2")
     print(
         json.dumps(
             {
@@ -193,23 +222,24 @@ def main(argv):
                 "model": FLAGS.model,
                 "global_batch_size": FLAGS.global_batch_size,
                 "train_steps": FLAGS.train_steps,
+                "precision": FLAGS.precision,
                 "dataset": FLAGS.data_dir or "embedded sample",
                 "images_per_sec": results,
                 # Same two cores in every set-up: >1 means two processes use them better than one.
                 "speedup_vs_one_process": {
-                    k: round(results[k] / results["one_process"], 3)
-                    for k in ("horovod_2", "multi_worker_2")
+                    k: ratio(results[k], results["one_process"]) for k in two_process
                 },
                 # Against two perfectly independent 1-thread processes (the ideal for 2 x 1 thread).
                 "scaling_efficiency": {
-                    k: round(results[k] / (2 * results["one_process_one_thread"]), 3)
-                    for k in ("horovod_2", "multi_worker_2")
+                    k: ratio(results[k], 2 * (results["one_process_one_thread"] or 0))
+                    for k in two_process
                 },
-                "allreduce_ms": {"horovod_2": horovod_ms, "multi_worker_2": mwms_ms},
+                "allreduce_ms": allreduce_ms,
                 "allreduce_fraction_of_step": {
-                    "horovod_2": round(horovod_ms / step_ms(results["horovod_2"]), 3),
-                    "multi_worker_2": round(mwms_ms / step_ms(results["multi_worker_2"]), 3),
+                    k: ratio(allreduce_ms[k], step_ms(results[k])) for k in two_process
                 },
+                "errors": errors,
+                "machine": hardware.read_machine().as_json(),
             }
         )
     )

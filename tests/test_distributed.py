@@ -63,6 +63,7 @@ def _flags(data_dir, workdir, *extra):
         f"--data_dir={data_dir}",
         f"--workdir={workdir}",
         "--model=tutorial_cnn",
+        "--precision=fp32",  # not auto: the comparisons need the same numerics on every machine
         "--optimizer=momentum",
         "--learning_rate=0.05",
         "--lr_schedule=constant",

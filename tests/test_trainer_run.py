@@ -195,12 +195,54 @@ def test_xla_on_matches_xla_off(reference, tmp_path):
     assert max_weight_difference(checkpoint_weights(workdir), checkpoint_weights(reference)) < 2e-3
 
 
+def _this_machine():
+    from trainer import hardware
+
+    return hardware.read_machine(gpus=False)  # the tests run on CPUs only
+
+
+def test_auto_precision_is_what_this_machine_runs_natively_and_is_recorded(tmp_path):
+    from trainer import hardware
+
+    workdir = str(tmp_path / "auto")
+    # --precision=auto is the default; FAST_FLAGS pins fp32, and a later flag wins.
+    run = run_trainer(*FAST_FLAGS, f"--workdir={workdir}", "--train_steps=10", "--precision=auto")
+    machine = _this_machine()
+    expected = hardware.resolve_precision("auto", machine.cpu_flags)
+    s = summary(workdir)
+    assert s["precision"] == expected.precision, (s["precision"], machine)
+    assert s["precision_reason"] == expected.reason
+    native = machine.cpu_flags is not None and (
+        set(machine.cpu_flags) & set(hardware.NATIVE_BF16_FLAGS)
+    )
+    assert s["precision"] == ("bf16" if native else "fp32")
+    # One log line says what was chosen and why; the machine is in the log and in summary.json.
+    chosen = [line for line in run.stderr.splitlines() if f"precision {s['precision']} (" in line]
+    assert len(chosen) == 1 and expected.reason in chosen[0], run.stderr[-3000:]
+    assert "machine: " in run.stderr and "emulated, measured" not in run.stderr
+    recorded = s["machine"]
+    assert recorded["cpu_model"] == machine.cpu_model
+    assert recorded["cpu_count"] == machine.cpu_count
+    assert recorded["isa"] == machine.as_json()["isa"] and recorded["gpus"] == []
+    assert recorded["tensorflow"] == tf.__version__
+
+
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_mixed_precision_trains_with_finite_loss(precision, tmp_path):
+    from trainer import hardware
+
     workdir = str(tmp_path / precision)
-    run_trainer(*FAST_FLAGS, f"--workdir={workdir}", "--train_steps=30", f"--precision={precision}")
+    run = run_trainer(
+        *FAST_FLAGS, f"--workdir={workdir}", "--train_steps=30", f"--precision={precision}"
+    )
     s = summary(workdir)
     assert s["precision"] == precision
+    # An explicit choice runs everywhere, with a one-line warning where the CPU emulates it.
+    warning = hardware.resolve_precision(precision, _this_machine().cpu_flags).warning
+    warned = [line for line in run.stderr.splitlines() if "is emulated, measured ~" in line]
+    assert len(warned) == (1 if warning else 0), run.stderr[-3000:]
+    if warning:
+        assert warning in warned[0]
     assert np.isfinite(s["eval"]["loss"]) and s["eval"]["accuracy"] > 0.5
     events = _events(workdir)
     assert all(np.isfinite(v) for _, v in events["train/loss"])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from datasets.metadata import DatasetMetadata
-from trainer import choices, periodic
+from trainer import choices, hardware, periodic
 from trainer.config import Config, ConfigError, config_from_argv, validated
 from trainer.meter import Meter
 from trainer.plan import Topology, resolve_plan
@@ -48,6 +48,8 @@ def _metadata(train=1000, test=101, shape=(28, 28, 1), num_classes=10, train_sha
 
 
 ONE_CPU = Topology("one_device", num_workers=1, num_replicas=1, uses_gpu=False)
+# An AVX2-only CPU without a GPU: --precision=auto resolves to fp32 on it.
+AVX2_MACHINE = hardware.Machine("test CPU", 2, ("avx2",), "", (), "2.x", "3.x")
 
 
 # --- config and flags -------------------------------------------------------------------------
@@ -165,7 +167,7 @@ def test_every_builtin_model_and_optimizer_choice_is_implemented():
 def test_plan_batch_arithmetic_and_steps():
     topology = Topology("multi_worker", num_workers=2, num_replicas=4, uses_gpu=False)
     config = Config(global_batch_size=64, epochs=2.5)
-    plan = resolve_plan(config, topology, _metadata(train=1000), "/data")
+    plan = resolve_plan(config, topology, _metadata(train=1000), "/data", AVX2_MACHINE)
     assert (plan.per_worker_batch, plan.per_replica_batch) == (32, 16)
     assert plan.total_steps == math.ceil(2.5 * 1000 / 64)
     assert plan.eval_split == "test" and plan.input_shape == (28, 28, 1)
@@ -177,10 +179,46 @@ def test_plan_batch_arithmetic_and_steps():
 
 def test_plan_train_steps_override_epochs_and_xla_auto_follows_gpus():
     gpu = Topology("mirrored", num_workers=1, num_replicas=2, uses_gpu=True)
-    assert resolve_plan(Config(train_steps=7), gpu, _metadata(), "/d").total_steps == 7
-    assert resolve_plan(Config(), gpu, _metadata(), "/d").xla is True
-    assert resolve_plan(Config(deterministic=True), gpu, _metadata(), "/d").xla is False
-    assert resolve_plan(Config(xla="on"), ONE_CPU, _metadata(), "/d").xla is True
+    assert (
+        resolve_plan(Config(train_steps=7), gpu, _metadata(), "/d", AVX2_MACHINE).total_steps == 7
+    )
+    assert resolve_plan(Config(), gpu, _metadata(), "/d", AVX2_MACHINE).xla is True
+    assert (
+        resolve_plan(Config(deterministic=True), gpu, _metadata(), "/d", AVX2_MACHINE).xla is False
+    )
+    assert resolve_plan(Config(xla="on"), ONE_CPU, _metadata(), "/d", AVX2_MACHINE).xla is True
+
+
+def _machine(cpu_flags, *gpu_capabilities):
+    gpus = tuple(hardware.Gpu(f"GPU {i}", c) for i, c in enumerate(gpu_capabilities))
+    return hardware.Machine("test CPU", 2, cpu_flags, "", gpus, "2.x", "3.x")
+
+
+def test_plan_precision_follows_the_machine_it_was_given():
+    one_gpu = Topology("one_device", num_workers=1, num_replicas=1, uses_gpu=True)
+    bf16_cpu, no_cpuinfo = _machine(("avx2", "avx512f", "avx512_bf16")), _machine(None)
+
+    def plan(config, topology, machine):
+        return resolve_plan(config, topology, _metadata(), "/d", machine)
+
+    auto = Config()
+    assert auto.precision == "auto"
+    assert plan(auto, ONE_CPU, AVX2_MACHINE).precision == "fp32"
+    assert plan(auto, ONE_CPU, bf16_cpu).precision == "bf16"
+    assert plan(auto, ONE_CPU, no_cpuinfo).precision == "fp32"
+    assert plan(auto, one_gpu, _machine(("avx2",), (8, 6))).precision == "bf16"
+    assert plan(auto, one_gpu, _machine(("avx2",), (7, 0))).precision == "fp16"
+    assert plan(auto, one_gpu, _machine(("avx2",), (6, 1))).precision == "fp32"
+    # GPUs the run does not train on (a CPU topology) do not decide.
+    assert plan(auto, ONE_CPU, _machine(("avx2",), (8, 0))).precision == "fp32"
+    chosen = plan(auto, ONE_CPU, bf16_cpu)
+    assert chosen.precision_warning == ""
+    assert "precision bf16 (auto on a CPU with avx512_bf16" in chosen.describe()
+    emulated = plan(Config(precision="bf16"), ONE_CPU, AVX2_MACHINE)
+    assert emulated.precision == "bf16" and "emulated" in emulated.precision_warning
+    # The plan never holds `auto`: the model, the optimizer and summary.json get a real one.
+    for machine in (AVX2_MACHINE, bf16_cpu, no_cpuinfo):
+        assert plan(auto, ONE_CPU, machine).precision in ("fp32", "fp16", "bf16")
 
 
 @pytest.mark.parametrize(
@@ -200,7 +238,7 @@ def test_plan_train_steps_override_epochs_and_xla_auto_follows_gpus():
 def test_plan_refuses_what_does_not_fit(config, metadata_kwargs, words):
     topology = Topology("mirrored", num_workers=1, num_replicas=2, uses_gpu=False)
     with pytest.raises(ConfigError) as e:
-        resolve_plan(config, topology, _metadata(**metadata_kwargs), "/data")
+        resolve_plan(config, topology, _metadata(**metadata_kwargs), "/data", AVX2_MACHINE)
     for word in words:
         assert word in str(e.value)
 

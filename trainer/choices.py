@@ -21,7 +21,8 @@ BUILTIN_MODELS = (
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "horovod")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop")
 SCHEDULES = ("constant", "step", "cosine", "one_cycle")
-PRECISIONS = ("fp32", "fp16", "bf16")
+# auto resolves per machine (trainer.hardware.resolve_precision) before anything is built.
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 XLA_MODES = ("auto", "on", "off")
 # Eval metrics --keep_best can watch ("" is off), and which way is better.
 KEEP_BEST_METRICS = ("", "eval/accuracy", "eval/loss")

@@ -81,8 +81,10 @@ class Config:
         "(a name the module registers with @trainer.register works in place of fn).",
     )
     precision: str = _setting(
-        "fp32",
-        "fp32; fp16 (mixed, dynamic loss scaling); bf16 (mixed).",
+        "auto",
+        "auto: what this machine runs fast (GPUs: bf16 from compute capability 8.0, fp16 on 7.x, "
+        "else fp32; CPUs: bf16 only with AVX512_BF16 or AMX-BF16, else fp32); fp32; fp16 (mixed, "
+        "dynamic loss scaling); bf16 (mixed).",
         choices_=choices.PRECISIONS,
     )
     xla: str = _setting(

@@ -23,7 +23,7 @@ from absl import logging
 
 from datasets import embedded, verify
 from datasets.metadata import DatasetMetadata
-from trainer import checkpoints, console, errors, export, periodic, workdir
+from trainer import checkpoints, console, errors, export, hardware, periodic, workdir
 from trainer import step as step_lib
 from trainer.backends import create_backend
 from trainer.backends.base import Backend
@@ -48,6 +48,7 @@ class _Run:
 
     config: Config
     plan: Plan
+    machine: hardware.Machine
     backend: Backend
     state: TrainState
     inputs: InputSpec
@@ -70,12 +71,16 @@ def train_and_evaluate(config: Config) -> dict:
     data_dir = config.data_dir or embedded.sample_data_dir()
     metadata = DatasetMetadata.load(data_dir)  # Compares shard sizes with metadata.json.
     verify.check_before_training(metadata, data_dir)  # The first records against image_shape.
-    plan = resolve_plan(config, backend.topology, metadata, data_dir)
+    machine = hardware.read_machine()  # Once, after the backend chose the visible GPUs.
+    plan = resolve_plan(config, backend.topology, metadata, data_dir, machine)
+    logging.info("%s", machine.describe())
     logging.info("%s; model %s\n%s", backend, config.model, plan.describe())
+    if plan.precision_warning:
+        logging.warning("%s", plan.precision_warning)
     state = create_train_state(config, plan, backend)  # Builds (and checks) the model first.
     with workdir.WorkdirLock(config.workdir) if backend.is_chief else contextlib.nullcontext():
         _prepare_workdir(config, plan, backend)
-        return _train_and_finish(config, plan, backend, state, metadata)
+        return _train_and_finish(config, plan, machine, backend, state, metadata)
 
 
 def _prepare_workdir(config: Config, plan: Plan, backend: Backend) -> None:
@@ -88,7 +93,7 @@ def _prepare_workdir(config: Config, plan: Plan, backend: Backend) -> None:
         workdir.write_run_files(config.workdir, config.to_json(), plan_fields)
 
 
-def _train_and_finish(config, plan, backend, state, metadata) -> dict:
+def _train_and_finish(config, plan, machine, backend, state, metadata) -> dict:
     inputs = InputSpec(config, plan, metadata)
     checkpointer, train_iterator, start_step = _restore(config, plan, backend, state, inputs)
     loops = step_lib.build_loops(
@@ -104,7 +109,9 @@ def _train_and_finish(config, plan, backend, state, metadata) -> dict:
     summaries = Summaries(config.workdir, enabled=backend.is_chief)
     meter = Meter(step_lib.TRAIN_METRICS, plan.global_batch)
     evaluate = Evaluator(plan, backend, state, inputs, loops, summaries, checkpointer, meter)
-    run = _Run(config, plan, backend, state, inputs, checkpointer, summaries, meter, evaluate)
+    run = _Run(
+        config, plan, machine, backend, state, inputs, checkpointer, summaries, meter, evaluate
+    )
     if start_step == 0:
         _write_run_start(run)
     final_step = _train(run, loops, train_iterator, start_step)
@@ -323,12 +330,14 @@ def _summary(run: _Run, final_step: int, start_step: int, final_eval: dict) -> d
         "per_replica_batch": plan.per_replica_batch,
         "grad_accum_steps": plan.grad_accum_steps,
         "precision": plan.precision,
+        "precision_reason": plan.precision_reason,
         "xla": plan.xla,
         "ema_decay": config.ema_decay,
         "data_dir": plan.data_dir,
         "workdir": config.workdir,
         "resumed_from_step": start_step,
         "is_chief": run.backend.is_chief,
+        "machine": run.machine.as_json(),
     }
     if state.best.enabled:
         summary["best"] = {**state.best.describe(), "checkpoint": run.checkpointer.best}

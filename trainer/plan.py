@@ -1,8 +1,9 @@
 """The run's plan: everything derived from (config, topology, dataset) before a variable exists.
 
 `resolve_plan` is pure: no TensorFlow state, no files, no logging. It decides the splits, the
-input shape, the batch sizes at every level, the step count, XLA and precision, and fails fast
-(ConfigError) when they do not fit together. The loop, the summary and the tests all read the
+input shape, the batch sizes at every level, the step count, XLA and precision (from the machine
+facts the caller read once, `trainer.hardware.Machine`), and fails fast (ConfigError) when they
+do not fit together. The loop, the summary and the tests all read the
 same frozen `Plan`, so a number is computed in exactly one place.
 """
 
@@ -13,7 +14,7 @@ import math
 
 from datasets.metadata import DatasetMetadata
 from datasets.pipeline import eval_batches_per_worker
-from trainer import models
+from trainer import hardware, models
 from trainer.config import Config, ConfigError
 
 
@@ -47,10 +48,12 @@ class Plan:
     total_steps: int
     eval_batches_per_worker: int
     xla: bool
-    precision: str
+    precision: str  # resolved: fp32 | fp16 | bf16, never auto
+    precision_reason: str
+    precision_warning: str  # empty unless the precision is known to be slow on this machine
 
     def describe(self) -> str:
-        """Two log lines: the batch arithmetic, then model input, steps and numerics."""
+        """Three log lines: the batch arithmetic, model input and steps, the precision and why."""
         t = self.topology
         return (
             f"global batch {self.global_batch} = {t.num_workers} workers x "
@@ -63,14 +66,22 @@ class Plan:
             )
             + "\n"
             f"{'x'.join(map(str, self.input_shape))} inputs, {self.num_classes} classes; "
-            f"{self.total_steps} steps; precision {self.precision}; xla {self.xla}"
+            f"{self.total_steps} steps; xla {self.xla}\n"
+            f"precision {self.precision} ({self.precision_reason})"
         )
 
 
 def resolve_plan(
-    config: Config, topology: Topology, metadata: DatasetMetadata, data_dir: str
+    config: Config,
+    topology: Topology,
+    metadata: DatasetMetadata,
+    data_dir: str,
+    machine: hardware.Machine,
 ) -> Plan:
-    """The plan for `config` on `topology` over the dataset in `data_dir`; raises ConfigError."""
+    """The plan for `config` on `topology` and `machine` over the dataset in `data_dir`.
+
+    Raises ConfigError.
+    """
     eval_split = config.eval_split or ("test" if "test" in metadata.splits else "validation")
     if not config.eval_split and eval_split not in metadata.splits:
         raise ConfigError(
@@ -108,6 +119,12 @@ def resolve_plan(
     # auto: XLA on GPUs only (2.4x slower on CPU), and never with op determinism, which XLA's
     # pooling gradients do not support.
     xla = {"on": True, "off": False, "auto": topology.uses_gpu and not config.deterministic}
+    # The GPUs' numerics decide only when the run trains on them.
+    precision = hardware.resolve_precision(
+        config.precision,
+        machine.cpu_flags,
+        machine.gpu_capabilities if topology.uses_gpu else (),
+    )
     return Plan(
         data_dir=data_dir,
         train_split=config.train_split,
@@ -126,5 +143,7 @@ def resolve_plan(
             metadata, eval_split, per_worker_batch, topology.num_workers
         ),
         xla=xla[config.xla],
-        precision=config.precision,
+        precision=precision.precision,
+        precision_reason=precision.reason,
+        precision_warning=precision.warning,
     )

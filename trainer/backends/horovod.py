@@ -33,7 +33,11 @@ class HorovodBackend(Backend):
         # One packed all-reduce: Horovod names collectives after their input tensors, and small
         # metric tensors from different steps can share a name and collide while in flight.
         flat = tf.nest.flatten(values)
-        sizes = [int(tf.size(t)) for t in flat]
+        # Static where the shapes are (the metrics' always are): the step is traced without
+        # AutoGraph, which is what turned int(tensor) into a cast.
+        sizes = [t.shape.num_elements() for t in flat]
+        if None in sizes:
+            sizes = tf.stack([tf.size(t) for t in flat])
         packed = tf.concat([tf.reshape(tf.cast(t, tf.float32), [-1]) for t in flat], axis=0)
         summed = tf.split(self._hvd.allreduce(packed, op=self._hvd.Sum), sizes)
         return tf.nest.pack_sequence_as(
