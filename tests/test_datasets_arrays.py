@@ -3,18 +3,15 @@ pipeline, splits are stratified and seeded, re-runs are no-ops, and every bad ar
 that leaves an existing dataset untouched."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from trainer_harness import run_module
 
 import datasets
 from datasets import pipeline
 from datasets.errors import DataError, OutputExistsError
 from datasets.metadata import DatasetMetadata
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _read_back(metadata, data_dir, split, index_of):
@@ -155,13 +152,7 @@ def test_bad_arrays_are_one_line_and_leave_the_output_untouched(
 
 
 def _prepare_cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "datasets.prepare", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_module("datasets.prepare", *args, timeout=120)
 
 
 def test_npz_cli_in_the_keras_datasets_layout(tmp_path, indexed):

@@ -4,17 +4,14 @@ CLI exit, and an existing output directory left byte-for-byte untouched."""
 import gzip
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from trainer_harness import run_module
 
 from datasets.errors import DataError
 from datasets.metadata import DatasetMetadata
 from datasets.prepare import prepare
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -211,13 +208,7 @@ def test_bad_input_one_line_error_and_out_untouched(case, case_tools, existing_o
 
 
 def _cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "datasets.prepare", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_module("datasets.prepare", *args, timeout=120)
 
 
 @pytest.mark.parametrize(

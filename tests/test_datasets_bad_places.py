@@ -2,30 +2,21 @@
 dataset still valid and nothing left behind. Real filesystems: a small tmpfs per test (the tests
 run as root here; where mounting is refused they skip, printing why)."""
 
-import os
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
+from trainer_harness import run_module
 
 from datasets import writer
 from datasets.errors import DataError
 from datasets.metadata import DatasetMetadata
 from datasets.prepare import prepare
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "datasets.prepare", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_module("datasets.prepare", *args, timeout=120)
 
 
 def _one_error_line(result, *words):

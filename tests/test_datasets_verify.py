@@ -4,29 +4,20 @@ exact byte offset, on real shards (copies of the embedded sample, or datasets ma
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from trainer_harness import run_module
 
 from datasets import tfrecord, verify, writer
 from datasets.errors import DataError
 from datasets.metadata import DatasetMetadata
 from datasets.prepare import prepare
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _verify_cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "datasets.verify", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_module("datasets.verify", *args, timeout=120)
 
 
 @pytest.fixture

@@ -10,20 +10,13 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
-from trainer_harness import FAST_FLAGS, REPO, run_trainer, trainer_env
+from trainer_harness import FAST_FLAGS, REPO, run_module, run_trainer, trainer_env
 
 from datasets import embedded, idx
 
 
 def _predict(*args, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "trainer.predict", *args],
-        cwd=REPO,
-        env=trainer_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_module("trainer.predict", *args, timeout=timeout)
 
 
 def _errors(stderr):

@@ -16,7 +16,7 @@ import urllib.request
 import numpy as np
 import pytest
 import tensorflow as tf
-from trainer_harness import REPO, summary, trainer_env
+from trainer_harness import run_module, summary
 
 from trainer.report import plots
 from trainer.summaries import confusion_image
@@ -25,14 +25,7 @@ REPORT_FILES = {*plots.PIXELS, "report.json", "index.html"}
 
 
 def _run_report(*args, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "trainer.report", *args],
-        cwd=REPO,
-        env=trainer_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_module("trainer.report", *args, timeout=timeout)
 
 
 def _error_lines(stderr):

@@ -38,6 +38,18 @@ def trainer_env(extra: dict | None = None) -> dict:
     return env
 
 
+def run_module(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS...` from the repo root, as a user runs a CLI; output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=trainer_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def trainer_command(*flags: str) -> list[str]:
     return [sys.executable, "-m", "trainer", *flags]
 
