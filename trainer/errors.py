@@ -1,16 +1,9 @@
 """How a run fails: the errors `train_and_evaluate` raises, and the exit code of each.
 
-| exit | meaning |
-| --- | --- |
-| 0 | finished |
-| 1 | training failed: a non-finite loss, or a checkpoint that could not be written (full disk) |
-| 2 | bad flags, paths or data, found before training (ConfigError, DataError) |
-| 3 | a shard found corrupt while training or evaluating read it (CorruptDataError) |
-| 124 | stalled: no progress for --stall_timeout_s (the watchdog) |
-| 128+N | stopped by signal N after saving a checkpoint (retry: the run resumes) |
-
-Every error's message is one line naming the file, directory or flag, and the last complete
-checkpoint is never removed by a failure.
+The exit-code contract itself (permanent vs retryable) is `trainer/exit_codes.py`, free of
+TensorFlow so that launchers and tests read the same table. Every error's message is one line
+naming the file, directory, flag or peer, and the last complete checkpoint is never removed by a
+failure.
 """
 
 from __future__ import annotations
@@ -22,6 +15,7 @@ import tensorflow as tf
 
 from datasets.errors import DataError
 from datasets.metadata import METADATA_FILE, DatasetMetadata
+from trainer.exit_codes import EXIT_CORRUPT_DATA, EXIT_FAILED, EXIT_RETRYABLE, EXIT_USAGE
 
 
 class NonFiniteLossError(RuntimeError):
@@ -36,14 +30,23 @@ class CorruptDataError(DataError):
     """A shard failed to read (truncated mid-record, bytes flipped)."""
 
 
-EXIT_CODES = {NonFiniteLossError: 1, CheckpointWriteError: 1, CorruptDataError: 3}
+class PeerError(RuntimeError):
+    """A peer process was lost, never joined, or a collective timed out: restart the group."""
+
+
+EXIT_CODES = {
+    NonFiniteLossError: EXIT_FAILED,
+    CheckpointWriteError: EXIT_FAILED,
+    CorruptDataError: EXIT_CORRUPT_DATA,
+    PeerError: EXIT_RETRYABLE,
+}
 
 
 def exit_code(error: BaseException) -> int:
     for kind, code in EXIT_CODES.items():
         if isinstance(error, kind):
             return code
-    return 2  # ConfigError, DataError
+    return EXIT_USAGE  # ConfigError, DataError
 
 
 @contextlib.contextmanager
