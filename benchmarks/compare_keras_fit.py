@@ -64,7 +64,7 @@ def _time_harness(config, plan, backend, inputs) -> Timer:
     def timed():
         start = time.perf_counter()
         for _ in range(FLAGS.steps // per_call):
-            sums, _ = loops.train(iterator, tf.constant(per_call))
+            sums, _, _ = loops.train(iterator, tf.constant(per_call))
             float(sums["loss"])  # Wait for the device, as the trainer does each chunk.
         return time.perf_counter() - start
 

@@ -108,6 +108,15 @@ def make_image_folder(tmp_path):
 
 
 @pytest.fixture(scope="session")
+def tiny_mnist(tmp_path_factory):
+    """64 train examples in 2 shards of 32, 101 test examples (tests/multiprocess.py)."""
+    from multiprocess import make_tiny_mnist
+
+    raw, out = tmp_path_factory.mktemp("raw"), tmp_path_factory.mktemp("tiny_mnist")
+    return make_tiny_mnist(str(raw), str(out), write_idx)
+
+
+@pytest.fixture(scope="session")
 def sample_dir(tmp_path_factory):
     """The embedded MNIST sample prepared into a fresh cache dir (once per test session)."""
     from datasets import embedded

@@ -1,10 +1,7 @@
 """Multi-process training on 127.0.0.1: Horovod (horovodrun --gloo) and MultiWorkerMirrored.
 
-Every distributed run is compared with a single-process run. To make that comparison exact, the
-runs train on a 64-example dataset in two 32-example shards with --global_batch_size=64 and
---shuffle_buffer=1: every global batch is then the whole training set, whichever worker reads
-which shard, so 1 process, 2 Horovod ranks and 2 MWMS workers compute the same full-batch
-gradient and may differ only by float summation order.
+Every distributed run is compared with a single-process run, exactly: see tests/multiprocess.py
+for why the tiny dataset makes 1 process, 2 ranks and 2 workers compute the same gradient.
 """
 
 import glob
@@ -13,10 +10,18 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
+from multiprocess import (
+    ONE_THREAD,
+    TRAIN_STEPS,
+    check,
+    fingerprints,
+    horovodrun,
+    local_cluster,
+    tiny_flags,
+)
 from trainer_harness import (
     REPO,
     checkpoint_weights,
@@ -28,58 +33,7 @@ from trainer_harness import (
     write_user_models,
 )
 
-TRAIN_STEPS = 8
-# One intra-op thread per process: two processes share this machine's two cores.
-ONE_THREAD = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
 WEIGHT_TOLERANCE = 1e-5  # Same full-batch gradient; only the all-reduce's summation order differs.
-
-
-@pytest.fixture(scope="module")
-def tiny_mnist(tmp_path_factory, idx_writer):
-    """64 train examples in 2 shards of 32, 101 test examples (not divisible by 2 or 3)."""
-    from datasets import idx
-    from datasets.prepare import prepare
-
-    sample = os.path.join(REPO, "datasets", "sample", "mnist")
-    raw = tmp_path_factory.mktemp("raw")
-    for prefix, count in (("train", 64), ("t10k", 101)):
-        images = idx.read_idx(
-            os.path.join(sample, f"{prefix}-images-idx3-ubyte.gz"), (3,), "images"
-        )
-        labels = idx.read_idx(
-            os.path.join(sample, f"{prefix}-labels-idx1-ubyte.gz"), (1,), "labels"
-        )
-        idx_writer(str(raw / f"{prefix}-images-idx3-ubyte.gz"), images[:count])
-        idx_writer(str(raw / f"{prefix}-labels-idx1-ubyte.gz"), labels[:count])
-    out = str(tmp_path_factory.mktemp("tiny_mnist"))
-    metadata = prepare("idx", str(raw), out, num_shards=2)
-    assert [s.num_examples for s in metadata.splits["train"].shards] == [32, 32]
-    assert metadata.splits["test"].num_examples == 101
-    return out
-
-
-def _flags(data_dir, workdir, *extra):
-    return (
-        f"--data_dir={data_dir}",
-        f"--workdir={workdir}",
-        "--model=tutorial_cnn",
-        "--precision=fp32",  # not auto: the comparisons need the same numerics on every machine
-        "--optimizer=momentum",
-        "--learning_rate=0.05",
-        "--lr_schedule=constant",
-        "--global_batch_size=64",
-        "--shuffle_buffer=1",
-        f"--train_steps={TRAIN_STEPS}",
-        "--steps_per_loop=4",
-        "--log_every_steps=4",
-        "--checkpoint_every_steps=0",
-        "--export=false",
-        *extra,
-    )
-
-
-def _fingerprints(output):
-    return re.findall(r"weights fingerprint ([0-9a-f]{16})", output)
 
 
 def _assert_only_chief_wrote(workdir):
@@ -91,63 +45,17 @@ def _assert_only_chief_wrote(workdir):
     assert not os.path.exists(scratch) or not any(os.scandir(scratch)), os.listdir(scratch)
 
 
-def _horovodrun(*flags, np_=2, timeout=600):
-    horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
-    command = [
-        horovodrun,
-        "--gloo",
-        "-np",
-        str(np_),
-        "-H",
-        f"localhost:{np_}",
-        *trainer_command("--strategy=horovod", *flags),
-    ]
-    return subprocess.run(
-        command,
-        cwd=REPO,
-        env=trainer_env(ONE_THREAD),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def _local_cluster(workers, *flags, timeout=600):
-    command = [
-        sys.executable,
-        "-m",
-        "launch.local_cluster",
-        "--workers",
-        str(workers),
-        "--",
-        *flags,
-    ]
-    return subprocess.run(
-        command,
-        cwd=REPO,
-        env=trainer_env(ONE_THREAD),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def _check(result):
-    assert result.returncode == 0, (result.stdout[-4000:], result.stderr[-8000:])
-    return result.stdout + result.stderr
-
-
 @pytest.fixture(scope="module")
 def single_process(tiny_mnist, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("single"))
-    run_trainer(*_flags(tiny_mnist, workdir), env=ONE_THREAD)
+    run_trainer(*tiny_flags(tiny_mnist, workdir), env=ONE_THREAD)
     return workdir
 
 
 @pytest.fixture(scope="module")
 def horovod_run(tiny_mnist, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("horovod"))
-    output = _check(_horovodrun(*_flags(tiny_mnist, workdir)))
+    output = check(horovodrun(*tiny_flags(tiny_mnist, workdir)))
     return workdir, output
 
 
@@ -161,8 +69,8 @@ def test_horovod_two_ranks_match_single_process(horovod_run, single_process):
         32,
     )
     assert s["final_step"] == TRAIN_STEPS
-    fingerprints = _fingerprints(output)
-    assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1], fingerprints
+    prints = fingerprints(output)
+    assert len(prints) == 2 and prints[0] == prints[1], prints
     assert (
         max_weight_difference(checkpoint_weights(workdir), checkpoint_weights(single_process))
         < WEIGHT_TOLERANCE
@@ -174,11 +82,11 @@ def test_horovod_two_ranks_match_single_process(horovod_run, single_process):
 
 def test_multi_worker_two_workers_match_single_process(tiny_mnist, single_process, tmp_path):
     workdir = str(tmp_path / "mwms")
-    output = _check(_local_cluster(2, *_flags(tiny_mnist, workdir)))
+    output = check(local_cluster(2, *tiny_flags(tiny_mnist, workdir)))
     s = summary(workdir)
     assert (s["strategy"], s["num_workers"], s["num_replicas"]) == ("multi_worker", 2, 2)
-    fingerprints = _fingerprints(output)
-    assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1], fingerprints
+    prints = fingerprints(output)
+    assert len(prints) == 2 and prints[0] == prints[1], prints
     assert (
         max_weight_difference(checkpoint_weights(workdir), checkpoint_weights(single_process))
         < WEIGHT_TOLERANCE
@@ -190,8 +98,8 @@ def test_multi_worker_two_workers_match_single_process(tiny_mnist, single_proces
 def test_three_workers_evaluate_every_example_once(tiny_mnist, tmp_path):
     workdir = str(tmp_path / "three")
     # 63 = 3 workers x 21; 101 eval examples over 3 workers need padding on two of them.
-    flags = _flags(tiny_mnist, workdir, "--global_batch_size=63")
-    output = _check(_local_cluster(3, *flags))
+    flags = tiny_flags(tiny_mnist, workdir, "--global_batch_size=63")
+    output = check(local_cluster(3, *flags))
     distributed = summary(workdir)["eval"]
     assert distributed["num_examples"] == 101
     assert len(set(re.findall(r"eval at step \d+: (loss [\d.]+ accuracy [\d.]+)", output))) == 1, (
@@ -212,7 +120,7 @@ def test_horovod_checkpoint_resumes_under_one_device_and_back(
     from_horovod = str(tmp_path / "from_horovod")
     shutil.copytree(horovod_run[0], from_horovod)
     resumed = run_trainer(
-        *_flags(tiny_mnist, from_horovod, "--train_steps=12", "--strategy=one_device"),
+        *tiny_flags(tiny_mnist, from_horovod, "--train_steps=12", "--strategy=one_device"),
         env=ONE_THREAD,
     )
     assert f"at step {TRAIN_STEPS}" in resumed.stderr
@@ -220,7 +128,7 @@ def test_horovod_checkpoint_resumes_under_one_device_and_back(
 
     from_single = str(tmp_path / "from_single")
     shutil.copytree(single_process, from_single)
-    output = _check(_horovodrun(*_flags(tiny_mnist, from_single, "--train_steps=12")))
+    output = check(horovodrun(*tiny_flags(tiny_mnist, from_single, "--train_steps=12")))
     assert output.count(f"at step {TRAIN_STEPS}") == 2, "both ranks must resume from the checkpoint"
     s = summary(from_single)
     assert (s["strategy"], s["final_step"], s["resumed_from_step"]) == ("horovod", 12, TRAIN_STEPS)
@@ -233,7 +141,7 @@ def test_killed_worker_stops_the_job_within_the_stall_timeout_and_rerun_resumes(
 
     workdir = str(tmp_path / "killed")
     stall_timeout = 30
-    flags = _flags(
+    flags = tiny_flags(
         tiny_mnist,
         workdir,
         "--train_steps=100000",
@@ -277,7 +185,7 @@ def test_killed_worker_stops_the_job_within_the_stall_timeout_and_rerun_resumes(
     saved_step = int(saved.rsplit("-", 1)[1])
     assert saved_step >= 8
     final = saved_step + 8
-    output = _check(_local_cluster(2, *_flags(tiny_mnist, workdir, f"--train_steps={final}")))
+    output = check(local_cluster(2, *tiny_flags(tiny_mnist, workdir, f"--train_steps={final}")))
     assert f"resumed from {saved} at step {saved_step}" in output
     assert summary(workdir)["final_step"] == final
 
@@ -298,7 +206,7 @@ def test_grad_accumulation_matches_one_big_batch_on_one_device(
     # 4 micro-batches of 16 summed, then one update == one batch of 64 (tutorial_cnn has no
     # BatchNorm or dropout, so nothing else sees the micro-batches).
     workdir = str(tmp_path / "accum")
-    run_trainer(*_flags(tiny_mnist, workdir, "--grad_accum_steps=4"), env=ONE_THREAD)
+    run_trainer(*tiny_flags(tiny_mnist, workdir, "--grad_accum_steps=4"), env=ONE_THREAD)
     assert summary(workdir)["grad_accum_steps"] == 4
     _assert_matches_single_process(workdir, single_process)
 
@@ -306,7 +214,7 @@ def test_grad_accumulation_matches_one_big_batch_on_one_device(
 def test_grad_accumulation_matches_one_big_batch_mirrored(tiny_mnist, single_process, tmp_path):
     workdir = str(tmp_path / "accum_mirrored")
     flags = ("--strategy=mirrored", "--num_cpu_devices=2", "--grad_accum_steps=2")
-    run_trainer(*_flags(tiny_mnist, workdir, *flags), env=ONE_THREAD)
+    run_trainer(*tiny_flags(tiny_mnist, workdir, *flags), env=ONE_THREAD)
     s = summary(workdir)
     assert (s["num_replicas"], s["per_replica_batch"], s["grad_accum_steps"]) == (2, 32, 2)
     _assert_matches_single_process(workdir, single_process)
@@ -314,17 +222,17 @@ def test_grad_accumulation_matches_one_big_batch_mirrored(tiny_mnist, single_pro
 
 def test_grad_accumulation_matches_one_big_batch_horovod(tiny_mnist, single_process, tmp_path):
     workdir = str(tmp_path / "accum_horovod")
-    output = _check(_horovodrun(*_flags(tiny_mnist, workdir, "--grad_accum_steps=2")))
-    fingerprints = _fingerprints(output)
-    assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1], fingerprints
+    output = check(horovodrun(*tiny_flags(tiny_mnist, workdir, "--grad_accum_steps=2")))
+    prints = fingerprints(output)
+    assert len(prints) == 2 and prints[0] == prints[1], prints
     _assert_matches_single_process(workdir, single_process)
 
 
 def test_grad_accumulation_matches_one_big_batch_multi_worker(tiny_mnist, single_process, tmp_path):
     workdir = str(tmp_path / "accum_mwms")
-    output = _check(_local_cluster(2, *_flags(tiny_mnist, workdir, "--grad_accum_steps=2")))
-    fingerprints = _fingerprints(output)
-    assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1], fingerprints
+    output = check(local_cluster(2, *tiny_flags(tiny_mnist, workdir, "--grad_accum_steps=2")))
+    prints = fingerprints(output)
+    assert len(prints) == 2 and prints[0] == prints[1], prints
     _assert_matches_single_process(workdir, single_process)
 
 
@@ -338,13 +246,13 @@ def test_early_stopping_ends_both_multi_worker_workers_at_the_same_step(tiny_mni
         "--early_stopping_patience=2",
         "--early_stopping_min_delta=1.0",
     )
-    output = _check(_local_cluster(2, *_flags(tiny_mnist, workdir, *stop), timeout=300))
+    output = check(local_cluster(2, *tiny_flags(tiny_mnist, workdir, *stop), timeout=300))
     s = summary(workdir)
     assert s["stopped_early"] is True and s["final_step"] == 6 < s["total_steps"]
     assert s["best"]["step"] == 2 and s["best"]["metric"] == "eval/accuracy"
     assert [e["step"] for e in s["eval_history"]] == [2, 4, 6]
     assert len(re.findall(r"early stop at step 6:", output)) == 2, output[-4000:]
-    assert len(_fingerprints(output)) == 2
+    assert len(fingerprints(output)) == 2
     assert os.path.exists(os.path.join(workdir, "checkpoints", "best", "best-2.index"))
     _assert_only_chief_wrote(workdir)
 
@@ -360,7 +268,7 @@ def user_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def user_single_process(tiny_mnist, user_model, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("user_single"))
-    run_trainer(*_flags(tiny_mnist, workdir, f"--model={user_model}"), env=ONE_THREAD)
+    run_trainer(*tiny_flags(tiny_mnist, workdir, f"--model={user_model}"), env=ONE_THREAD)
     return workdir
 
 
@@ -369,13 +277,13 @@ def test_user_model_distributed_matches_one_process(
     tiny_mnist, user_model, user_single_process, tmp_path, backend
 ):
     workdir = str(tmp_path / backend)
-    flags = _flags(tiny_mnist, workdir, f"--model={user_model}")
+    flags = tiny_flags(tiny_mnist, workdir, f"--model={user_model}")
     if backend == "mirrored":
         run_trainer(*flags, "--strategy=mirrored", "--num_cpu_devices=2", env=ONE_THREAD)
     elif backend == "horovod":
-        assert len(_fingerprints(_check(_horovodrun(*flags)))) == 2
+        assert len(fingerprints(check(horovodrun(*flags)))) == 2
     else:
-        assert len(_fingerprints(_check(_local_cluster(2, *flags)))) == 2
+        assert len(fingerprints(check(local_cluster(2, *flags)))) == 2
     s = summary(workdir)
     assert s["model"] == user_model and s["num_replicas"] == 2
     _assert_matches_single_process(workdir, user_single_process)
@@ -415,8 +323,8 @@ def test_multi_worker_run_with_a_slow_export_ends_without_a_crashed_task(tiny_mn
     module = tmp_path / "slow_model.py"
     module.write_text(SLOW_EXPORT_MODEL)
     workdir = str(tmp_path / "slow_export")
-    flags = [f for f in _flags(tiny_mnist, workdir) if not f.startswith("--export")]
-    output = _check(_local_cluster(2, *flags, f"--model={module}:build", "--export=true"))
+    flags = [f for f in tiny_flags(tiny_mnist, workdir) if not f.startswith("--export")]
+    output = check(local_cluster(2, *flags, f"--model={module}:build", "--export=true"))
     assert "StartAbort" not in output and "have crashed" not in output, output[-4000:]
-    assert len(_fingerprints(output)) == 2
+    assert len(fingerprints(output)) == 2
     assert os.path.exists(os.path.join(workdir, "export", "saved_model", "saved_model.pb"))

@@ -1,9 +1,10 @@
 """`python -m trainer`: parse flags into a Config, run train_and_evaluate, report.
 
-Exit codes (trainer/errors.py): 0 done; 1 training failed (non-finite loss, a checkpoint that
-could not be written); 2 invalid flags, paths or data; 3 a shard found corrupt mid-run; 124
-stalled; 128+signal when stopped by SIGTERM/SIGINT after saving a checkpoint (so Kubernetes and
-horovodrun treat it as retryable and the next attempt resumes).
+Exit codes are a contract with schedulers (trainer/exit_codes.py): 0 done; permanent 1 training
+failed (non-finite loss, a checkpoint that could not be written), 2 invalid flags, paths or data,
+3 a shard found corrupt mid-run; retryable 128+signal when the run stopped on SIGTERM/SIGINT after
+saving a checkpoint, and 138 for a lost or missing peer, a stall, or any error convoy does not
+recognise (its traceback goes to WORKDIR/crashes/). Every failure is one `error:` line.
 """
 
 import os
@@ -34,11 +35,16 @@ def _parse(argv):
 
 
 def main(config) -> int:
+    from trainer.interrupts import Interrupted, block_stop_signals
+
+    # Before TensorFlow starts its threads, so that they all leave SIGTERM/SIGINT to the one
+    # thread that receives them (trainer/interrupts.py).
+    block_stop_signals()
     # Imported here so a bad command line fails before TensorFlow loads.
     from datasets.errors import DataError
     from trainer import errors
     from trainer.config import ConfigError
-    from trainer.interrupts import Interrupted
+    from trainer.exit_codes import EXIT_RETRYABLE
     from trainer.loop import train_and_evaluate
 
     try:
@@ -48,12 +54,30 @@ def main(config) -> int:
         DataError,
         errors.NonFiniteLossError,
         errors.CheckpointWriteError,
+        errors.PeerError,
     ) as e:
         print(f"error: {e}", file=sys.stderr)
         return errors.exit_code(e)
     except Interrupted as e:
+        # Every process of the run agreed and the checkpoint is complete: leave at once, so the
+        # scheduler's grace period is spent on the save, not on interpreter teardown.
         logging.warning("%s", e)
-        return 128 + e.signum
+        _exit_now(128 + e.signum)
+    except Exception as e:  # noqa: BLE001 - the contract: one line, a file, a retryable code
+        peer = errors.as_peer_error(e)
+        if peer is not None:
+            print(f"error: {peer}", file=sys.stderr)
+            return EXIT_RETRYABLE
+        report = errors.write_crash_report(config.workdir, e)
+        what = errors.first_line(str(e))
+        if not what.startswith(type(e).__name__):
+            what = f"{type(e).__name__}: {what}"
+        print(
+            f"error: {what} (traceback in {report}); exiting with code {EXIT_RETRYABLE} "
+            "(retryable)",
+            file=sys.stderr,
+        )
+        return EXIT_RETRYABLE
     ev = summary["eval"]
     print(
         f"{ev['split']} accuracy {ev['accuracy']:.4f} ({ev['num_examples']} examples), "
@@ -65,22 +89,20 @@ def main(config) -> int:
         if config.report:
             print(f"Report: {summary['workdir']}/report/index.html")
     elif summary["strategy"] == "multi_worker":
-        _leave_before_the_chief()
+        # The chief hosts TensorFlow's coordination service; a worker still tearing down when
+        # the chief exits logs "Failed to send RPC to coordination service" although the run
+        # succeeded. All workers left the run together (a final barrier); this makes the others
+        # gone in milliseconds. Nothing is lost: a non-chief writes no files.
+        _exit_now(0)
     return 0
 
 
-def _leave_before_the_chief() -> None:
-    """Ends a finished non-chief MultiWorkerMirrored worker at once, skipping interpreter teardown.
-
-    The chief hosts TensorFlow's coordination service; a worker still tearing down when the chief
-    exits logs "Failed to send RPC to coordination service" although the run succeeded. All
-    workers leave the run together (a final barrier); this makes the others gone in milliseconds
-    while the chief's own teardown takes seconds. Nothing is lost: a non-chief writes no files.
-    """
+def _exit_now(code: int) -> None:
+    """Ends the process at once, skipping interpreter and TensorFlow teardown (seconds)."""
     logging.flush()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 if __name__ == "__main__":

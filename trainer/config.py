@@ -110,7 +110,18 @@ class Config:
     )
     stall_timeout_s: float = _setting(
         0.0,
-        "Exit non-zero, dumping stacks, when no training progress is made for this long (0: off).",
+        "Exit 138 (retryable), dumping stacks, when no training progress is made for this long "
+        "(0: off).",
+    )
+    peer_join_timeout_s: float = _setting(
+        120.0,
+        "Several processes: exit 138 (retryable) naming the missing ones when the other "
+        "processes have not all started within this long.",
+    )
+    peer_loss_timeout_s: float = _setting(
+        60.0,
+        "Several processes: exit 138 (retryable) when a peer has been unreachable this long "
+        "(MultiWorkerMirrored: the coordination service's heartbeat timeout).",
     )
     # Optimisation.
     global_batch_size: int = _setting(64, "Examples per step summed over all replicas.")
@@ -294,6 +305,9 @@ def _check_values(c: Config) -> None:
     for name in non_negative:
         if getattr(c, name) < 0:
             raise ConfigError(f"--{name}={getattr(c, name)}: expected a value >= 0")
+    for name in ("peer_join_timeout_s", "peer_loss_timeout_s"):
+        if getattr(c, name) <= 0:
+            raise ConfigError(f"--{name}={getattr(c, name)}: expected a value > 0 (seconds)")
     if c.train_steps == 0 and c.epochs <= 0:
         raise ConfigError(f"--epochs={c.epochs}: expected > 0 when --train_steps is 0")
     if c.learning_rate <= 0:

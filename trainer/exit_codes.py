@@ -14,10 +14,10 @@ checkpoint". Every launcher and Kubernetes overlay acts on this table (tests che
 | 130, 143 | retryable | stopped by SIGINT / SIGTERM (128+signal); every process of the run stopped at the same step after the chief saved a checkpoint |
 | 137 | retryable | killed from outside (SIGKILL: the OOM killer, the end of a grace period) |
 
-138 is 128 + SIGUSR1, the code Kubeflow's Training Operator reserves for "user-defined
-retryable" (`IsRetryableExitCode` in kubeflow/training-operator pkg/util/train: retryable are
-130, 137, 138 and 143, everything else is permanent), so one code works for TFJob's
-`restartPolicy: ExitCode`, Job `podFailurePolicy` and JobSet `failurePolicy` alike.
+138 is 128 + SIGUSR1, the code Kubeflow's Training Operator documents as "user-defined
+retryable"; its TFJob `restartPolicy: ExitCode` recreates a pod on any code >= 128 and fails the
+job below (`IsRetryableExitCode`, kubeflow/training-operator v1.9 pkg/util/train), so one code
+works for TFJob, Job `podFailurePolicy` and JobSet `failurePolicy` alike.
 
 Deliberately free of TensorFlow imports: launchers (`launch.local_cluster --max_restarts`) and the
 Kubernetes policy tests read this table without loading TensorFlow.

@@ -2,8 +2,14 @@
 
 The run reads as its data flow: plan -> state -> restore -> train -> finish. Training runs
 compiled multi-step chunks that end exactly where a periodic action (log, eval, checkpoint,
-histograms, profiling) is due; only the chief writes files; SIGTERM/SIGINT save a checkpoint and
-stop; a non-finite loss stops the run naming the step, leaving the last good checkpoint in place.
+histograms, profiling) is due; only the chief writes files; a non-finite loss stops the run naming
+the step, leaving the last good checkpoint in place.
+
+Several processes act as one run. Start-up is bounded (--peer_join_timeout_s). A SIGTERM/SIGINT
+to any process is a stop vote summed in the train step (trainer/interrupts.py): every process
+leaves the compiled loop at the same step, the chief saves, the others wait for the save, and all
+exit 128+signal. After training the same vote is taken by `Backend.agree` after the final
+evaluation and after the export.
 """
 
 from __future__ import annotations
@@ -30,8 +36,9 @@ from trainer.backends.base import Backend
 from trainer.config import Config, validated
 from trainer.evaluation import Evaluator
 from trainer.inputs import InputSpec
-from trainer.interrupts import StopRequest
+from trainer.interrupts import Interrupted, StopRequest, StopVotes
 from trainer.meter import Meter
+from trainer.peers import JoinDeadline
 from trainer.plan import Plan, resolve_plan
 from trainer.state import TrainState, create_train_state
 from trainer.summaries import Summaries
@@ -56,15 +63,31 @@ class _Run:
     summaries: Summaries
     meter: Meter
     evaluate: Evaluator
+    stop: StopRequest
+    votes: StopVotes
 
 
 def train_and_evaluate(config: Config) -> dict:
     """Trains and evaluates per `config`; returns the summary (also WORKDIR/summary.json, chief)."""
     config = validated(config)
+    with StopRequest() as stop:
+        return _run(config, stop)
+
+
+def _run(config: Config, stop: StopRequest) -> dict:
     console.quiet_library_info()  # Before the backend, whose strategy logs its set-up at INFO.
-    backend = create_backend(
-        config.strategy, config.gpus, config.num_cpu_devices, config.fp16_allreduce
-    )
+    stop.phase = "while waiting for the other processes to join"
+    with JoinDeadline(config.peer_join_timeout_s):
+        backend = create_backend(
+            config.strategy,
+            config.gpus,
+            config.num_cpu_devices,
+            config.fp16_allreduce,
+            peer_join_timeout_s=config.peer_join_timeout_s,
+            peer_loss_timeout_s=config.peer_loss_timeout_s,
+        )
+    stop.reinstall_handlers()  # TensorFlow's coordination service may have replaced them.
+    stop.phase = "before training started"
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -80,7 +103,7 @@ def train_and_evaluate(config: Config) -> dict:
     state = create_train_state(config, plan, backend)  # Builds (and checks) the model first.
     with workdir.WorkdirLock(config.workdir) if backend.is_chief else contextlib.nullcontext():
         _prepare_workdir(config, plan, backend)
-        return _train_and_finish(config, plan, machine, backend, state, metadata)
+        return _train_and_finish(config, plan, machine, backend, state, metadata, stop)
 
 
 def _prepare_workdir(config: Config, plan: Plan, backend: Backend) -> None:
@@ -93,9 +116,12 @@ def _prepare_workdir(config: Config, plan: Plan, backend: Backend) -> None:
         workdir.write_run_files(config.workdir, config.to_json(), plan_fields)
 
 
-def _train_and_finish(config, plan, machine, backend, state, metadata) -> dict:
+def _train_and_finish(config, plan, machine, backend, state, metadata, stop) -> dict:
     inputs = InputSpec(config, plan, metadata)
     checkpointer, train_iterator, start_step = _restore(config, plan, backend, state, inputs)
+    votes = StopVotes(backend.num_workers, backend.worker_index)
+    # Outside the strategy's scope: one plain variable per process, not a mirrored one.
+    vote = tf.Variable(tf.zeros([votes.size]), trainable=False, name="stop_vote")
     loops = step_lib.build_loops(
         state,
         backend,
@@ -105,17 +131,31 @@ def _train_and_finish(config, plan, machine, backend, state, metadata) -> dict:
         xla=plan.xla,
         grad_accum_steps=plan.grad_accum_steps,
         confusion_matrix=True,  # TensorBoard shows it at every evaluation.
+        stop_votes=vote,
     )
     summaries = Summaries(config.workdir, enabled=backend.is_chief)
     meter = Meter(step_lib.TRAIN_METRICS, plan.global_batch)
     evaluate = Evaluator(plan, backend, state, inputs, loops, summaries, checkpointer, meter)
     run = _Run(
-        config, plan, machine, backend, state, inputs, checkpointer, summaries, meter, evaluate
+        config,
+        plan,
+        machine,
+        backend,
+        state,
+        inputs,
+        checkpointer,
+        summaries,
+        meter,
+        evaluate,
+        stop,
+        votes,
     )
     if start_step == 0:
         _write_run_start(run)
-    final_step = _train(run, loops, train_iterator, start_step)
-    return _finish(run, final_step, start_step)
+    # From here a signal is a vote the whole run takes, set from the receiving thread.
+    with stop.deferred(on_request=lambda signum: vote.assign(votes.vote(signum))):
+        final_step = _train(run, loops, train_iterator, start_step)
+        return _finish(run, final_step, start_step)
 
 
 def _restore(config, plan, backend, state, inputs):
@@ -155,7 +195,6 @@ def _train(run: _Run, loops: step_lib.Loops, iterator, start_step: int) -> int:
     actions = _periodic_actions(run, progress)
     current = start_step
     with contextlib.ExitStack() as cleanup:
-        stop = cleanup.enter_context(StopRequest())
         cleanup.enter_context(watchdog)
         cleanup.callback(run.summaries.stop_profile)
         cleanup.callback(progress.close)
@@ -167,7 +206,7 @@ def _train(run: _Run, loops: step_lib.Loops, iterator, start_step: int) -> int:
             )
             started = time.perf_counter()
             with errors.reading_split(run.inputs.metadata, plan.data_dir, plan.train_split):
-                sums, steps_run = loops.train(iterator, tf.constant(n))
+                sums, steps_run, votes = loops.train(iterator, tf.constant(n))
                 sums = {k: float(v) for k, v in sums.items()}  # The one host sync per chunk.
             current += int(steps_run)
             run.meter.record(sums, int(steps_run), time.perf_counter() - started)
@@ -178,10 +217,10 @@ def _train(run: _Run, loops: step_lib.Loops, iterator, start_step: int) -> int:
                     f"checkpoint is {run.checkpointer.latest or 'none'})"
                 )
             progress.bar(current)
+            verdict = run.votes.verdict(votes)
+            if verdict is not None:
+                _stop_here(run, current, *verdict)
             periodic.run_due(actions, current, after_each=watchdog.beat)
-            if stop.signum is not None:
-                run.checkpointer.save()
-                stop.raise_if_requested()
             if run.state.best.should_stop:
                 logging.info(
                     "early stop at step %d: %s has not improved for %d evaluations (best at "
@@ -193,6 +232,26 @@ def _train(run: _Run, loops: step_lib.Loops, iterator, start_step: int) -> int:
                 )
                 break
     return current
+
+
+def _stop_here(run: _Run, step: int, signum: int, asked: list[int]) -> None:
+    """The run agreed to stop at `step`: the chief saves, everyone waits for it, all raise."""
+    who = ", ".join(f"worker {w}" for w in asked)
+    if run.backend.num_workers == 1:
+        who = "this process"
+    path = run.checkpointer.save() or run.checkpointer.latest
+    run.backend.barrier()  # Nobody leaves before the chief's save is complete.
+    raise Interrupted(signum, f"(sent to {who}) at step {step}; saved {path or 'a checkpoint'}")
+
+
+def _agree_to_go_on(run: _Run, step: int, where: str) -> None:
+    """Outside the train step: one collective vote; every process stops if any process asked."""
+    verdict = run.votes.verdict(run.backend.agree(run.votes.vote(run.stop.signum)))
+    if verdict is not None:
+        signum, asked = verdict
+        who = ", ".join(f"worker {w}" for w in asked)
+        latest = run.checkpointer.latest if run.backend.is_chief else "the chief's checkpoint"
+        raise Interrupted(signum, f"(sent to {who}) {where} at step {step}; resumes from {latest}")
 
 
 def _periodic_actions(run: _Run, progress: console.Progress):
@@ -280,23 +339,23 @@ def _finish(run: _Run, final_step: int, start_step: int) -> dict:
     """Final checkpoint and eval, weights fingerprint, export, summary.json, and with --report
     the run report (chief).
 
-    A SIGTERM here is honoured like one during training, at the next safe point: after the
-    final evaluation or after the export, which is written aside and renamed into place, so a
-    rerun (which resumes at the final step) finds either the old export or the new one.
+    A stop request here is the run's decision too, taken at two points: after the final
+    evaluation and after the export (which is written aside and renamed into place, so a rerun,
+    resuming at the final step, finds either the old export or the new one). One that arrives
+    after the second point is not needed: the run is complete and ends with 0.
     """
     config, backend, state = run.config, run.backend, run.state
-    with StopRequest() as stop:
-        run.checkpointer.save()
-        final_eval = run.evaluate(final_step)
-        # Every worker logs this: equal fingerprints prove the replicas ended with identical
-        # weights.
-        logging.info("weights fingerprint %s", _fingerprint(state.model.get_weights()))
-        run.summaries.close()
-        stop.raise_if_requested()
-        summary = _summary(run, final_step, start_step, final_eval)
-        if config.export and backend.is_chief:
-            summary.update(_export(run))
-            stop.raise_if_requested()
+    run.checkpointer.save()
+    final_eval = run.evaluate(final_step)
+    # Every worker logs this: equal fingerprints prove the replicas ended with identical weights.
+    logging.info("weights fingerprint %s", _fingerprint(state.model.get_weights()))
+    run.summaries.close()
+    _agree_to_go_on(run, final_step, "after the final evaluation")
+    summary = _summary(run, final_step, start_step, final_eval)
+    if config.export and backend.is_chief:
+        summary.update(_export(run))
+    # The other workers wait here for the chief's export.
+    _agree_to_go_on(run, final_step, "after the export")
     if backend.is_chief:
         with open(os.path.join(config.workdir, "summary.json.tmp"), "w") as f:
             json.dump(summary, f, indent=2)

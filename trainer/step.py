@@ -30,7 +30,8 @@ EVAL_METRICS = ("loss_sum", "correct", "count")
 class Loops:
     """Compiled multi-step loops over an iterator; each returns metrics summed over replicas.
 
-    `train(iterator, num_steps) -> (sums, steps_run)` stops early at a non-finite loss;
+    `train(iterator, num_steps) -> (sums, steps_run, stop_votes)` stops early at a non-finite
+    loss or when any worker votes to stop (`stop_votes`, summed over replicas, then says who);
     `evaluate(iterator, num_batches) -> sums`.
     """
 
@@ -58,6 +59,7 @@ def build_loops(
     xla: bool,
     grad_accum_steps: int = 1,
     confusion_matrix: bool = False,
+    stop_votes: tf.Variable | None = None,
 ) -> Loops:
     """Builds the train and eval loops for `state` under `backend`.
 
@@ -67,13 +69,18 @@ def build_loops(
     activations of one micro-batch in memory. The sum is carried in the compiled loop, not in
     variables: a checkpoint, saved only between steps, can never hold half an accumulation.
     With `confusion_matrix`, evaluation also sums a [num_classes, num_classes] count matrix
-    (rows: true class, columns: predicted).
+    (rows: true class, columns: predicted). `stop_votes` is this worker's stop vote
+    (trainer/interrupts.py), set from another thread when a signal arrives: every step sums it
+    over all replicas with the metrics, in the same all-reduce, so every process leaves the loop
+    at the same step. Default: a constant no-vote.
     """
     model, optimizer, step = state.model, state.optimizer, state.step
     loss_scaling = state.uses_loss_scaling
     variables = model.trainable_variables
     # Regularisation losses are added once per grads_fn call: once per micro-batch per replica.
     regularisation_calls = backend.num_replicas * grad_accum_steps
+    if stop_votes is None:
+        stop_votes = tf.zeros([backend.num_workers * 2])
 
     @tf.function(jit_compile=xla, autograph=False)
     def grads_fn(images, labels):
@@ -123,6 +130,9 @@ def build_loops(
                 "correct": correct,
                 "count": tf.cast(tf.shape(labels)[0], tf.float32),
                 "skipped": skipped,
+                # Read anew at every step; an identity, not the read itself, so that it is placed
+                # on the replica's device (a bare read has the variable's, which MWMS rejects).
+                "stop": tf.identity(stop_votes),
             }
         )
 
@@ -156,9 +166,12 @@ def build_loops(
 
     @tf.function
     def train_loop(iterator, num_steps):
-        """Runs up to num_steps steps; stops early at a non-finite loss. Returns (sums, steps_run)."""
+        """Runs up to num_steps steps; stops early at a non-finite loss or a stop vote.
+
+        Returns (sums, steps_run, the last step's summed stop votes)."""
         sums = {k: tf.constant(0.0) for k in TRAIN_METRICS}
         steps_run = tf.constant(0, tf.int64)
+        votes = tf.zeros_like(stop_votes)
         for _ in tf.range(num_steps):
             with _after_previous_step(sums):
                 images, labels = next(iterator)
@@ -166,9 +179,13 @@ def build_loops(
             step.assign_add(1)
             steps_run += 1
             sums = {k: sums[k] + out[k] for k in TRAIN_METRICS}
-            if not tf.math.is_finite(out["loss"]):
+            votes = out["stop"]
+            # Both are all-reduced values, identical on every process: all leave at this step.
+            if tf.logical_or(
+                tf.logical_not(tf.math.is_finite(out["loss"])), tf.reduce_any(votes > 0)
+            ):
                 break
-        return sums, steps_run
+        return sums, steps_run, votes
 
     @tf.function
     def eval_loop(iterator, num_steps):

@@ -26,8 +26,10 @@ import threading
 import time
 from collections.abc import Callable
 
-# Same code as coreutils `timeout`, so a stall is recognisable from the exit status alone.
-STALL_EXIT_CODE = 124
+from trainer.exit_codes import EXIT_RETRYABLE
+
+# Retryable (trainer/exit_codes.py): a stall is most often a lost peer; the rerun resumes.
+STALL_EXIT_CODE = EXIT_RETRYABLE
 
 # How long an `on_stall` callback may run before the process is ended anyway: it may itself block
 # (e.g. flushing to a hung filesystem), and the whole point is to never hang.

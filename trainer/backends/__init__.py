@@ -36,8 +36,15 @@ def create_backend(
     gpus: tuple[int, ...] = (),
     num_cpu_devices: int = 1,
     fp16_allreduce: bool = False,
+    *,
+    peer_join_timeout_s: float = 120.0,
+    peer_loss_timeout_s: float = 60.0,
 ) -> Backend:
-    """Configures devices and returns the backend for `strategy` (may be `auto`)."""
+    """Configures devices and returns the backend for `strategy` (may be `auto`).
+
+    With several processes this is where they meet: it returns once all have joined (the caller
+    bounds the wait), and sets how long a lost peer may stay silent before collectives fail.
+    """
     physical_gpus = tf.config.list_physical_devices("GPU")
     if gpus:
         missing = [i for i in gpus if i >= len(physical_gpus)]
@@ -65,7 +72,17 @@ def create_backend(
     from trainer.backends import tf_distribute
 
     if strategy == "multi_worker":
-        return tf_distribute.MultiWorkerBackend(uses_gpu=bool(physical_gpus))
+        if tf_distribute.tf_config_task_count() == 0:
+            raise ConfigError(
+                "--strategy=multi_worker: TF_CONFIG is not set or names no chief or worker "
+                "tasks; start the workers with `python -m launch.local_cluster` or a TFJob, or "
+                "use --strategy=one_device or mirrored"
+            )
+        return tf_distribute.MultiWorkerBackend(
+            uses_gpu=bool(physical_gpus),
+            peer_join_timeout_s=peer_join_timeout_s,
+            peer_loss_timeout_s=peer_loss_timeout_s,
+        )
     if physical_gpus:
         devices = [f"/gpu:{i}" for i in range(len(physical_gpus))]
     else:

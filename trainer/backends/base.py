@@ -13,6 +13,7 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
 from trainer.plan import Topology
@@ -80,12 +81,22 @@ class Backend(abc.ABC):
     def reduce_gradients(self, grads: list[tf.Tensor]) -> list[tf.Tensor]:
         """Sums gradients over all replicas; called in the replica context, outside XLA."""
 
-    def barrier(self) -> None:  # noqa: B027 - one worker waits for no one; others override
-        """Returns once every worker has called it; a no-op for one worker.
+    def agree(self, votes: np.ndarray) -> np.ndarray:
+        """Sums a small float vector over all workers; returns once every worker has called it.
 
-        The run ends here, so no worker exits while the chief still exports: TensorFlow's
-        coordination service reports a peer that stops early as crashed (tensorflow#58434).
+        How the processes take a decision together outside the train step (a stop request at
+        the end of the run) and wait for each other: identity for one worker.
         """
+        return np.asarray(votes, np.float32)
+
+    def barrier(self) -> None:
+        """Returns once every worker has called it (an `agree` on nothing).
+
+        Non-chief workers wait here for the chief's save, and the run ends here so that no
+        worker exits while the chief still exports: TensorFlow's coordination service reports a
+        peer that stops early as crashed (tensorflow#58434).
+        """
+        self.agree(np.zeros([1], np.float32))
 
     def broadcast_initial_state(self, variables: list) -> None:
         """Makes every worker start from worker 0's values (no-op where the strategy does it)."""

@@ -54,8 +54,11 @@ class HorovodBackend(Backend):
             list(grads), op=self._hvd.Sum, compression=self._compression
         )
 
-    def barrier(self):
-        self._hvd.allreduce(tf.ones([]), op=self._hvd.Sum, name="convoy_barrier")
+    def agree(self, votes):
+        summed = self._hvd.allreduce(
+            tf.constant(votes, tf.float32), op=self._hvd.Sum, name="convoy_agree"
+        )
+        return summed.numpy()
 
     def broadcast_initial_state(self, variables):
         # Keras 3 variables wrap a tf.Variable in `.value`; Horovod needs the tf.Variable itself.

@@ -11,6 +11,7 @@ import os
 
 import tensorflow as tf
 
+from trainer import peers
 from trainer.backends.base import Backend
 
 
@@ -80,7 +81,8 @@ class MultiWorkerBackend(_StrategyBackend):
     # Saving reads distributed variables with collectives, so every worker must call save().
     checkpoint_is_collective = True
 
-    def __init__(self, uses_gpu: bool):
+    def __init__(self, uses_gpu: bool, peer_join_timeout_s: float, peer_loss_timeout_s: float):
+        _configure_coordination_service(peer_join_timeout_s, peer_loss_timeout_s)
         implementation = (
             tf.distribute.experimental.CommunicationImplementation.NCCL
             if uses_gpu
@@ -102,13 +104,58 @@ class MultiWorkerBackend(_StrategyBackend):
             resolver.task_id + (1 if has_chief else 0) if resolver.task_type == "worker" else 0
         )
 
-    def barrier(self):
-        # A one-number all-reduce that every worker must join.
-        @tf.function
-        def all_arrive():
-            return self.strategy.run(lambda: self.reduce_sum(tf.ones([])))
+    def agree(self, votes):
+        # strategy.run gives every local replica the same vector; each worker's row is counted
+        # once per local replica, which only scales it.
+        return self._agree(tf.constant(votes, tf.float32)).numpy()
 
-        all_arrive()
+    @tf.function
+    def _agree(self, votes):
+        # The identity places the vector on each replica's device; the input's own (the host's
+        # default) leaves the all-reduce without destinations.
+        def replica_fn(v):
+            return self.reduce_sum(tf.identity(v))
+
+        return self.local_result(self.strategy.run(replica_fn, args=(votes,)))
+
+
+def _configure_coordination_service(join_timeout_s: float, loss_timeout_s: float) -> None:
+    """Sets the coordination service's timeouts before the strategy configures it itself.
+
+    The strategy configures the service only when nothing has (same jobs and leader as here), so
+    this keeps everything else as TensorFlow chooses: a task silent for `loss_timeout_s` (its
+    heartbeats stop) fails every collective on every other task, a non-chief that cannot register
+    with the chief within `join_timeout_s` fails.
+    """
+    from tensorflow.python.distribute import multi_worker_util
+    from tensorflow.python.distribute.cluster_resolver import TFConfigClusterResolver
+    from tensorflow.python.eager import context
+
+    try:
+        from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+    except ImportError:  # Older layouts keep it under tsl/.
+        from tensorflow.tsl.protobuf import coordination_config_pb2
+
+    if context.context().coordination_service is not None:
+        return
+    resolver = TFConfigClusterResolver()
+    cluster_spec = resolver.cluster_spec()
+    leader = multi_worker_util.coordination_leader(cluster_spec)
+    if leader == f"/job:{resolver.task_type}/replica:0/task:{resolver.task_id}":
+        # TensorFlow's wait for the workers holds the GIL and has no bound: wait here first.
+        peers.wait_until_listening(peers.tf_config_peers(), join_timeout_s, "--peer_join_timeout_s")
+    jobs = [
+        coordination_config_pb2.CoordinatedJob(name=job, num_tasks=cluster_spec.num_tasks(job))
+        for job in ("chief", "worker")
+        if job in cluster_spec.jobs
+    ]
+    context.context().configure_coordination_service(
+        service_type="standalone",
+        service_leader=leader,
+        cluster_register_timeout_in_ms=int(join_timeout_s * 1000),
+        heartbeat_timeout_in_ms=int(loss_timeout_s * 1000),
+        coordinated_jobs=jobs,
+    )
 
 
 def tf_config_task_count() -> int:
