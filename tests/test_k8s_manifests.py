@@ -45,6 +45,7 @@ sys.path.insert(0, REPO)
 
 from launch import horovod as hvd_launch  # noqa: E402
 from launch import jobset as jobset_launch  # noqa: E402
+from trainer import exit_codes  # noqa: E402  (TensorFlow-free: the exit-code contract)
 from trainer.config import ConfigError, config_from_argv  # noqa: E402
 
 K8S = os.path.join(REPO, "k8s")
@@ -79,7 +80,26 @@ DATA_CLAIM, RUNS_CLAIM = "convoy-data", "convoy-runs"
 IMAGE_USER = 1000  # the Dockerfile's USER (checked against the Dockerfile in test_k8s_images.py)
 PID1_COMMANDS = {"convoy-run", "convoy-mpi-launcher", "convoy-mpi-worker"}
 HOME_SSH = "/home/convoy/.ssh"  # the image user's ~/.ssh (checked in test_k8s_images.py)
-TRAINER_GRACE_S = 120  # the trainer's SIGTERM checkpoint must fit in the grace period
+# The trainer's stop path after SIGTERM: finish the compiled chunk in flight, all-reduce a stop
+# vote, the chief saves a checkpoint, barrier, exit. Every trainer pod's grace period is sized for
+# these allowances (the same figures are written next to each terminationGracePeriodSeconds). They
+# are budgets the flags must keep to (steps_per_loop x step time within the chunk allowance), not
+# measurements.
+STOP_CHUNK_S = 30  # the compiled chunk in flight runs to its end
+STOP_SAVE_S = 60  # the stop vote's all-reduce, then the chief's checkpoint save
+STOP_EXIT_S = 5  # barrier and process exit (and an MPI launcher's exit once its ranks are gone)
+STOP_MARGIN_S = 20
+TRAINER_STOP_BUDGET_S = STOP_CHUNK_S + STOP_SAVE_S + STOP_EXIT_S + STOP_MARGIN_S
+# The exit-code contract (trainer/exit_codes.py) every overlay that runs the trainer acts on.
+PERMANENT_CODES = exit_codes.PERMANENT_EXIT_CODES
+RETRYABLE_CODES = exit_codes.RETRYABLE_EXIT_CODES
+# The permanent codes of the prepare-data Job's own CLIs, not the trainer's table: datasets.prepare
+# exits 1 (bad input or flags), datasets.verify 1 (problems) or 2 (bad flags, no metadata.json),
+# convoy-prepare-data 2 (no --output_dir).
+PREPARE_PERMANENT_CODES = (1, 2)
+# What a Horovod launcher's exit (mpirun's status) fails a TrainJob on: 2 and 3, not 1, which
+# mpirun and horovodrun also exit with for their own start-up errors (trainjob-horovod's YAML).
+HOROVOD_LAUNCHER_PERMANENT_CODES = (2, 3)
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are 1.2 MB of YAML
 
 
@@ -823,7 +843,7 @@ def test_images_and_entrypoints():
             assert os.access(os.path.join(IMAGES, "bin", c["command"][0]), os.X_OK), at
 
 
-def test_termination_grace_covers_the_sigterm_checkpoint():
+def test_termination_grace_covers_the_trainer_stop_path():
     for where, wl, tmpl, _ in all_pods():
         spec = tmpl["spec"]
         grace = spec.get("terminationGracePeriodSeconds", 30)
@@ -831,14 +851,38 @@ def test_termination_grace_covers_the_sigterm_checkpoint():
             "trainer" in c["command"] for c in spec["containers"]
         )
         if runs_trainer:
-            assert grace >= TRAINER_GRACE_S, where
+            assert TRAINER_STOP_BUDGET_S < grace, (where, TRAINER_STOP_BUDGET_S, grace)
         for c in spec["containers"]:
             env = {e["name"]: e.get("value", "") for e in c.get("env", [])}
-            # The MPIJob launcher waits for the ranks, then mpirun waits before its SIGKILL.
-            budget = int(env.get("CONVOY_RUN_TERM_DELAY_S", 0)) + int(
-                env.get("OMPI_MCA_odls_base_sigkill_timeout", 0)
-            )
-            assert budget < grace, (where, budget, grace)
+            if "OMPI_MCA_odls_base_sigkill_timeout" not in env:
+                continue
+            # An MPI launcher: convoy-run holds SIGTERM back for CONVOY_RUN_TERM_DELAY_S, then
+            # Open MPI 4 stops the ranks with SIGCONT, sigkill_timeout s, SIGTERM, sigkill_timeout
+            # s, SIGKILL (orte/mca/odls/base/odls_base_default_fns.c, kill_local_procs).
+            delay = int(env.get("CONVOY_RUN_TERM_DELAY_S", 0))
+            ranks_killed_after = delay + 2 * int(env["OMPI_MCA_odls_base_sigkill_timeout"])
+            # Ranks signalled by their own pods at the same time finish their stop path first,
+            assert ranks_killed_after >= TRAINER_STOP_BUDGET_S, (where, ranks_killed_after)
+            # and mpirun has exited before the launcher's own grace ends.
+            assert ranks_killed_after + STOP_EXIT_S < grace, (where, ranks_killed_after, grace)
+
+
+def test_grace_comments_give_the_budget_the_tests_check():
+    """The stop budget written next to each trainer pod's terminationGracePeriodSeconds is the
+    one above (a comment cannot be rendered, so the source files are read)."""
+    parts = (f"({STOP_CHUNK_S} s", f"({STOP_SAVE_S} s)", f"({STOP_EXIT_S} s)")
+    total = f"margin {STOP_MARGIN_S} s: {TRAINER_STOP_BUDGET_S} s < "
+    for rel in (
+        "single-gpu/job.yaml",
+        "tfjob-multiworker/tfjob.yaml",
+        "trainjob-multiworker/trainingruntime.yaml",
+        "trainjob-horovod/trainingruntime.yaml",
+        "horovod-mpijob/mpijob.yaml",
+    ):
+        with open(os.path.join(K8S, rel)) as f:
+            text = " ".join(line.strip().lstrip("# ") for line in f)
+        for part in parts + (total,):
+            assert part in text, (rel, part)
 
 
 def test_restart_policies_let_preempted_runs_resume():
@@ -858,11 +902,13 @@ def test_restart_policies_let_preempted_runs_resume():
             if rule["action"] == "FailJob":
                 container = rule["onExitCodes"]["containerName"]
                 assert container in [c["name"] for c in spec["template"]["spec"]["containers"]]
-                # 143 (stopped by SIGTERM) and 124 (stalled) must stay retryable.
-                assert not {124, 143} & set(rule["onExitCodes"]["values"]), name
-    # The trainer's permanent failures: 2 (invalid flags or data), 1 (non-finite loss).
+                # Retryable codes (stopped by a signal, a lost peer, a stall) never fail the Job.
+                assert not set(RETRYABLE_CODES) & set(rule["onExitCodes"]["values"]), name
+    # The trainer's permanent codes; the prepare Job's own CLIs have theirs.
     trainer_rule = jobs["single-gpu"]["spec"]["podFailurePolicy"]["rules"][0]
-    assert trainer_rule["onExitCodes"]["values"] == [1, 2]
+    assert trainer_rule["onExitCodes"]["values"] == list(PERMANENT_CODES)
+    prepare_rule = jobs["prepare-data"]["spec"]["podFailurePolicy"]["rules"][0]
+    assert prepare_rule["onExitCodes"]["values"] == list(PREPARE_PERMANENT_CODES)
 
     mpijob = one(render("horovod-mpijob"), "MPIJob")["spec"]
     assert mpijob["runPolicy"]["backoffLimit"] >= 3
@@ -872,7 +918,8 @@ def test_restart_policies_let_preempted_runs_resume():
 
     tfjob = one(render("tfjob-multiworker"), "TFJob")["spec"]
     assert tfjob["runPolicy"]["backoffLimit"] >= 3
-    assert tfjob["tfReplicaSpecs"]["Worker"]["restartPolicy"] in ("OnFailure", "ExitCode")
+    # The operator fails the TFJob on 1-127 and recreates the pod on 128-255 (test below).
+    assert tfjob["tfReplicaSpecs"]["Worker"]["restartPolicy"] == "ExitCode"
     for spec in (mpijob, tfjob):
         for rs in (spec.get("mpiReplicaSpecs") or spec.get("tfReplicaSpecs")).values():
             # The operators set the pod's policy from the replica's; a pod-level one is ignored.
@@ -905,14 +952,341 @@ def test_trainer_v2_jobs_restart_as_a_group_and_stop_on_permanent_errors():
                 # No Ignore rule: a replaced pod alone could not rejoin the running group.
                 assert rule["action"] == "FailJob", (name, job_name)
                 assert rule["onExitCodes"]["containerName"] == TRAINER_CONTAINER
-                assert not {124, 143} & set(rule["onExitCodes"]["values"]), (name, job_name)
+                assert not set(RETRYABLE_CODES) & set(rule["onExitCodes"]["values"]), (
+                    name,
+                    job_name,
+                )
                 permanent[(name, job_name)] = rule["onExitCodes"]["values"]
+    # launch.horovod's "nothing started" (bad flags, Horovod without MPI) is among the launcher's.
+    assert hvd_launch.EXIT_NOT_STARTED in HOROVOD_LAUNCHER_PERMANENT_CODES
+    assert set(HOROVOD_LAUNCHER_PERMANENT_CODES) <= set(PERMANENT_CODES)
     assert permanent == {
-        # The trainer: 1 (non-finite loss), 2 (invalid flags or data).
-        ("trainjob-multiworker", "node"): [1, 2],
-        # launch.horovod: 2 (invalid flags, Horovod without MPI); mpirun's own statuses vary.
-        ("trainjob-horovod", "launcher"): [2],
+        ("trainjob-multiworker", "node"): list(PERMANENT_CODES),
+        ("trainjob-horovod", "launcher"): list(HOROVOD_LAUNCHER_PERMANENT_CODES),
     }
+
+
+# --- exit codes: what each overlay does with each code of the contract ------------------------
+
+FAILS = "fails"  # the job fails at once: nothing is started again
+RESTARTS = "restarts"  # the pod, or the whole group, is started again and resumes
+
+# Permanent codes an overlay cannot fail on at once, and the bound on what it does instead (stated
+# in k8s/README.md and the overlay's YAML). The table test requires exactly these exceptions.
+PERMANENT_BUT_RETRIED = {
+    # mpi-operator v2 builds the launcher Job with no podFailurePolicy: every failure is retried.
+    **{("horovod-mpijob", code): "runPolicy.backoffLimit" for code in PERMANENT_CODES},
+    # mpirun and horovodrun exit 1 for their own start-up errors too, so 1 restarts the group.
+    **{
+        ("trainjob-horovod", code): "maxRestarts"
+        for code in PERMANENT_CODES
+        if code not in HOROVOD_LAUNCHER_PERMANENT_CODES
+    },
+}
+
+
+def pod_failure_rule_matches(rule: dict, codes: dict[str, int], conditions) -> bool:
+    """One podFailurePolicy rule against a failed pod (its containers' exit codes, its conditions),
+    as the Job controller matches it (pkg/controller/job/pod_failure_policy.go): onExitCodes looks
+    at the named container, or at every container, skipping exit code 0; In needs one code in
+    `values`, NotIn one code outside them; onPodConditions needs one condition of the pod."""
+    if "onExitCodes" in rule:
+        req = rule["onExitCodes"]
+        assert req["operator"] in ("In", "NotIn"), req
+        for name, code in codes.items():
+            if req.get("containerName", name) != name or code == 0:
+                continue
+            if (code in req["values"]) == (req["operator"] == "In"):
+                return True
+        return False
+    return any(
+        c["type"] == p["type"] and c["status"] == p["status"]
+        for c in conditions
+        for p in rule["onPodConditions"]
+    )
+
+
+def job_after_pod_failure(
+    job_spec: dict, codes: dict[str, int], conditions: tuple = (), failed_before: int = 0
+) -> tuple[str, str]:
+    """(FAILS or RESTARTS, why) of a batch/v1 Job whose pod failed with these exit codes: the first
+    matching podFailurePolicy rule acts (FailJob: the Job fails, reason PodFailurePolicy; Ignore:
+    the pod is replaced, not counted); otherwise the failure counts, and the Job fails once more
+    pods failed than backoffLimit (default 6) allows, reason BackoffLimitExceeded. With
+    restartPolicy OnFailure (no podFailurePolicy allowed) the container restarts in place and
+    counts the same way."""
+    policy = job_spec["template"]["spec"].get("restartPolicy", "Always")
+    rules = job_spec.get("podFailurePolicy", {}).get("rules", [])
+    assert policy in ("Never", "OnFailure") and not (rules and policy != "Never"), policy
+    action = next(
+        (r["action"] for r in rules if pod_failure_rule_matches(r, codes, conditions)),
+        "Count",
+    )
+    assert action in ("FailJob", "Ignore", "Count"), action  # FailIndex: no Indexed-only rules
+    if action == "FailJob":
+        return FAILS, "PodFailurePolicy"
+    if action == "Ignore":
+        return RESTARTS, "the pod is replaced, not counted against backoffLimit"
+    if failed_before + 1 > job_spec.get("backoffLimit", 6):
+        return FAILS, "BackoffLimitExceeded"
+    return RESTARTS, f"retried, counted against backoffLimit {job_spec.get('backoffLimit', 6)}"
+
+
+def jobset_after_pod_failure(runtime: dict, job_name: str, codes: dict[str, int]) -> tuple:
+    """(FAILS or RESTARTS, why) of the JobSet a TrainingRuntime describes when a pod of replicated
+    job `job_name` fails: the child Job decides first (above); a failed Job meets the JobSet's
+    failurePolicy rules in order (jobset pkg/controllers/failure_policy.go: a rule applies when its
+    onJobFailureReasons and targetReplicatedJobs, if given, contain the Job's failure reason and
+    replicated job), and with no rule applying the default action is RestartJobSet, which restarts
+    every Job of the set until restarts reach maxRestarts."""
+    verdict, reason = job_after_pod_failure(dict(job_templates(runtime))[job_name]["spec"], codes)
+    if verdict == RESTARTS:
+        return verdict, f"the {job_name} Job: {reason}"
+    policy = runtime["spec"]["template"]["spec"].get("failurePolicy")
+    if policy is None:
+        return FAILS, f"{reason}, and no failurePolicy"
+    action = next(
+        (
+            rule["action"]
+            for rule in policy.get("rules", [])
+            if reason in (rule.get("onJobFailureReasons") or [reason])
+            and job_name in (rule.get("targetReplicatedJobs") or [job_name])
+        ),
+        "RestartJobSet",
+    )
+    if action == "FailJobSet" or (action == "RestartJobSet" and policy.get("maxRestarts", 0) < 1):
+        return FAILS, f"{reason} -> {action}"
+    assert action in ("RestartJobSet", "RestartJobSetAndIgnoreMaxRestarts"), action
+    return (
+        RESTARTS,
+        f"{reason} -> {action}: every pod restarts ({policy.get('restartStrategy')}), counted "
+        "against maxRestarts",
+    )
+
+
+def tfjob_after_pod_failure(tfjob: dict, replica: str, codes: dict[str, int]) -> tuple[str, str]:
+    """(FAILS or RESTARTS, why) of a TFJob whose `replica` pod failed, as Training Operator v1.9
+    decides (pkg/controller.v1/common/pod.go ReconcilePods): only the `tensorflow` container's
+    exit code is read (0xbeef if there is none); ExitCode recreates the pod when the code is
+    retryable (pkg/util/train IsRetryableExitCode: code >= 128) and fails the TFJob otherwise;
+    OnFailure and Always restart the container in place; Never leaves the replica failed."""
+    policy = tfjob["spec"]["tfReplicaSpecs"][replica].get("restartPolicy", "Never")
+    code = codes.get("tensorflow", 0xBEEF)
+    if policy == "ExitCode":
+        if code >= 128:
+            return RESTARTS, f"exit {code} >= 128: the pod is deleted and created again"
+        return FAILS, f"exit {code} < 128: the TFJob is marked Failed"
+    if policy in ("OnFailure", "Always"):
+        return RESTARTS, "the container restarts in place, counted against runPolicy.backoffLimit"
+    return FAILS, "restartPolicy Never: a failed replica fails the TFJob"
+
+
+def mpi_operator_launcher_job(mpijob: dict) -> dict:
+    """The batch/v1 Job spec mpi-operator v2 makes of an MPIJob's launcher (kubeflow/mpi-operator
+    v0.6-v0.8, pkg/controller/mpi_job_controller.go newLauncherJob, setRestartPolicy): backoffLimit
+    from runPolicy, the Launcher replica's restartPolicy (ExitCode becomes Never: no exit code is
+    read), and no podFailurePolicy, which the MPIJob API has no field for."""
+    spec, launcher = mpijob["spec"], mpijob["spec"]["mpiReplicaSpecs"]["Launcher"]
+    template = copy.deepcopy(launcher["template"])
+    policy = launcher["restartPolicy"]
+    template["spec"]["restartPolicy"] = "Never" if policy == "ExitCode" else policy
+    job = {"template": template, "podReplacementPolicy": "Failed"}
+    if "backoffLimit" in spec.get("runPolicy", {}):
+        job["backoffLimit"] = spec["runPolicy"]["backoffLimit"]
+    return job
+
+
+def mpijob_after_launcher_exit(mpijob: dict, code: int, failed_before: int = 0) -> tuple:
+    """(FAILS or RESTARTS, why) of an MPIJob whose launcher exited with `code`: the MPIJob fails
+    exactly when its launcher Job does (updateMPIJobStatus), which is a plain Job (above)."""
+    job = mpi_operator_launcher_job(mpijob)
+    (container, *_) = job["template"]["spec"]["containers"]
+    verdict, why = job_after_pod_failure(job, {container["name"]: code}, (), failed_before)
+    return verdict, f"the launcher Job: {why}".replace("backoffLimit", "runPolicy.backoffLimit")
+
+
+def mpi_launcher_exit_code(rank_code: int) -> int:
+    """The MPI launcher container's exit code when the first rank to fail exits with `rank_code`:
+    launch.horovod execs horovodrun, which execs `/bin/sh -c mpirun ...` (horovod v0.28.1,
+    horovod/runner/mpi_run.py); Open MPI 4's mpirun exits with the first non-zero status a rank
+    reports (ORTE_UPDATE_EXIT_STATUS; 128+S for a rank killed by signal S, so 137 stays 137), and
+    convoy-run passes it on (it exits 143 only when it was signalled itself)."""
+    return rank_code
+
+
+def exit_code_policies(name: str) -> list[tuple[str, object]]:
+    """(where, code -> (verdict, why)) for each place a trainer's exit code reaches Kubernetes in
+    an overlay: the trainer container of a Job, a TFJob replica's `tensorflow` container, the
+    trainer Job of a TrainJob's runtime (for MPI the launcher, through mpirun), an MPIJob's
+    launcher (through mpirun)."""
+    objs, out = render(name), []
+    for wl in objs:
+        where = f"{name} {wl['kind']}/{wl['metadata']['name']}"
+        if wl["kind"] == "Job":
+            for c in wl["spec"]["template"]["spec"]["containers"]:
+                if "trainer" in c["command"] + c.get("args", []):
+
+                    def job_policy(code, spec=wl["spec"], container=c["name"]):
+                        return job_after_pod_failure(spec, {container: code})
+
+                    out.append((f"{where} {c['name']}", job_policy))
+        elif wl["kind"] == "TFJob":
+            for replica, rs in wl["spec"]["tfReplicaSpecs"].items():
+                (c,) = rs["template"]["spec"]["containers"]
+
+                def tfjob_policy(code, tfjob=wl, replica=replica, container=c["name"]):
+                    return tfjob_after_pod_failure(tfjob, replica, {container: code})
+
+                out.append((f"{where} {replica}", tfjob_policy))
+        elif wl["kind"] == "MPIJob":
+
+            def mpijob_policy(code, mpijob=wl):
+                return mpijob_after_launcher_exit(mpijob, mpi_launcher_exit_code(code))
+
+            out.append((f"{where} Launcher", mpijob_policy))
+        elif wl["kind"] == "TrainJob":
+            runtime = runtime_of(wl, objs)
+            through = mpi_launcher_exit_code if mpi_policy(runtime) else (lambda code: code)
+            for job_name, job in job_templates(runtime):
+                if not is_trainer_job(job):
+                    continue
+
+                def jobset_policy(code, runtime=runtime, job_name=job_name, through=through):
+                    return jobset_after_pod_failure(
+                        runtime, job_name, {TRAINER_CONTAINER: through(code)}
+                    )
+
+                out.append((f"{where} {job_name}", jobset_policy))
+    return out
+
+
+def test_every_trainer_overlay_acts_on_the_exit_code_table(tmp_path):
+    """For each code of trainer/exit_codes.py and each overlay that runs the trainer, the
+    overlay's policy, evaluated as its controller does: permanent -> the job fails without a
+    restart, retryable -> it restarts; where an operator cannot fail at once, exactly the
+    documented exceptions (PERMANENT_BUT_RETRIED), and their bound."""
+    runs_trainer = {n for n in OVERLAYS if trainer_invocations(render(n), tmp_path)}
+    assert runs_trainer == {
+        "single-gpu",
+        "tfjob-multiworker",
+        "trainjob-multiworker",
+        "trainjob-horovod",
+        "horovod-mpijob",
+    }
+    assert not set(PERMANENT_CODES) & set(RETRYABLE_CODES)
+    assert all(exit_codes.is_retryable(c) for c in RETRYABLE_CODES)
+    table, failures = {}, []
+    for name in sorted(runs_trainer):
+        policies = exit_code_policies(name)
+        assert len(policies) == 1, (name, [where for where, _ in policies])
+        ((where, policy),) = policies
+        for code in PERMANENT_CODES + RETRYABLE_CODES:
+            verdict, why = policy(code)
+            table[(name, code)] = verdict
+            if code in RETRYABLE_CODES:
+                expected = RESTARTS
+            elif (name, code) in PERMANENT_BUT_RETRIED:
+                expected = RESTARTS
+                if PERMANENT_BUT_RETRIED[(name, code)] not in why:
+                    failures.append(f"{where}: exit {code} is not bounded as documented: {why}")
+            else:
+                expected = FAILS
+            if verdict != expected:
+                failures.append(f"{where}: exit {code} {verdict} ({why}), expected {expected}")
+    assert not failures, "\n".join(failures)
+    # The exceptions are all exercised, and the documented bound holds: an MPIJob fails once its
+    # launcher has failed runPolicy.backoffLimit + 1 times.
+    assert set(PERMANENT_BUT_RETRIED) <= set(table)
+    mpijob = one(render("horovod-mpijob"), "MPIJob")
+    limit = mpijob["spec"]["runPolicy"]["backoffLimit"]
+    for code in PERMANENT_CODES + RETRYABLE_CODES:
+        assert mpijob_after_launcher_exit(mpijob, code, failed_before=limit - 1)[0] == RESTARTS
+        assert mpijob_after_launcher_exit(mpijob, code, failed_before=limit) == (
+            FAILS,
+            "the launcher Job: BackoffLimitExceeded",
+        )
+
+
+def test_exit_code_interpreters_follow_the_controllers():
+    """The interpreters above on policies written for the purpose: rule order, containerName,
+    NotIn, Ignore, the JobSet rule filters, TFJob's default container."""
+    job = {
+        "backoffLimit": 1,
+        "template": {"spec": {"restartPolicy": "Never"}},
+        "podFailurePolicy": {
+            "rules": [
+                {"action": "Ignore", "onExitCodes": {"operator": "In", "values": [42]}},
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {
+                        "containerName": "main",
+                        "operator": "NotIn",
+                        "values": [42, 138],
+                    },
+                },
+                {
+                    "action": "Ignore",
+                    "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+                },
+            ]
+        },
+    }
+    disrupted = [{"type": "DisruptionTarget", "status": "True"}]
+    assert job_after_pod_failure(job, {"main": 42})[0] == RESTARTS  # the first rule wins
+    assert job_after_pod_failure(job, {"main": 7}) == (FAILS, "PodFailurePolicy")
+    assert job_after_pod_failure(job, {"main": 7}, disrupted) == (FAILS, "PodFailurePolicy")
+    # `side` is not the rule's container, and exit code 0 is never matched: the failure counts.
+    assert job_after_pod_failure(job, {"side": 7, "main": 0})[0] == RESTARTS
+    assert job_after_pod_failure(job, {"main": 138}, disrupted)[1].endswith(
+        "not counted against backoffLimit"
+    )
+    assert job_after_pod_failure(job, {"main": 138}) == (
+        RESTARTS,
+        "retried, counted against backoffLimit 1",
+    )
+    assert job_after_pod_failure(job, {"main": 138}, failed_before=1) == (
+        FAILS,
+        "BackoffLimitExceeded",
+    )
+    node_job = {**job, "backoffLimit": 0}
+    policy = {
+        "maxRestarts": 3,
+        "rules": [
+            {
+                "action": "FailJobSet",
+                "onJobFailureReasons": ["PodFailurePolicy"],
+                "targetReplicatedJobs": ["other"],
+            }
+        ],
+    }
+    runtime = {
+        "spec": {
+            "template": {
+                "spec": {
+                    "failurePolicy": policy,
+                    "replicatedJobs": [{"name": "node", "template": {"spec": node_job}}],
+                }
+            }
+        }
+    }
+    # A FailJob of `node` meets no rule (the one rule targets `other`): the default restarts.
+    assert jobset_after_pod_failure(runtime, "node", {"main": 7})[0] == RESTARTS
+    del policy["rules"][0]["targetReplicatedJobs"]
+    assert jobset_after_pod_failure(runtime, "node", {"main": 7})[0] == FAILS
+    # BackoffLimitExceeded meets no rule either: RestartJobSet, until maxRestarts is reached.
+    assert jobset_after_pod_failure(runtime, "node", {"main": 138})[0] == RESTARTS
+    policy["maxRestarts"] = 0
+    assert jobset_after_pod_failure(runtime, "node", {"main": 138}) == (
+        FAILS,
+        "BackoffLimitExceeded -> RestartJobSet",
+    )
+    tfjob = {"spec": {"tfReplicaSpecs": {"Worker": {"restartPolicy": "ExitCode"}}}}
+    assert tfjob_after_pod_failure(tfjob, "Worker", {"tensorflow": 127})[0] == FAILS
+    assert tfjob_after_pod_failure(tfjob, "Worker", {"tensorflow": 128})[0] == RESTARTS
+    # Another container's code is not read: the operator's magic 0xbeef is retryable.
+    assert tfjob_after_pod_failure(tfjob, "Worker", {"trainer": 1})[0] == RESTARTS
+    tfjob["spec"]["tfReplicaSpecs"]["Worker"]["restartPolicy"] = "OnFailure"
+    assert tfjob_after_pod_failure(tfjob, "Worker", {"tensorflow": 1})[0] == RESTARTS
 
 
 # --- trainer command lines -------------------------------------------------------------------
