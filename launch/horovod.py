@@ -1,10 +1,20 @@
 """horovodrun wrapper: checks the Horovod build, picks hosts and controller, starts the trainer.
 
     python -m launch.horovod -np 4 [-H a:2,b:2 | --hostfile F] [--[no]mpi] \\
-        [--stall_timeout_s 300] -- <trainer flags>
+        [--stall_timeout_s 300] [--max_restarts N] -- <trainer flags>
 
 runs `horovodrun -np 4 ... <python> -m trainer --strategy=horovod <trainer flags>` in place of
 this process (exec), so its exit status and signals are horovodrun's own.
+
+- `--max_restarts=N` (as `torchrun --max-restarts`) runs horovodrun as a child instead and starts
+  it again, up to N times, when the first rank to fail exited with a *retryable* code of
+  `trainer.exit_codes`; the ranks resume from the newest checkpoint. horovodrun itself exits 1
+  for any failed rank, so the code is read from the line it prints ("Exit code: N" under Gloo and
+  Open MPI, "exited on signal N" from Open MPI); a failure whose code cannot be read is not
+  restarted. A signal to this launcher is forwarded to horovodrun and ends the run. Under Gloo,
+  horovodrun gives the ranks 5 s between its SIGTERM and SIGKILL (Horovod's
+  `GRACEFUL_TERMINATION_TIME_S`), less than a stop-and-save may take: signal one rank, not
+  horovodrun, to stop a Gloo run with a checkpoint.
 
 - Build check first: `horovodrun --check-build` must list TensorFlow, otherwise one line on
   stderr and exit 2 (instead of N ranks failing on `import horovod.tensorflow` later).
@@ -22,17 +32,23 @@ free of side effects, so a test can check what a command line (e.g. a launcher p
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
+from typing import IO
 
 from absl import flags
 
+from launch.children import Printer, die_with_parent, exit_status, should_restart
 from launch.cli import print_help_if_asked, require_strategy
 
 # Where Kubeflow's MPIJob mounts the hostfile in the launcher pod.
@@ -70,6 +86,14 @@ flags.DEFINE_string(
 )
 flags.DEFINE_string(
     "python", sys.executable, "Python interpreter each rank runs.", flag_values=_FLAGS
+)
+flags.DEFINE_integer(
+    "max_restarts",
+    0,
+    "Start horovodrun again up to this many times when the first failed rank exited with a "
+    "retryable code (trainer/exit_codes.py). 0: exec horovodrun, no supervision.",
+    lower_bound=0,
+    flag_values=_FLAGS,
 )
 flags.mark_flag_as_required("np", flag_values=_FLAGS)
 
@@ -216,6 +240,7 @@ class Request:
     stall_timeout_s: float | None = None
     horovodrun: str | None = None
     python: str = sys.executable
+    max_restarts: int = 0
 
 
 def parse_args(argv: Sequence[str]) -> Request:
@@ -235,6 +260,7 @@ def parse_args(argv: Sequence[str]) -> Request:
             stall_timeout_s=_FLAGS.stall_timeout_s,
             horovodrun=_FLAGS.horovodrun,
             python=_FLAGS.python,
+            max_restarts=_FLAGS.max_restarts,
         )
     finally:
         _FLAGS.unparse_flags()
@@ -272,10 +298,105 @@ def main(argv: Sequence[str]) -> int:
         horovodrun=horovodrun,
     )
     print("launch.horovod: " + shlex.join(cmd), file=sys.stderr, flush=True)
+    if request.max_restarts:
+        return supervise(cmd, request.max_restarts)
     # exec, not a child: horovodrun's exit status becomes ours, and SIGTERM from Kubernetes (sent
     # to the container's main process) reaches horovodrun, which tears down all ranks.
     os.execvp(cmd[0], cmd)
     return 127  # not reached
+
+
+# horovodrun (Gloo) and Open MPI's mpirun name the first failed rank's status in these lines.
+_EXIT_CODE_LINE = re.compile(r"Exit code:\s*(-?\d+)")
+_SIGNAL_LINE = re.compile(r"exited on signal (\d+)")
+
+
+def failed_rank_status(output: str) -> int | None:
+    """The exit status of the first failed rank as horovodrun or mpirun reported it, if they did."""
+    code = _EXIT_CODE_LINE.search(output)
+    if code:
+        return exit_status(int(code.group(1)))
+    killed = _SIGNAL_LINE.search(output)
+    return 128 + int(killed.group(1)) if killed else None
+
+
+def supervise(
+    cmd: Sequence[str],
+    max_restarts: int,
+    *,
+    out: IO[str] = sys.stdout,
+    err: IO[str] = sys.stderr,
+) -> int:
+    """Runs horovodrun, starting it again on a retryable rank failure up to `max_restarts` times."""
+    printer = Printer(out, err)
+    log = lambda msg: printer.line(f"launch.horovod: {msg}", to_err=True)  # noqa: E731
+    for attempt in range(max_restarts + 1):
+        status, received = _run_horovodrun(cmd, printer, log, attempt)
+        if received is not None:
+            log(f"interrupted by signal {received}; horovodrun exited with status {status}")
+            return 128 + received
+        if status.returncode == 0:
+            return 0
+        rank_status = status.rank_status
+        if rank_status is None:
+            log(
+                f"horovodrun exited with status {status.returncode} without naming a failed "
+                "rank's exit code; not restarting"
+            )
+            return status.returncode
+        log(f"FAILED: a rank exited with status {rank_status} (horovodrun {status.returncode})")
+        if not should_restart(rank_status, attempt, max_restarts, log):
+            return rank_status
+    raise AssertionError("not reached")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ended:
+    returncode: int  # horovodrun's own exit status
+    rank_status: int | None  # what it said the first failed rank exited with
+
+
+def _run_horovodrun(cmd, printer, log, attempt):
+    """One horovodrun, its output copied through; returns (_Ended, forwarded signal or None)."""
+    tail: collections.deque = collections.deque(maxlen=400)  # the failure report is at the end
+    received: list = []
+    proc = subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # a terminal's Ctrl-C reaches horovodrun once, through here
+        preexec_fn=die_with_parent,
+    )
+
+    def forward(signum, _frame):
+        received.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    log(f"attempt {attempt}: horovodrun pid {proc.pid}")
+    pumps = [
+        threading.Thread(target=printer.pump, args=(pipe, "", to_err, tail.append), daemon=True)
+        for pipe, to_err in ((proc.stdout, False), (proc.stderr, True))
+    ]
+    try:
+        for t in pumps:
+            t.start()
+        proc.wait()
+    finally:
+        if proc.poll() is None:  # an exception in the launcher itself: leave nothing behind
+            proc.kill()
+            proc.wait()
+        for t in pumps:
+            t.join(timeout=10)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    returncode = exit_status(proc.returncode)
+    ended = _Ended(returncode, failed_rank_status("".join(tail)) if returncode else None)
+    return ended, (received[0] if received else None)
 
 
 if __name__ == "__main__":

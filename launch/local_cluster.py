@@ -1,7 +1,7 @@
 """Local multi-worker launcher: N trainer processes on 127.0.0.1, each with its own TF_CONFIG.
 
-    python -m launch.local_cluster --workers 2 [--port_base P] [--worker_cmd CMD] \\
-        -- <trainer flags>
+    python -m launch.local_cluster --workers 2 [--max_restarts N] [--port_base P] \\
+        [--worker_cmd CMD] -- <trainer flags>
 
 starts `python -m trainer --strategy=multi_worker <trainer flags>` N times, worker i with
 `TF_CONFIG={"cluster": {"worker": ["127.0.0.1:p0", ...]}, "task": {"type": "worker", "index": i}}`,
@@ -13,7 +13,12 @@ the same setup a Kubeflow TFJob gives its pods. It owns the lifetime of the grou
   wait forever in a collective for the dead peer;
 - SIGINT/SIGTERM to the launcher are forwarded to the workers (which run in their own sessions,
   so a terminal Ctrl-C reaches them once, through here);
-- exit 0 when every worker exits 0.
+- exit 0 when every worker exits 0;
+- `--max_restarts=N` (as `torchrun --max-restarts`): when the first worker to fail exits with a
+  *retryable* code of `trainer.exit_codes` (a lost peer, a stall, a SIGTERM stop, a SIGKILL) the
+  group is stopped and started again on fresh ports, up to N times; the trainers resume from the
+  newest checkpoint in their workdir. A permanent code (bad flags or data, a non-finite loss)
+  ends the run at once, and so does a signal to the launcher itself.
 
 `tf_configs` and `worker_command` are pure, `run_cluster` is the importable entry point.
 """
@@ -21,7 +26,7 @@ the same setup a Kubeflow TFJob gives its pods. It owns the lifetime of the grou
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import dataclasses
 import json
 import os
 import shlex
@@ -36,7 +41,9 @@ from typing import IO
 
 from absl import flags
 
+from launch.children import Printer, die_with_parent, exit_status, should_restart
 from launch.cli import print_help_if_asked, require_strategy
+from trainer.exit_codes import PERMANENT_EXIT_CODES
 
 _FLAGS = flags.FlagValues()  # private: must not collide with the trainer's global flags
 flags.DEFINE_integer(
@@ -57,13 +64,32 @@ flags.DEFINE_string(
     "(shell-quoted). Default: '<this python> -m trainer'.",
     flag_values=_FLAGS,
 )
+flags.DEFINE_integer(
+    "max_restarts",
+    0,
+    "Restart the whole group up to this many times when a worker fails with a retryable exit "
+    "code (trainer/exit_codes.py); the trainers resume from their newest checkpoint.",
+    lower_bound=0,
+    flag_values=_FLAGS,
+)
 flags.DEFINE_float(
-    "grace_s", 5.0, "Seconds between SIGTERM and SIGKILL when stopping workers.", flag_values=_FLAGS
+    "grace_s",
+    115.0,
+    "Seconds between a forwarded SIGTERM/SIGINT and SIGKILL. The trainers stop at the next chunk "
+    "boundary and the chief saves first; 115 s is the budget the Kubernetes overlays give "
+    "(k8s/README.md).",
+    flag_values=_FLAGS,
+)
+flags.DEFINE_float(
+    "failure_grace_s",
+    5.0,
+    "Seconds between SIGTERM and SIGKILL for the other workers once one worker has failed: the "
+    "group is broken, there is no consistent step left to save.",
+    flag_values=_FLAGS,
 )
 flags.mark_flag_as_required("workers", flag_values=_FLAGS)
 
 HOST = "127.0.0.1"
-_PR_SET_PDEATHSIG = 1
 
 
 def pick_free_ports(n: int, host: str = HOST, port_base: int | None = None) -> list:
@@ -104,36 +130,21 @@ def worker_command(trainer_args: Sequence[str], worker_cmd: Sequence[str] | None
     return [*(worker_cmd or default_worker_cmd()), "--strategy=multi_worker", *trainer_args]
 
 
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: if the launcher is SIGKILLed, the kernel kills the
-    # worker too, so no orphaned worker keeps ports and CPUs busy.
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+@dataclasses.dataclass(frozen=True)
+class GroupResult:
+    """How one start of the group ended."""
 
+    statuses: tuple  # exit status per worker (128+n when killed by signal n)
+    failed: int | None  # the worker whose failure ended the group, if one did
+    signal: int | None  # the signal the launcher received and forwarded, if any
 
-def _exit_status(returncode: int) -> int:
-    """A process-style exit status: negative (killed by signal n) becomes 128 + n."""
-    return 128 - returncode if returncode < 0 else returncode
-
-
-class _Printer:
-    """Writes whole prefixed lines from many threads without interleaving them."""
-
-    def __init__(self, out: IO[str], err: IO[str]):
-        self._out, self._err = out, err
-        self._lock = threading.Lock()
-
-    def line(self, text: str, to_err: bool = False) -> None:
-        stream = self._err if to_err else self._out
-        with self._lock:
-            stream.write(text if text.endswith("\n") else text + "\n")
-            stream.flush()
-
-    def pump(self, pipe: IO[bytes], prefix: str, to_err: bool) -> None:
-        # Bytes, decoded per line: a worker printing invalid UTF-8 must not kill the stream.
-        with pipe:
-            for raw in iter(pipe.readline, b""):
-                self.line(prefix + raw.decode("utf-8", "replace"), to_err)
+    @property
+    def status(self) -> int:
+        if self.signal is not None:
+            return 128 + self.signal
+        if self.failed is not None:
+            return self.statuses[self.failed] or 1
+        return 0
 
 
 def run_cluster(
@@ -142,21 +153,71 @@ def run_cluster(
     *,
     worker_cmd: Sequence[str] | None = None,
     port_base: int | None = None,
-    grace_s: float = 5.0,
+    max_restarts: int = 0,
+    grace_s: float = 115.0,
+    failure_grace_s: float = 5.0,
     env: Mapping[str, str] | None = None,
     out: IO[str] = sys.stdout,
     err: IO[str] = sys.stderr,
     poll_s: float = 0.05,
 ) -> int:
-    """Runs the workers to completion; returns 0 if all succeed, else a non-zero exit status."""
-    printer = _Printer(out, err)
+    """Runs the workers to completion, restarting the group on a retryable failure up to
+    `max_restarts` times; returns 0 if all succeed, else a non-zero exit status."""
+    printer = Printer(out, err)
     log = lambda msg: printer.line(f"[local_cluster] {msg}", to_err=True)  # noqa: E731
-    ports = pick_free_ports(num_workers, HOST, port_base)
-    configs = tf_configs([f"{HOST}:{p}" for p in ports])
     cmd = worker_command(trainer_args, worker_cmd)
     base_env = dict(os.environ if env is None else env)
-    log(f"{num_workers} workers on {HOST} ports {ports}: {shlex.join(cmd)}")
+    for attempt in range(max_restarts + 1):
+        ports = pick_free_ports(num_workers, HOST, port_base)
+        if attempt == 0:
+            log(f"{num_workers} workers on {HOST} ports {ports}: {shlex.join(cmd)}")
+        result = _run_group(
+            cmd,
+            ports,
+            base_env,
+            printer,
+            log,
+            attempt=attempt,
+            grace_s=grace_s,
+            failure_grace_s=failure_grace_s,
+            poll_s=poll_s,
+        )
+        statuses = list(result.statuses)
+        if result.signal is not None:
+            log(f"interrupted by signal {result.signal}; worker exit statuses {statuses}")
+            return result.status
+        if result.failed is None:
+            log(f"all {num_workers} workers finished successfully")
+            return 0
+        status = result.status
+        log(f"FAILED: worker {result.failed} exited with status {status} (all statuses {statuses})")
+        if not should_restart(status, attempt, max_restarts, log):
+            return status
+    raise AssertionError("not reached")
 
+
+def _first_failure(codes: Sequence) -> int | None:
+    """The worker whose failure to report among those seen failed in the same poll: a permanent
+    code names the cause (the others then fail because their peer left), else the lowest index."""
+    failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
+    permanent = [i for i in failed if exit_status(codes[i]) in PERMANENT_EXIT_CODES]
+    return (permanent or failed or [None])[0]
+
+
+def _run_group(
+    cmd: Sequence[str],
+    ports: Sequence[int],
+    base_env: Mapping[str, str],
+    printer: Printer,
+    log,
+    *,
+    attempt: int,
+    grace_s: float,
+    failure_grace_s: float,
+    poll_s: float,
+) -> GroupResult:
+    """Starts one worker per port, each with its TF_CONFIG, and waits until all have exited."""
+    configs = tf_configs([f"{HOST}:{p}" for p in ports])
     procs: list = []
     received: list = []  # signals forwarded to the workers
 
@@ -173,6 +234,7 @@ def run_cluster(
         for signum in (signal.SIGINT, signal.SIGTERM):
             previous[signum] = signal.signal(signum, forward)
     pumps = []
+    failed: int | None = None
     try:
         # Start every process before any reader thread: fork with threads running is unsafe.
         for config in configs:
@@ -184,9 +246,10 @@ def run_cluster(
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
                     start_new_session=True,
-                    preexec_fn=_die_with_parent,
+                    preexec_fn=die_with_parent,
                 )
             )
+        log(f"attempt {attempt}: worker pids {[p.pid for p in procs]} on ports {list(ports)}")
         for i, p in enumerate(procs):
             for pipe, to_err in ((p.stdout, False), (p.stderr, True)):
                 t = threading.Thread(
@@ -195,26 +258,26 @@ def run_cluster(
                 t.start()
                 pumps.append(t)
 
-        failed: int | None = None
         kill_deadline: float | None = None
         while True:
             codes = [p.poll() for p in procs]  # poll every process, not any()'s first few
             if all(c is not None for c in codes):
                 break
             if failed is None and not received:
-                for i, code in enumerate(codes):
-                    if code not in (None, 0):
-                        failed = i
-                        log(
-                            f"worker {i} exited with status {_exit_status(code)}; "
-                            "stopping the other workers"
-                        )
-                        _signal_all(procs, signal.SIGTERM)
-                        break
-            if (failed is not None or received) and kill_deadline is None:
-                kill_deadline = time.monotonic() + grace_s
+                failed = _first_failure(codes)
+                if failed is not None:
+                    log(
+                        f"worker {failed} exited with status {exit_status(codes[failed])}; "
+                        "stopping the other workers"
+                    )
+                    _signal_all(procs, signal.SIGTERM)
+            if kill_deadline is None and (failed is not None or received):
+                # A forwarded signal lets the trainers stop together and save; after a failure
+                # the group is broken and the survivors only need to leave.
+                wait_s = failure_grace_s if failed is not None else grace_s
+                kill_deadline = time.monotonic() + wait_s
             if kill_deadline is not None and time.monotonic() > kill_deadline:
-                log(f"workers still running {grace_s:g} s after being stopped; killing them")
+                log(f"workers still running {wait_s:g} s after being stopped; killing them")
                 _signal_all(procs, signal.SIGKILL)
                 kill_deadline = float("inf")
             time.sleep(poll_s)
@@ -228,20 +291,12 @@ def run_cluster(
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
-    statuses = [_exit_status(p.returncode) for p in procs]
+    statuses = tuple(exit_status(p.returncode) for p in procs)
     if received:
-        log(f"interrupted by signal {received[0]}; worker exit statuses {statuses}")
-        return 128 + received[0]
+        return GroupResult(statuses, None, received[0])
     if failed is None:  # every worker finished before a failure was noticed in the loop
-        failed = next((i for i, s in enumerate(statuses) if s != 0), None)
-    if failed is not None:
-        log(
-            f"FAILED: worker {failed} exited with status {statuses[failed]} "
-            f"(all statuses {statuses})"
-        )
-        return statuses[failed] or 1
-    log(f"all {num_workers} workers finished successfully")
-    return 0
+        failed = _first_failure([p.returncode for p in procs])
+    return GroupResult(statuses, failed, None)
 
 
 def _signal_all(procs, signum) -> None:
@@ -262,7 +317,9 @@ def main(argv: Sequence[str]) -> int:
             rest,
             worker_cmd=worker_cmd,
             port_base=_FLAGS.port_base,
+            max_restarts=_FLAGS.max_restarts,
             grace_s=_FLAGS.grace_s,
+            failure_grace_s=_FLAGS.failure_grace_s,
         )
     except (flags.Error, ValueError, OSError) as e:
         print(f"launch.local_cluster: {e}", file=sys.stderr)

@@ -458,3 +458,91 @@ def test_install_script_fails_loudly_without_tensorflow(tmp_path):
     )
     assert proc.returncode != 0
     assert "ERROR: tensorflow is not importable" in proc.stderr, proc.stderr
+
+
+# --- --max_restarts: horovodrun started again on a retryable rank failure ------------------------
+
+# A rank that records each start; rank --fail_rank exits --fail_status on its first --fail_times
+# starts. It needs no Horovod: horovodrun --gloo only starts it and reads its exit code.
+FLAKY_RANK = """
+    import os, sys
+    args = dict(a.lstrip("-").split("=", 1) for a in sys.argv[1:] if "=" in a)
+    rank = int(os.environ["HOROVOD_RANK"])
+    starts = os.path.join(args["count_dir"], f"starts-{rank}")
+    with open(starts, "a") as f:
+        f.write("x")
+    print(f"RESULT {{\\"rank\\": {rank}, \\"starts\\": {os.path.getsize(starts)}}}", flush=True)
+    if rank == int(args["fail_rank"]) and os.path.getsize(starts) <= int(args["fail_times"]):
+        sys.exit(int(args["fail_status"]))
+"""
+
+
+def _supervised(tmp_path, *rank_flags, max_restarts):
+    rank = tmp_path / "rank.py"
+    rank.write_text(textwrap.dedent(FLAKY_RANK))
+    fake_python = _executable(
+        tmp_path / "python", f'#!/bin/sh\nshift 2\nexec {sys.executable} {rank} "$@"\n'
+    )
+    # The real horovodrun launches; only its slow (~15 s) --check-build is answered from a file.
+    report = tmp_path / "check-build.txt"
+    report.write_text(CHECK_BUILD_OUTPUT.format(tf="X"))
+    horovodrun = _executable(
+        tmp_path / "horovodrun",
+        f"""
+        #!/bin/sh
+        [ "$1" = "--check-build" ] && exec cat {report}
+        exec {HOROVODRUN} "$@"
+        """,
+    )
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.horovod",
+            "-np=2",
+            "-H=localhost:2",
+            "--nompi",
+            f"--horovodrun={horovodrun}",
+            f"--python={fake_python}",
+            f"--max_restarts={max_restarts}",
+            "--",
+            f"--count_dir={tmp_path}",
+            *rank_flags,
+        ],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_max_restarts_starts_horovodrun_again_after_a_retryable_rank_failure(tmp_path):
+    proc = _supervised(
+        tmp_path, "--fail_rank=1", "--fail_status=137", "--fail_times=2", max_restarts=2
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.findall(r"attempt (\d+): horovodrun pid", proc.stderr) == ["0", "1", "2"]
+    for k in (1, 2):
+        assert f"status 137 is retryable; restart {k} of 2" in proc.stderr
+    assert (tmp_path / "starts-0").read_text() == (tmp_path / "starts-1").read_text() == "xxx"
+
+
+def test_max_restarts_does_not_restart_a_permanent_rank_failure(tmp_path):
+    proc = _supervised(
+        tmp_path, "--fail_rank=1", "--fail_status=3", "--fail_times=9", max_restarts=2
+    )
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "status 3 is permanent (trainer/exit_codes.py); not restarting" in proc.stderr
+    assert len(re.findall(r"attempt \d+: horovodrun pid", proc.stderr)) == 1
+
+
+def test_the_failed_rank_status_is_read_from_horovodrun_and_mpirun_reports():
+    gloo = "The first process to do so was:\nProcess name: 1\nExit code: 138\n"
+    open_mpi = "  Process name: [[41,1],1]\n  Exit code:    143\n"
+    killed = "mpirun noticed that process rank 1 with PID 7 on node a exited on signal 9 (Killed)."
+    assert hvd_launch.failed_rank_status(gloo) == 138
+    assert hvd_launch.failed_rank_status(open_mpi) == 143
+    assert hvd_launch.failed_rank_status(killed) == 137
+    assert hvd_launch.failed_rank_status("Exit code: -15") == 143
+    assert hvd_launch.failed_rank_status("some other failure") is None

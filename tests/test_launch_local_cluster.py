@@ -1,4 +1,4 @@
-"""launch.local_cluster: TF_CONFIGs, prefixed log streaming, fail-fast and signal forwarding.
+"""launch.local_cluster: TF_CONFIGs, prefixed log streaming, fail-fast, signal forwarding, restarts.
 
 Workers are tiny real Python programs (via --worker_cmd) that read TF_CONFIG, so these tests
 exercise the launcher's process handling without starting TensorFlow.
@@ -32,8 +32,13 @@ WORKER = textwrap.dedent("""
     print(f"to stderr from {index}", file=sys.stderr, flush=True)
     args = dict(a.lstrip("-").split("=", 1) for a in sys.argv[1:] if "=" in a)
     if int(args.get("fail_index", -1)) == index:
-        time.sleep(float(args.get("fail_after_s", 0)))
-        sys.exit(3)
+        # --fail_times=K: fail only on the first K starts (counted in --count_dir).
+        starts = os.path.join(args.get("count_dir", "."), f"starts-{index}")
+        with open(starts, "a") as f:
+            f.write("x")
+        if os.path.getsize(starts) <= int(args.get("fail_times", 10**9)):
+            time.sleep(float(args.get("fail_after_s", 0)))
+            sys.exit(int(args.get("fail_status", 3)))
     if "sleep_s" in args:
         signal.signal(signal.SIGTERM, lambda *_: (print("got SIGTERM", flush=True), sys.exit(0)))
         time.sleep(float(args["sleep_s"]))
@@ -47,7 +52,7 @@ def worker_script(tmp_path):
     return f"{sys.executable} {path}"
 
 
-def _launch(worker_cmd, *args, workers=3, timeout=60):
+def _launch(worker_cmd, *args, workers=3, timeout=60, launcher_flags=()):
     start = time.monotonic()
     proc = subprocess.run(
         [
@@ -57,6 +62,8 @@ def _launch(worker_cmd, *args, workers=3, timeout=60):
             f"--workers={workers}",
             f"--worker_cmd={worker_cmd}",
             "--grace_s=2",
+            "--failure_grace_s=2",
+            *launcher_flags,
             "--",
             *args,
         ],
@@ -141,6 +148,42 @@ def test_one_failing_worker_stops_the_others_quickly(worker_script):
             os.kill(pid, 0)
 
 
+def test_a_retryable_failure_restarts_the_group_until_it_finishes(worker_script, tmp_path):
+    # Worker 1 exits 138 (a lost peer) on its first two starts and finishes on the third.
+    fails = ["--fail_index=1", "--fail_times=2", "--fail_status=138", f"--count_dir={tmp_path}"]
+    # The others would sleep 5 s: on the failing starts they are stopped, on the last they finish.
+    proc, _ = _launch(worker_script, *fails, "--sleep_s=5", launcher_flags=["--max_restarts=2"])
+    assert proc.returncode == 0, proc.stderr
+    attempts = re.findall(
+        r"\[local_cluster\] attempt (\d+): worker pids \[(.*)\] on ports \[(.*)\]", proc.stderr
+    )
+    assert [a for a, _, _ in attempts] == ["0", "1", "2"], proc.stderr
+    assert len({pids for _, pids, _ in attempts}) == 3  # new processes each time
+    assert len({ports for _, _, ports in attempts}) == 3  # on fresh ports
+    for k in (1, 2):
+        assert f"status 138 is retryable; restart {k} of 2" in proc.stderr
+    assert "all 3 workers finished successfully" in proc.stderr
+    assert (tmp_path / "starts-1").read_text() == "xxx"
+
+
+def test_restarts_stop_at_max_restarts_and_return_the_failure(worker_script, tmp_path):
+    fails = ["--fail_index=1", "--fail_status=137", f"--count_dir={tmp_path}"]
+    proc, _ = _launch(worker_script, *fails, "--sleep_s=120", launcher_flags=["--max_restarts=1"])
+    assert proc.returncode == 137, proc.stderr
+    assert "giving up after 1 restarts" in proc.stderr
+    assert (tmp_path / "starts-1").read_text() == "xx"
+
+
+def test_a_permanent_failure_is_not_restarted(worker_script, tmp_path):
+    # 2 = bad flags or data: a restart would fail the same way.
+    fails = ["--fail_index=0", "--fail_status=2", f"--count_dir={tmp_path}"]
+    proc, _ = _launch(worker_script, *fails, "--sleep_s=120", launcher_flags=["--max_restarts=3"])
+    assert proc.returncode == 2, proc.stderr
+    assert "status 2 is permanent (trainer/exit_codes.py); not restarting" in proc.stderr
+    assert len(re.findall(r"attempt \d+: worker pids", proc.stderr)) == 1
+    assert (tmp_path / "starts-0").read_text() == "x"
+
+
 def test_workers_that_ignore_sigterm_are_killed_after_the_grace_period(tmp_path):
     stubborn = tmp_path / "stubborn.py"
     stubborn.write_text(
@@ -169,6 +212,7 @@ def test_sigterm_to_the_launcher_is_forwarded_to_every_worker(worker_script):
             "launch.local_cluster",
             "--workers=2",
             f"--worker_cmd={worker_script}",
+            "--max_restarts=3",  # a signal to the launcher ends the run: no restart
             "--",
             "--sleep_s=120",
         ],
@@ -193,6 +237,7 @@ def test_sigterm_to_the_launcher_is_forwarded_to_every_worker(worker_script):
     assert launcher.returncode == 128 + signal.SIGTERM, err
     assert "[worker 0] got SIGTERM" in out and "[worker 1] got SIGTERM" in out, out
     assert "interrupted by signal 15" in err
+    assert len(re.findall(r"attempt \d+: worker pids", err)) == 1, err
 
 
 def test_run_cluster_in_process_reports_success_and_non_utf8_output(tmp_path):

@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -51,11 +52,14 @@ class Output:
             self.lines.append("")  # EOF marker
             self._changed.notify_all()
 
-    def wait_for(self, pattern: str, timeout: float = 180) -> str:
+    def wait_for(self, pattern: str, timeout: float = 180, start: int = 0) -> str:
+        """The first line from line `start` on that matches `pattern`."""
         deadline = time.monotonic() + timeout
         with self._changed:
             while True:
-                found = next((line for line in self.lines if re.search(pattern, line)), None)
+                found = next(
+                    (line for line in self.lines[start:] if re.search(pattern, line)), None
+                )
                 if found is not None:
                     return found
                 if (self.lines and self.lines[-1] == "") or time.monotonic() > deadline:
@@ -296,3 +300,40 @@ def test_sigterm_while_waiting_for_a_peer_exits_143_at_once(tiny_mnist, tmp_path
     assert code == 143, text[-4000:]
     assert elapsed < 5, elapsed
     assert "stopped by SIGTERM while waiting for the other processes to join" in text, text
+
+
+# --- restart as a cluster would: launch.local_cluster --max_restarts -----------------------------
+
+
+def test_a_worker_killed_twice_still_finishes_under_max_restarts(
+    tiny_mnist, tmp_path, uninterrupted
+):
+    workdir = str(tmp_path / "restarted")
+    flags = tiny_flags(tiny_mnist, workdir, f"--train_steps={STEPS}", "--checkpoint_every_steps=20")
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "launch.local_cluster", "--workers=2", "--max_restarts=2"]
+        + ["--", *flags],
+        cwd=REPO,
+        env=trainer_env(ONE_THREAD),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    out = Output(launcher)
+    try:
+        for attempt in (0, 1):
+            started = out.wait_for(rf"attempt {attempt}: worker pids \[\d+, (\d+)\]")
+            worker_1 = int(re.search(r"\[\d+, (\d+)\]", started).group(1))
+            # The chief saved a checkpoint in this attempt: the restart has something to resume.
+            out.wait_for(r"\[worker 0\].*saved checkpoint", start=out.lines.index(started))
+            os.kill(worker_1, signal.SIGKILL)
+        code, text, _ = out.finish(timeout=300)
+    finally:
+        _kill_all([launcher])
+    assert code == 0, text[-6000:]
+    assert "worker 1 exited with status 137" in text
+    for k in (1, 2):
+        assert f"status 137 is retryable; restart {k} of 2" in text, text[-6000:]
+    assert len(re.findall(r"\[worker 0\].*resumed from", text)) == 2, text[-6000:]
+    # Resumed from checkpoints, the run ends with the undisturbed run's weights.
+    assert set(fingerprints(text)) == {uninterrupted["multi_worker"]}
