@@ -33,10 +33,13 @@ WORKER = textwrap.dedent("""
     args = dict(a.lstrip("-").split("=", 1) for a in sys.argv[1:] if "=" in a)
     if int(args.get("fail_index", -1)) == index:
         # --fail_times=K: fail only on the first K starts (counted in --count_dir).
-        starts = os.path.join(args.get("count_dir", "."), f"starts-{index}")
-        with open(starts, "a") as f:
-            f.write("x")
-        if os.path.getsize(starts) <= int(args.get("fail_times", 10**9)):
+        starts = 1
+        if "count_dir" in args:
+            path = os.path.join(args["count_dir"], f"starts-{index}")
+            with open(path, "a") as f:
+                f.write("x")
+            starts = os.path.getsize(path)
+        if starts <= int(args.get("fail_times", 10**9)):
             time.sleep(float(args.get("fail_after_s", 0)))
             sys.exit(int(args.get("fail_status", 3)))
     if "sleep_s" in args:
