@@ -6,7 +6,8 @@ cheap; `datasets.write_arrays` loads `arrays` on first use):
 - `arrays`: `write_arrays(images, labels, output_dir, ...)`, numpy arrays -> a prepared dataset.
 - `verify`: the `python -m datasets.verify` CLI, the corrupt-shard locator, pre-training checks.
 - `idx`, `csv_pixels`, `image_folder`, `tfds_source`, `npz`: one reader per kind of source.
-- `source_data`: the in-memory form readers hand to the writer; `writer`: shards + metadata on disk.
+- `source_data`: the in-memory form readers hand to the writer (and `from_arrays`, the array checks
+  of `arrays` and `npz`); `writer`: shards + metadata on disk.
 - `metadata`: the metadata.json contract; `errors`: `DataError`; `progress`: progress lines;
   `tfrecord`: TFRecord framing and checksums with numpy.
 - `pipeline`: `input_fn`, `normalize`, `eval_batches_per_worker`; `augment`: augmentation ops.

@@ -1,5 +1,6 @@
-"""Arrays in memory -> a prepared dataset: `write_arrays` (exported as `datasets.write_arrays`), and
-the array checks and stratified split it shares with the npz source (`datasets.npz`).
+"""Arrays in memory -> a prepared dataset: `write_arrays` (exported as `datasets.write_arrays`) and
+its stratified split by fractions. The array checks it shares with the npz source are
+`datasets.source_data.from_arrays`.
 
 The arrays go through the same writer as `python -m datasets.prepare` (`prepare.write_prepared`),
 so the result is the same kind of directory with the same guarantees: deterministic shards, written
@@ -12,131 +13,14 @@ from __future__ import annotations
 import hashlib
 import os
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
-from absl import logging
 
+from datasets import prepare as prepare_lib
 from datasets.errors import DataError
 from datasets.metadata import FORMAT_VERSION, SPLITS, DatasetMetadata, SourceFile
-from datasets.source_data import SourceData, SplitData, label_set_text
-
-# name(split, "images" | "labels") -> how errors call that array.
-Namer = Callable[[str, str], str]
-
-
-def _check_images(images, name: str) -> np.ndarray:
-    if not isinstance(images, np.ndarray):
-        raise DataError(
-            f"{name}: a {type(images).__name__}; expected a numpy uint8 array [N,H,W,C] or [N,H,W]"
-        )
-    if images.dtype != np.uint8:
-        raise DataError(
-            f"{name}: dtype {images.dtype}; expected uint8 pixels 0..255 [N,H,W,C] or [N,H,W] "
-            "(scale and cast with .astype(np.uint8))"
-        )
-    if images.ndim not in (3, 4):
-        raise DataError(
-            f"{name}: shape {list(images.shape)}; expected [N,H,W,C] or [N,H,W] (rank 4 or 3)"
-        )
-    if images.ndim == 3:
-        images = images[..., np.newaxis]
-    if images.shape[0] == 0 or 0 in images.shape[1:]:
-        raise DataError(
-            f"{name}: shape {list(images.shape)}; expected at least one image of H, W, C >= 1"
-        )
-    return images
-
-
-def _check_labels(labels, name: str, num_images: int, images_name: str) -> np.ndarray:
-    if not isinstance(labels, np.ndarray):
-        labels = np.asarray(labels)
-    if labels.ndim == 2 and labels.shape[1] == 1:
-        labels = labels[:, 0]  # the keras.datasets CIFAR layout: [N, 1]
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"{name}: dtype {labels.dtype}; expected integer class ids")
-    if labels.ndim != 1:
-        raise DataError(f"{name}: shape {list(labels.shape)}; expected [N] (or [N, 1]) class ids")
-    if len(labels) != num_images:
-        raise DataError(
-            f"{name}: {len(labels)} labels; expected {num_images}, one per image of {images_name}"
-        )
-    negative = np.flatnonzero(labels < 0)
-    if negative.size:
-        i = int(negative[0])
-        raise DataError(f"{name}[{i}] = {labels[i]}; expected class ids >= 0")
-    return labels.astype(np.int64)
-
-
-def _check_class_names(class_names, top: int, labels_name: str) -> list[str]:
-    if isinstance(class_names, str) or not isinstance(class_names, Sequence):
-        raise DataError(f"class_names: {class_names!r}; expected a list of names, one per class id")
-    names = list(class_names)
-    if not all(isinstance(n, str) and n for n in names):
-        raise DataError(f"class_names: {names!r}; expected non-empty strings")
-    if len(set(names)) != len(names):
-        raise DataError(f"class_names: {names!r} repeats a name; expected distinct names")
-    if top >= len(names):
-        raise DataError(
-            f"class_names: {len(names)} names; expected one per class id, and {labels_name} "
-            f"holds class id {top} (outside [0, {len(names)}))"
-        )
-    return names
-
-
-def source_data(
-    images_by_split: Mapping[str, np.ndarray],
-    labels_by_split: Mapping[str, np.ndarray],
-    *,
-    name: str,
-    class_names: Sequence[str] | None,
-    namer: Namer,
-) -> SourceData:
-    """Checks arrays per split (uint8 images of one shape, integer class ids) -> `SourceData`.
-
-    Labels are class ids as they are (no remapping); `class_names`, when given, names ids
-    0..len-1 and every label must be below its length; otherwise there are max(label) + 1
-    classes, named "0", "1", ...
-    """
-    images, labels, shape = {}, {}, None
-    for split in images_by_split:
-        images_name = namer(split, "images")
-        split_images = _check_images(images_by_split[split], images_name)
-        if shape is None:
-            shape, first = split_images.shape[1:], images_name
-        elif split_images.shape[1:] != shape:
-            raise DataError(
-                f"{images_name}: images of {list(split_images.shape[1:])}; expected "
-                f"{list(shape)} as in {first} (one image shape for every split)"
-            )
-        images[split] = split_images
-        labels[split] = _check_labels(
-            labels_by_split[split], namer(split, "labels"), len(split_images), images_name
-        )
-    top_split = max(labels, key=lambda s: int(labels[s].max()))
-    top = int(labels[top_split].max())
-    if class_names is not None:
-        names = _check_class_names(class_names, top, namer(top_split, "labels"))
-    else:
-        names = [str(i) for i in range(top + 1)]
-    used = np.unique(np.concatenate(list(labels.values())))
-    if len(used) != len(names):
-        logging.warning(
-            "%s: labels {%s} leave %d of the %d class ids without examples",
-            namer(top_split, "labels"),
-            label_set_text(used),
-            len(names) - len(used),
-            len(names),
-        )
-    return SourceData(
-        name=name,
-        encoding="raw",
-        image_shape=tuple(int(d) for d in shape),
-        channels=int(shape[-1]),
-        class_names=names,
-        original_labels=list(range(len(names))),
-        splits={s: SplitData(images=images[s], labels=labels[s]) for s in images},
-    )
+from datasets.source_data import SplitData, from_arrays
 
 
 def split_by_fractions(
@@ -224,8 +108,6 @@ def write_arrays(
     Returns the metadata. Raises DataError (one line) on bad arrays or options, before anything
     in `output_dir` is touched. Calling it again with the same arrays and options does nothing.
     """
-    from datasets import prepare as prepare_lib
-
     prepare_lib.check_num_shards(num_shards)
     if isinstance(images, Mapping) or isinstance(labels, Mapping):
         if not (isinstance(images, Mapping) and isinstance(labels, Mapping)):
@@ -260,7 +142,7 @@ def write_arrays(
         def namer(split, kind):
             return kind
 
-    data = source_data(
+    data = from_arrays(
         images_by_split,
         labels_by_split,
         name=name or os.path.basename(os.path.abspath(output_dir)),

@@ -12,10 +12,9 @@ import zipfile
 
 import numpy as np
 
-from datasets import arrays
 from datasets.errors import DataError
 from datasets.metadata import SourceFile
-from datasets.source_data import SourceData, file_checksums
+from datasets.source_data import SourceData, file_checksums, from_arrays
 
 _EXPECTED = "x_train, y_train (and optionally x_test, y_test: the keras.datasets layout)"
 
@@ -58,7 +57,7 @@ def read(input_path: str, class_names: str = "auto") -> SourceData:
     except ValueError as e:  # e.g. object arrays, which need pickle
         raise DataError(f"{input_path}: {e}; expected numeric arrays {_EXPECTED}") from None
     splits = [s for s in ("train", "test") if f"x_{s}" in loaded]
-    return arrays.source_data(
+    return from_arrays(
         {s: loaded[f"x_{s}"] for s in splits},
         {s: loaded[f"y_{s}"] for s in splits},
         name=os.path.splitext(os.path.basename(input_path))[0],
