@@ -11,9 +11,15 @@ Eval: no shuffle, augmentation or repeat; every example of the split is read exa
 all workers, batches are padded to full size with weight-0 examples, and with `num_batches` every
 worker yields exactly that many batches, so all workers and replicas run the same number of steps.
 
-Sharding: by file when a split has at least as many shards as there are workers, otherwise every
-worker reads every file and keeps every `num_workers`-th example (correct, but each worker reads
-everything, hence the warning). The same rule decides `eval_batches_per_worker`.
+Sharding (`sharding`): each example of a split belongs to exactly one worker's share, and one
+epoch of a worker's training input is its share, each example once, in a new order every epoch.
+By file when the split's shard count is a multiple of the worker count (each worker reads
+shards/workers files); otherwise by record (every worker reads all files in one fixed order and
+keeps every `num_workers`-th record: the worker count times the reads of file sharding). Dealing
+files round-robin whatever the counts would give workers unequal shares: as all workers take the
+same number of steps, 16 shards on 12 workers would train the examples of 8 shards twice as often
+as the others. One log line per split and worker count says which was chosen and its cost. The
+same rule decides `eval_batches_per_worker`.
 """
 
 from __future__ import annotations
@@ -46,34 +52,81 @@ def normalize(images_uint8) -> tf.Tensor:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Share:
-    """What one worker reads of one split."""
+class Sharding:
+    """How the examples of one split are divided among `num_workers` workers, each to one worker.
 
-    files: list[str]
-    by_example: bool  # read all files, keep example i when i % num_workers == worker_index
-    num_examples: int
+    By file when the shard count is a multiple of the worker count: worker w reads shards
+    w, w + W, w + 2W, ... (every record is read once). Otherwise by record: every worker reads all
+    shards in their metadata.json order and keeps records w, w + W, ... of that one fixed stream.
+    """
 
+    dataset: str
+    split: str
+    shard_sizes: tuple[int, ...]  # examples per shard, in metadata.json order
+    num_workers: int
 
-def _share(
-    metadata: DatasetMetadata, data_dir: str, split: str, worker_index: int, num_workers: int
-) -> _Share:
-    if num_workers < 1 or not 0 <= worker_index < num_workers:
-        raise ValueError(
-            f"worker_index={worker_index}, num_workers={num_workers}: "
-            "expected 0 <= worker_index < num_workers"
+    @property
+    def num_files(self) -> int:
+        return len(self.shard_sizes)
+
+    @property
+    def by_file(self) -> bool:
+        return self.num_files % self.num_workers == 0
+
+    def shards(self, worker_index: int) -> range:
+        """Indices of the shards `worker_index` reads."""
+        if self.by_file:
+            return range(worker_index, self.num_files, self.num_workers)
+        return range(self.num_files)
+
+    def num_examples(self, worker_index: int) -> int:
+        """Examples in the share of `worker_index`: one epoch of its training input."""
+        if self.by_file:
+            return sum(self.shard_sizes[i] for i in self.shards(worker_index))
+        return len(range(worker_index, sum(self.shard_sizes), self.num_workers))
+
+    def describe(self) -> str:
+        """One line: which sharding, and what it costs in reads."""
+        files, workers = self.num_files, self.num_workers
+        head = (
+            f"split '{self.split}' of {self.dataset}: {files} "
+            f"file{'s' if files != 1 else ''} on {workers} worker{'s' if workers != 1 else ''}"
         )
-    paths = metadata.shard_paths(data_dir, split)  # raises DataError naming the split when unknown
-    shards = metadata.splits[split].shards
-    if len(shards) >= num_workers:
-        mine = range(worker_index, len(shards), num_workers)
-        return _Share(
-            files=[paths[i] for i in mine],
-            by_example=False,
-            num_examples=sum(shards[i].num_examples for i in mine),
+        if self.by_file:
+            return (
+                f"{head}: sharded by file, each worker reads {files // workers} of them "
+                "(every record read once)"
+            )
+        return (
+            f"{head}: sharded by record, every worker reads all {files} files and keeps 1 "
+            f"record in {workers}: {workers}x the reads of file sharding; "
+            f"{self._advice()}"
         )
-    total = metadata.splits[split].num_examples
-    return _Share(
-        files=paths, by_example=True, num_examples=len(range(worker_index, total, num_workers))
+
+    def _advice(self) -> str:
+        # prepare caps the shard count at the split's size, so suggest a count it can write.
+        total, workers = sum(self.shard_sizes), self.num_workers
+        if total < workers:
+            return f"the split has {total} examples, fewer than the workers: some get none"
+        suggested = math.ceil(self.num_files / workers) * workers
+        if suggested > total:
+            suggested = total // workers * workers
+        return (
+            f"prepare with --num_shards={suggested} (or another multiple of {workers}) "
+            "to shard by file"
+        )
+
+
+def sharding(metadata: DatasetMetadata, split: str, num_workers: int) -> Sharding:
+    """How `split` is divided among `num_workers` workers (see `Sharding`)."""
+    if num_workers < 1:
+        raise ValueError(f"num_workers={num_workers}: expected at least one worker")
+    metadata.shard_paths("", split)  # raises DataError naming the split when unknown
+    return Sharding(
+        dataset=metadata.name,
+        split=split,
+        shard_sizes=tuple(shard.num_examples for shard in metadata.splits[split].shards),
+        num_workers=num_workers,
     )
 
 
@@ -81,8 +134,25 @@ def eval_batches_per_worker(
     metadata: DatasetMetadata, split: str, batch_size: int, num_workers: int
 ) -> int:
     """Batches every worker must yield so each fits all its examples; the same for all workers."""
-    most = max(_share(metadata, "", split, w, num_workers).num_examples for w in range(num_workers))
+    shares = sharding(metadata, split, num_workers)
+    most = max(shares.num_examples(w) for w in range(num_workers))
     return max(1, math.ceil(most / batch_size))
+
+
+# (data_dir, split, num_workers) already described: the trainer builds the evaluation input
+# again at every evaluation, and the choice is the same each time.
+_described: set[tuple[str, str, int]] = set()
+
+
+def _log_once(shares: Sharding, data_dir: str) -> None:
+    key = (data_dir, shares.split, shares.num_workers)
+    if key in _described:
+        return
+    _described.add(key)
+    if shares.by_file:
+        logging.info("%s", shares.describe())
+    else:
+        logging.warning("%s", shares.describe())
 
 
 def _target(metadata: DatasetMetadata, image_size, channels) -> tuple[int, int, int]:
@@ -226,17 +296,19 @@ def input_fn(
     target = _target(metadata, image_size, channels)
     if synthetic:
         return _with_options(_synthetic(metadata, target, batch_size, training, seed, num_batches))
-    share = _share(metadata, data_dir, split, worker_index, num_workers)
-    if share.by_example and num_workers > 1:
-        logging.warning(
-            "split '%s' of %s has %d shards for %d workers: sharding by example, so every "
-            "worker reads all files; prepare with --num_shards >= %d to shard by file",
-            split,
-            metadata.name,
-            len(share.files),
-            num_workers,
-            num_workers,
+    if not 0 <= worker_index < num_workers:
+        raise ValueError(
+            f"worker_index={worker_index}, num_workers={num_workers}: "
+            "expected 0 <= worker_index < num_workers"
         )
+    shares = sharding(metadata, split, num_workers)
+    _log_once(shares, data_dir)
+    paths = metadata.shard_paths(data_dir, split)
+    share = _Share(
+        files=[paths[i] for i in shares.shards(worker_index)],
+        by_record=not shares.by_file,
+        num_examples=shares.num_examples(worker_index),
+    )
     if training:
         ds = _train(
             share,
@@ -256,23 +328,34 @@ def input_fn(
     return _with_options(ds.prefetch(AUTOTUNE))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Share:
+    """What one worker reads of one split."""
+
+    files: list[str]
+    by_record: bool  # read all files, keep record i when i % num_workers == worker_index
+    num_examples: int
+
+
 def _train(
     share, metadata, target, batch_size, worker_index, num_workers, augment, seed, shuffle_buffer
 ):
     worker_seed = seed * 1_000_003 + worker_index  # workers shuffle and augment differently
     files = tf.data.Dataset.from_tensor_slices(share.files)
-    if share.by_example:
-        # A fixed file order is what makes "every num_workers-th example" the same split everywhere.
-        records = _read_files(files, _CYCLE_LENGTH).shard(num_workers, worker_index).repeat()
+    if share.by_record:
+        # One fixed file order on every worker is what makes "every num_workers-th record" a
+        # partition. Not shuffled: tf.data's seeded shuffle also depends on the process's global
+        # seed, which need not be the same on every worker.
+        records = _read_files(files, _CYCLE_LENGTH).shard(num_workers, worker_index)
     else:
-        files = files.shuffle(
-            len(share.files), seed=worker_seed, reshuffle_each_iteration=True
-        ).repeat()
+        files = files.shuffle(len(share.files), seed=worker_seed, reshuffle_each_iteration=True)
         records = _read_files(files, min(_CYCLE_LENGTH, len(share.files)))
-    # Never buffer more than one pass over this worker's data: for large encoded images (and in
-    # every iterator checkpoint, which holds the buffer) repeats would cost memory for no mixing.
+    # Shuffled within one pass, then repeated: each epoch is this worker's share, every example
+    # once, in a new order (shuffling after the repeat would mix the ends of two epochs, some
+    # examples twice before others once). Never more than one pass in the buffer: for large
+    # encoded images (and in every iterator checkpoint, which holds the buffer) it costs memory.
     buffer = max(1, min(shuffle_buffer, share.num_examples))
-    records = records.shuffle(buffer, seed=worker_seed, reshuffle_each_iteration=True)
+    records = records.shuffle(buffer, seed=worker_seed, reshuffle_each_iteration=True).repeat()
     if not augment.enabled:
         return _batches(
             records,
@@ -300,7 +383,7 @@ def _train(
 
 def _eval(share, metadata, target, batch_size, worker_index, num_workers, num_batches):
     records = tf.data.TFRecordDataset(share.files)
-    if share.by_example:
+    if share.by_record:
         records = records.shard(num_workers, worker_index)
     real = math.ceil(share.num_examples / batch_size)
     total = real if num_batches is None else num_batches

@@ -1,5 +1,8 @@
-"""input_fn: shapes and dtypes, per-worker sharding, eval exactly-once with padding, checkpointable
-train iterator, decode/resize/channel conversion, synthetic mode."""
+"""input_fn: shapes and dtypes, per-worker sharding (each example once per epoch, by file or by
+record, and its log line), eval exactly-once with padding, checkpointable train iterator,
+decode/resize/channel conversion, synthetic mode."""
+
+import logging
 
 import numpy as np
 import pytest
@@ -51,44 +54,90 @@ def test_train_batches_shapes_and_labels(indexed_dataset, indexed):
     assert seen[:40] != sorted(seen[:40])  # shuffled
 
 
-def _first_epoch(metadata, data_dir, worker, workers, batch_size, index_of):
-    # With files of equal size and no record shuffle, the first N_w examples are one full epoch.
-    ds = pipeline.input_fn(
-        metadata,
-        data_dir,
-        "train",
-        batch_size,
-        training=True,
-        worker_index=worker,
-        num_workers=workers,
-        shuffle_buffer=1,
-    )
-    n = pipeline._share(metadata, data_dir, "train", worker, workers).num_examples
-    return np.concatenate([index_of(x.numpy()) for x, _ in ds.take(n // batch_size)])
+# (workers, shards): 16 on 3, 5 on 2 and 2 on 4 are not multiples, so they shard by record;
+# 4 on 2 and 6 on 3 shard by file. 50 examples: a multiple of no worker count.
+SHARDINGS = [(3, 16), (2, 5), (4, 2), (2, 4), (3, 6)]
+SHARDING_IDS = [f"{w}_workers_{s}_shards" for w, s in SHARDINGS]
 
 
-@pytest.mark.parametrize(
-    "num_shards,workers", [(6, 2), (6, 3), (2, 3)], ids=["by_file_2", "by_file_3", "by_example_3"]
-)
-def test_train_sharding_covers_data_once_without_overlap(
-    indexed_dataset, indexed, num_shards, workers
-):
+def _expected_shares(metadata, workers):
+    """Examples per worker each epoch, from the rule itself."""
+    sizes = [shard.num_examples for shard in metadata.splits["train"].shards]
+    if len(sizes) % workers:  # by record: the i-th record read to worker i % workers
+        return [len(range(w, sum(sizes), workers)) for w in range(workers)]
+    return [sum(sizes[w::workers]) for w in range(workers)]  # by file: shards w, w + workers, ...
+
+
+@pytest.mark.parametrize("workers,num_shards", SHARDINGS, ids=SHARDING_IDS)
+def test_train_each_example_once_per_epoch(indexed_dataset, indexed, workers, num_shards):
     _, index_of = indexed
-    metadata, data_dir = indexed_dataset(60, num_shards)
-    per_worker = [
-        _first_epoch(metadata, data_dir, w, workers, 5 if num_shards < workers else 10, index_of)
-        for w in range(workers)
+    n = 50
+    metadata, data_dir = indexed_dataset(n, num_shards)
+    shares = pipeline.sharding(metadata, "train", workers)
+    assert shares.by_file == (num_shards % workers == 0)
+    assert len(metadata.splits["train"].shards) == num_shards
+    expected = _expected_shares(metadata, workers)
+    assert [shares.num_examples(w) for w in range(workers)] == expected
+    assert max(expected) - min(expected) <= -(-num_shards // workers)  # balanced shares
+    epochs = []
+    for w in range(workers):
+        # The default shuffle buffer (more than a worker's share), batches of 4, no augmentation:
+        # the real training input, unbatched, two epochs of this worker's share.
+        ds = pipeline.input_fn(
+            metadata, data_dir, "train", 4, training=True, worker_index=w, num_workers=workers
+        )
+        images, labels = zip(*ds.unbatch().take(2 * expected[w]).as_numpy_iterator())
+        ids = index_of(np.stack(images))
+        np.testing.assert_array_equal(np.array(labels), ids % 3)
+        first, second = ids[: expected[w]], ids[expected[w] :]
+        assert len(set(first)) == expected[w]  # one epoch: each example of the share once
+        assert sorted(second) == sorted(first)  # the next epoch: the same share again...
+        assert not np.array_equal(second, first)  # ...in another order
+        epochs.append(first)
+    counts = np.bincount(np.concatenate(epochs), minlength=n)
+    assert counts.tolist() == [1] * n  # across workers: every example exactly once per epoch
+
+
+def test_sharding_log_line_once_per_split(tmp_path, make_idx_dir, indexed, caplog):
+    indexed_images, _ = indexed
+    images = indexed_images(20, 4, 4, seed=2)[..., 0]
+    input_dir = make_idx_dir((images, np.arange(20) % 3), (images[:8], np.arange(8) % 3))
+    data_dir = str(tmp_path / "out")
+    metadata = prepare("idx", input_dir, data_dir, num_shards=5)  # train 5 shards, test 5 too
+    caplog.set_level(logging.INFO, logger="absl")
+    for _ in range(2):  # e.g. the trainer's evaluation input, built again at each evaluation
+        for w in range(2):
+            for split, training in (("train", True), ("test", False)):
+                pipeline.input_fn(
+                    metadata, data_dir, split, 2, training=training, worker_index=w, num_workers=2
+                )
+    lines = [r for r in caplog.records if "sharded by" in r.getMessage()]
+    assert [r.getMessage() for r in lines] == [
+        f"split '{split}' of {metadata.name}: 5 files on 2 workers: sharded by record, every worker reads "
+        "all 5 files and keeps 1 record in 2: 2x the reads of file sharding; prepare with "
+        "--num_shards=6 (or another multiple of 2) to shard by file"
+        for split in ("train", "test")
     ]
-    for ids in per_worker:
-        assert len(set(ids)) == len(ids)  # no example twice within a worker's epoch
-    everything = np.concatenate(per_worker)
-    assert sorted(everything) == list(range(60))  # together: everything exactly once
+    assert all(r.levelno == logging.WARNING for r in lines)
+
+    caplog.clear()
+    pipeline.input_fn(metadata, data_dir, "train", 2, training=True, num_workers=5)
+    [line] = [r for r in caplog.records if "sharded by" in r.getMessage()]
+    assert line.levelno == logging.INFO and line.getMessage() == (
+        f"split 'train' of {metadata.name}: 5 files on 5 workers: sharded by file, each worker reads 1 of "
+        "them (every record read once)"
+    )
 
 
-def test_by_example_sharding_warns(indexed_dataset, caplog):
-    metadata, data_dir = indexed_dataset(12, 2)
-    pipeline.input_fn(metadata, data_dir, "train", 2, training=True, worker_index=1, num_workers=3)
-    assert any("sharding by example" in r.getMessage() for r in caplog.records)
+def test_sharding_advice_fits_what_prepare_can_write():
+    def advice(sizes, workers):
+        return pipeline.Sharding("d", "train", tuple(sizes), workers).describe()
+
+    assert "12x the reads" in advice([5] * 16, 12)
+    assert "--num_shards=24 (or another multiple of 12)" in advice([5] * 16, 12)
+    # prepare caps shards at the split's size: 10 examples on 4 workers can have 8 shards, not 12.
+    assert "--num_shards=8 (or another multiple of 4)" in advice([1] * 10, 4)
+    assert "3 examples, fewer than the workers" in advice([1] * 3, 4)
 
 
 def _eval_ids(metadata, data_dir, workers, batch_size, index_of, num_batches=None):
@@ -117,8 +166,9 @@ def _eval_ids(metadata, data_dir, workers, batch_size, index_of, num_batches=Non
     return out
 
 
-@pytest.mark.parametrize("workers", [2, 3])
-@pytest.mark.parametrize("num_shards", [5, 1], ids=["by_file", "by_example"])
+@pytest.mark.parametrize(
+    "workers,num_shards", SHARDINGS + [(2, 1), (3, 5)], ids=SHARDING_IDS + ["2_1", "3_5"]
+)
 def test_eval_sees_every_example_exactly_once(tmp_path, make_idx_dir, indexed, workers, num_shards):
     indexed_images, index_of = indexed
     images = indexed_images(31, 4, 4, seed=1)[
@@ -173,9 +223,9 @@ def test_eval_batches_per_worker_counts():
         }
     )
     assert pipeline.eval_batches_per_worker(metadata, "test", 4, 1) == 7  # 25 examples
-    assert pipeline.eval_batches_per_worker(metadata, "test", 4, 2) == 5  # shards 0+2: 17
-    assert pipeline.eval_batches_per_worker(metadata, "test", 4, 3) == 3  # 9
-    assert pipeline.eval_batches_per_worker(metadata, "test", 4, 4) == 2  # by example: ceil(25/4)=7
+    assert pipeline.eval_batches_per_worker(metadata, "test", 4, 2) == 4  # by record: 13
+    assert pipeline.eval_batches_per_worker(metadata, "test", 4, 3) == 3  # by file: shard 0, 9
+    assert pipeline.eval_batches_per_worker(metadata, "test", 4, 4) == 2  # by record: 7
 
 
 def test_unknown_split_is_a_data_error(indexed_dataset):
