@@ -10,7 +10,8 @@ cheap; `datasets.write_arrays` loads `arrays` on first use):
   of `arrays` and `npz`); `writer`: shards + metadata on disk.
 - `metadata`: the metadata.json contract; `errors`: `DataError`; `progress`: progress lines;
   `tfrecord`: TFRecord framing and checksums with numpy.
-- `pipeline`: `input_fn`, `normalize`, `eval_batches_per_worker`; `augment`: augmentation ops.
+- `pipeline`: `input_fn`, `normalize`, `eval_batches_per_worker`; `augment`: augmentation ops;
+  `sharding`: which worker reads which shards or records of a split (no TensorFlow).
 - `embedded`: the MNIST sample shipped in `sample/mnist/`, prepared on demand by `sample_data_dir()`.
 """
 
