@@ -348,7 +348,11 @@ def define_flags() -> None:
     )
     flags.DEFINE_string("output_dir", None, "Where shards and metadata.json go.")
     flags.DEFINE_integer(
-        "num_shards", DEFAULT_NUM_SHARDS, "Shards per split (capped at the split size)."
+        "num_shards",
+        DEFAULT_NUM_SHARDS,
+        "Shards per split (capped at the split size). A multiple of the processes that train "
+        "on it (workers, or Horovod ranks) lets each read only its own files; with any other "
+        "count every process reads every file (datasets.sharding).",
     )
     flags.DEFINE_float(
         "validation_fraction",

@@ -61,6 +61,14 @@ OVERLAYS = (
 )
 # Objects applied with `kubectl apply -f`, outside any kustomization.
 STANDALONE = ("prepare-data/upload-pod.yaml",)
+# The overlays that run the trainer.
+TRAINER_OVERLAYS = (
+    "horovod-mpijob",
+    "tfjob-multiworker",
+    "trainjob-horovod",
+    "trainjob-multiworker",
+    "single-gpu",
+)
 # Oldest Kubernetes minor the manifests target (podFailurePolicy, podReplacementPolicy are
 # on by default from here), and the newest schema the installed kubernetes-validate has.
 KUBE_VERSIONS = ("1.30.0", kv.latest_version())
@@ -1519,9 +1527,10 @@ def run_prepare_data_script(args: list[str], tmp_path) -> list[list[str]]:
     return [json.loads(line) for line in record.read_text().splitlines()]
 
 
-def test_prepare_data_writes_and_verifies_the_dataset_the_trainers_read(tmp_path):
-    objs = render("prepare-data")
-    pod = one(objs, "Job")["spec"]["template"]["spec"]
+def prepare_data_flags(tmp_path) -> tuple[dict, dict, dict, list[str]]:
+    """(datasets.prepare flags of the prepare-data Job, parsed with the module's own definitions;
+    its pod spec; its container; the verify call convoy-prepare-data makes after prepare)."""
+    pod = one(render("prepare-data"), "Job")["spec"]["template"]["spec"]
     (c,) = pod["containers"]
     assert c["command"] == ["convoy-run", "--", "convoy-prepare-data"]
     prepare_call, verify_call = run_prepare_data_script(c.get("args", []), tmp_path)
@@ -1535,7 +1544,8 @@ def test_prepare_data_writes_and_verifies_the_dataset_the_trainers_read(tmp_path
         from datasets import prepare
         prepare.define_flags()
         flags.FLAGS(["prepare"] + sys.argv[1:])
-        print(json.dumps({k: flags.FLAGS[k].value for k in ("source", "input", "output_dir")}))
+        names = ("source", "input", "output_dir", "num_shards")
+        print(json.dumps({k: flags.FLAGS[k].value for k in names}))
     """)
     proc = subprocess.run(
         [sys.executable, "-c", code, *flags],
@@ -1547,7 +1557,11 @@ def test_prepare_data_writes_and_verifies_the_dataset_the_trainers_read(tmp_path
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    parsed = yaml.safe_load(proc.stdout.strip().splitlines()[-1])
+    return yaml.safe_load(proc.stdout.strip().splitlines()[-1]), pod, c, verify_call
+
+
+def test_prepare_data_writes_and_verifies_the_dataset_the_trainers_read(tmp_path):
+    parsed, pod, c, verify_call = prepare_data_flags(tmp_path)
     out = volume_for(pod, c, parsed["output_dir"])
     assert out and claim_of(out[1]) == DATA_CLAIM and not out[0].get("readOnly")
     inp = volume_for(pod, c, parsed["input"])
@@ -1556,6 +1570,57 @@ def test_prepare_data_writes_and_verifies_the_dataset_the_trainers_read(tmp_path
     assert verify_call == ["-m", "datasets.verify", f"--data_dir={parsed['output_dir']}"]
     trainer = parsed_trainer_runs(render("single-gpu"), tmp_path)[0][2]
     assert parsed["output_dir"] == trainer.data_dir
+
+
+def trainer_processes(objs: list[dict]) -> dict[str, int]:
+    """{workload: trainer processes in one run of it}: the input pipeline's worker count, which
+    divides each split's shards (MultiWorkerMirrored: one per worker; Horovod: one per rank)."""
+    out = {}
+    for wl in objs:
+        where = f"{wl['kind']}/{wl['metadata']['name']}"
+        if wl["kind"] == "MPIJob":
+            spec = wl["spec"]
+            workers = spec["mpiReplicaSpecs"]["Worker"]["replicas"]
+            out[where] = workers * spec.get("slotsPerWorker", 1)
+        elif wl["kind"] == "TFJob":
+            replicas = wl["spec"]["tfReplicaSpecs"]
+            out[where] = sum(
+                replicas[r].get("replicas", 1) for r in ("Chief", "Worker") if r in replicas
+            )
+        elif wl["kind"] == "TrainJob":
+            runtime = runtime_of(wl, objs)
+            nodes = trainjob_pods(wl, runtime)["node"][0]
+            out[where] = nodes * slots_per_node(wl, runtime) if mpi_policy(runtime) else nodes
+        elif wl["kind"] == "Job":
+            out[where] = 1
+    return out
+
+
+def test_every_run_divides_the_prepared_shards_by_file(tmp_path):
+    """The shard count prepare-data writes is a multiple of every shipped and README run's
+    process count, so no run falls back to every process reading every file
+    (datasets.pipeline.sharding)."""
+    from datasets.sharding import Sharding  # TensorFlow-free, like the rest of this file
+
+    (tmp_path / "prepare").mkdir()
+    num_shards = prepare_data_flags(tmp_path / "prepare")[0]["num_shards"]
+    renders = {name: render(name) for name in TRAINER_OVERLAYS}
+    for i, directory in enumerate(sorted({os.path.dirname(p) for p in readme_examples()})):
+        (tmp_path / str(i)).mkdir()
+        renders[directory] = render_example(directory, tmp_path / str(i))
+    checked = {}
+    for name, objs in renders.items():
+        processes = trainer_processes(objs)
+        for where, _, _, _, _ in parsed_trainer_runs(objs, tmp_path):
+            (count,) = [n for wl, n in processes.items() if where.startswith(wl)]
+            shares = Sharding("mnist", "train", (1000,) * num_shards, count)
+            assert shares.by_file, f"{name} {where}: {shares.describe()}"
+            checked[name] = count
+    assert set(checked) == set(renders)
+    assert checked["my-runs/horovod-32gpu"] == checked["my-runs/horovod-4x8"] == 32
+    assert checked["my-runs/trainjob-horovod-32gpu"] == 32
+    assert checked["my-runs/queued-multiworker"] == checked["my-runs/tfjob-resnet"] == 4
+    assert checked["horovod-mpijob"] == checked["tfjob-multiworker"] == 2
 
 
 # --- per-mode requirements -------------------------------------------------------------------
