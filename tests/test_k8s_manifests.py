@@ -13,7 +13,7 @@ wheel, else the one on PATH), and then:
 - a TrainJob is combined with its TrainingRuntime as Kubeflow Trainer v2 does (the TrainJob's
   trainer block applied to the runtime's `node` container, the MPI plugin's ssh keys and hostfile
   mounted), and the resulting pods validate as core pods too;
-- every trainer command line parses with the trainer's own parser (`trainer.config`), with the
+- every trainer command line parses with the trainer's own parser (`trainer.flags`), with the
   rendered ConfigMap standing in for its --flagfile, and names data/workdir paths on the mounted
   claims; the MPI launchers' lines (MPIJob, TrainJob) go through the real `convoy-mpi-launcher`
   script and `launch.horovod`'s flag parser and command builder first, the multi-worker TrainJob's
@@ -46,7 +46,8 @@ sys.path.insert(0, REPO)
 from launch import horovod as hvd_launch  # noqa: E402
 from launch import jobset as jobset_launch  # noqa: E402
 from trainer import exit_codes  # noqa: E402  (TensorFlow-free: the exit-code contract)
-from trainer.config import ConfigError, config_from_argv  # noqa: E402
+from trainer.config import ConfigError  # noqa: E402
+from trainer.flags import config_from_argv  # noqa: E402
 
 K8S = os.path.join(REPO, "k8s")
 IMAGES = os.path.join(K8S, "images")
