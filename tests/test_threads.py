@@ -218,3 +218,17 @@ def test_a_run_logs_and_records_its_thread_pools(tiny_mnist, tmp_path):
     recorded = summary(workdir)["threads"]
     assert recorded == expected.as_json()
     assert recorded["intra_op"] == recorded["tf_data"] == max(1, int(expected.cpus))
+
+
+def test_input_pipelines_run_on_their_own_thread_pool(tiny_mnist):
+    from datasets.metadata import DatasetMetadata
+    from datasets.pipeline import input_fn
+
+    metadata = DatasetMetadata.load(tiny_mnist)
+    for training, split in ((True, "train"), (False, "test")):
+        ds = input_fn(metadata, tiny_mnist, split, 8, training=training, threads=3)
+        assert ds.options().threading.private_threadpool_size == 3
+        assert next(iter(ds))[0].shape[0] == 8
+    # 0: tf.data's shared pool, as before.
+    default = input_fn(metadata, tiny_mnist, "train", 8, training=True)
+    assert not default.options().threading.private_threadpool_size
