@@ -4,8 +4,8 @@ processes on the same host.
 TensorFlow sizes its intra-op and inter-op pools, and tf.data its own pool, from the CPUs the
 process may be scheduled on (its affinity), which in a container is every core of the node, not
 the container's CPU limit: 8 Horovod ranks in a pod limited to 16 CPUs on a 64-core node would
-each start 64-thread pools, 1,000+ busy threads throttled by a 16-CPU quota. Here the CPU count is
-taken in this order:
+each start three 64-thread pools, over 1,500 threads contending for a 16-CPU quota. Here the CPU
+count is taken in this order:
 
 1. cgroup v2 `cpu.max` ("QUOTA PERIOD"; "max PERIOD" is no limit): QUOTA / PERIOD CPUs;
 2. cgroup v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us` (a quota of -1 is no limit);
@@ -15,8 +15,8 @@ and divided by the processes of this run on this host: Horovod's local size, or 
 TF_CONFIG tasks with this task's host (MultiWorkerMirrored; `launch.local_cluster` puts all its
 workers on 127.0.0.1), else 1 (`trainer/backends` decides). Each pool gets that share, rounded
 down (a thread beyond the quota only gets throttled) and at least 1. TF_NUM_INTRAOP_THREADS and
-TF_NUM_INTEROP_THREADS, when set, still size their pool (the tests and benchmarks set them);
-they do not change the tf.data pool, which is convoy's own setting.
+TF_NUM_INTEROP_THREADS, when set to a positive number, still size their pool (the tests and
+benchmarks set them); they do not change the tf.data pool, which is convoy's own setting.
 
 `thread_pools` is pure (the files' texts in, the sizes out); `read_thread_pools` reads the files
 and never raises; `apply` hands the sizes to TensorFlow, which accepts them only before its
