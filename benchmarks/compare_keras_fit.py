@@ -112,7 +112,8 @@ def main(argv):
     )
     machine = hardware.read_machine()
     plan = resolve_plan(config, backend.topology, metadata, data_dir, machine)
-    inputs = InputSpec(config, plan, metadata)
+    # The trainer's own pipeline, thread pool included, for both sides.
+    inputs = InputSpec(config, plan, metadata, threads=backend.threads.tf_data)
     sides = {
         "harness": lambda: _time_harness(config, plan, backend, inputs),
         "keras_fit": lambda: _time_keras_fit(config, plan, inputs),

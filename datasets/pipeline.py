@@ -180,11 +180,15 @@ def _synthetic(metadata, target, batch_size, training, seed, num_batches):
     )
 
 
-def _with_options(ds: tf.data.Dataset) -> tf.data.Dataset:
+def _with_options(ds: tf.data.Dataset, threads: int) -> tf.data.Dataset:
     options = tf.data.Options()
     # We shard per worker ourselves; a strategy must not shard again.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     options.deterministic = True  # a restored iterator must continue with the same elements
+    if threads:
+        # tf.data's shared pool has a thread per core of the host, whatever the container's CPU
+        # limit and however many processes share it (trainer/threads.py sizes this).
+        options.threading.private_threadpool_size = threads
     return ds.with_options(options)
 
 
@@ -204,18 +208,22 @@ def input_fn(
     shuffle_buffer: int = 10_000,
     num_batches: int | None = None,
     synthetic: bool = False,
+    threads: int = 0,
 ) -> tf.data.Dataset:
     """This worker's batches of `split`; `batch_size` is per replica.
 
     training=True: (images float32 [B, H, W, C], labels int32 [B]), shuffled, augmented, forever
     (or `num_batches`). training=False: (images, labels, weights float32 [B]), each example once,
-    padding weighted 0, exactly `num_batches` batches when given.
+    padding weighted 0, exactly `num_batches` batches when given. `threads`: the size of the
+    pipeline's own thread pool (0: tf.data's shared one, a thread per core of the host).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: expected a positive per-replica batch size")
     target = _target(metadata, image_size, channels)
     if synthetic:
-        return _with_options(_synthetic(metadata, target, batch_size, training, seed, num_batches))
+        return _with_options(
+            _synthetic(metadata, target, batch_size, training, seed, num_batches), threads
+        )
     if not 0 <= worker_index < num_workers:
         raise ValueError(
             f"worker_index={worker_index}, num_workers={num_workers}: "
@@ -245,7 +253,7 @@ def input_fn(
             ds = ds.take(num_batches)
     else:
         ds = _eval(share, metadata, target, batch_size, worker_index, num_workers, num_batches)
-    return _with_options(ds.prefetch(AUTOTUNE))
+    return _with_options(ds.prefetch(AUTOTUNE), threads)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,8 +19,15 @@ the same setup a Kubeflow TFJob gives its pods. It owns the lifetime of the grou
   group is stopped and started again on fresh ports, up to N times; the trainers resume from the
   newest checkpoint in their workdir. A permanent code (bad flags or data, a non-finite loss)
   ends the run at once, and so does a signal to the launcher itself.
+- GPUs: worker i sees only its own (`CUDA_VISIBLE_DEVICES`), the i-th `--gpus_per_worker` of
+  the GPUs found (by default the GPUs divided evenly among the workers). The GPUs are the
+  launcher's own `CUDA_VISIBLE_DEVICES` when set, else those `nvidia-smi -L` lists; with none
+  nothing is set. More workers than GPUs is a usage error (exit 2): two workers on one GPU each
+  run slower and hold both models in its memory. `CUDA_VISIBLE_DEVICES= python -m
+  launch.local_cluster ...` trains on the CPU on a GPU machine.
 
-`tf_configs` and `worker_command` are pure, `run_cluster` is the importable entry point.
+`tf_configs`, `worker_command`, `parse_nvidia_smi` and `gpu_assignment` are pure, `run_cluster`
+is the importable entry point.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -87,6 +95,15 @@ flags.DEFINE_float(
     "group is broken, there is no consistent step left to save.",
     flag_values=_FLAGS,
 )
+flags.DEFINE_integer(
+    "gpus_per_worker",
+    None,
+    "GPUs each worker sees through CUDA_VISIBLE_DEVICES: worker i gets the i-th N of the GPUs "
+    "found (the launcher's CUDA_VISIBLE_DEVICES, else `nvidia-smi -L`). Default: all of them, "
+    "divided evenly. Ignored when no GPU is found.",
+    lower_bound=1,
+    flag_values=_FLAGS,
+)
 flags.mark_flag_as_required("workers", flag_values=_FLAGS)
 
 HOST = "127.0.0.1"
@@ -118,6 +135,61 @@ def tf_configs(addresses: Sequence[str], task_type: str = "worker") -> list:
         json.dumps({**cluster, "task": {"type": task_type, "index": i}})
         for i in range(len(addresses))
     ]
+
+
+def parse_nvidia_smi(text: str) -> list[str]:
+    """The GPU indices in `nvidia-smi -L` output ("GPU 0: NVIDIA A100 (UUID: GPU-...)"). Pure."""
+    return [m.group(1) for m in re.finditer(r"^GPU (\d+):", text, re.MULTILINE)]
+
+
+def detect_gpus(environ: Mapping[str, str]) -> tuple[list[str], str]:
+    """(the GPUs the workers may be given, where that list came from). Never raises.
+
+    The launcher's CUDA_VISIBLE_DEVICES when set (its entries are handed out as they are: indices
+    or UUIDs; CUDA ignores everything from the first invalid entry), else `nvidia-smi -L`.
+    """
+    if "CUDA_VISIBLE_DEVICES" in environ:
+        gpus = []
+        for entry in environ["CUDA_VISIBLE_DEVICES"].split(","):
+            entry = entry.strip()
+            if not entry or entry.startswith("-"):
+                break
+            gpus.append(entry)
+        return gpus, "CUDA_VISIBLE_DEVICES"
+    try:
+        listed = subprocess.run(
+            ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return [], "nvidia-smi -L"
+    return (parse_nvidia_smi(listed.stdout) if listed.returncode == 0 else []), "nvidia-smi -L"
+
+
+def gpu_assignment(
+    num_workers: int, gpus: Sequence[str], gpus_per_worker: int | None = None
+) -> list[str] | None:
+    """Each worker's CUDA_VISIBLE_DEVICES, or None (no GPU: set nothing). Pure.
+
+    Raises ValueError when the GPUs do not go round: more workers than GPUs, or more than
+    `gpus_per_worker` x workers asked for.
+    """
+    if not gpus:
+        return None
+    per_worker = gpus_per_worker or len(gpus) // num_workers
+    if per_worker == 0 or per_worker * num_workers > len(gpus):
+        asked = (
+            f"--gpus_per_worker={gpus_per_worker} x {num_workers} workers"
+            if gpus_per_worker
+            else f"{num_workers} workers"
+        )
+        most = len(gpus) // (gpus_per_worker or 1)
+        raise ValueError(
+            f"{asked} but only {len(gpus)} GPU{'s' if len(gpus) != 1 else ''} "
+            f"({','.join(gpus)}): workers would share a GPU; start at most {most} "
+            f"worker{'s' if most != 1 else ''}, or train on the CPU with CUDA_VISIBLE_DEVICES= "
+            "(empty)"
+        )
+    return [",".join(gpus[i * per_worker : (i + 1) * per_worker]) for i in range(num_workers)]
 
 
 def default_worker_cmd() -> list:
@@ -156,17 +228,37 @@ def run_cluster(
     max_restarts: int = 0,
     grace_s: float = 115.0,
     failure_grace_s: float = 5.0,
+    gpus_per_worker: int | None = None,
+    gpus: Sequence[str] | None = None,
     env: Mapping[str, str] | None = None,
     out: IO[str] = sys.stdout,
     err: IO[str] = sys.stderr,
     poll_s: float = 0.05,
 ) -> int:
     """Runs the workers to completion, restarting the group on a retryable failure up to
-    `max_restarts` times; returns 0 if all succeed, else a non-zero exit status."""
+    `max_restarts` times; returns 0 if all succeed, else a non-zero exit status.
+
+    `gpus`: the GPUs to hand out (default: `detect_gpus`). Raises ValueError when they do not
+    go round (`gpu_assignment`), before any worker starts.
+    """
     printer = Printer(out, err)
     log = lambda msg: printer.line(f"[local_cluster] {msg}", to_err=True)  # noqa: E731
     cmd = worker_command(trainer_args, worker_cmd)
     base_env = dict(os.environ if env is None else env)
+    source = "given"
+    if gpus is None:
+        gpus, source = detect_gpus(base_env)
+    devices = gpu_assignment(num_workers, list(gpus), gpus_per_worker)
+    worker_envs = [
+        {} if devices is None else {"CUDA_VISIBLE_DEVICES": devices[i]} for i in range(num_workers)
+    ]
+    if devices is not None:
+        used = sum(len(d.split(",")) for d in devices)
+        log(
+            f"GPUs {','.join(gpus)} ({source}): "
+            + ", ".join(f"worker {i} CUDA_VISIBLE_DEVICES={d}" for i, d in enumerate(devices))
+            + (f"; {len(gpus) - used} left unused" if used < len(gpus) else "")
+        )
     for attempt in range(max_restarts + 1):
         ports = pick_free_ports(num_workers, HOST, port_base)
         if attempt == 0:
@@ -174,7 +266,7 @@ def run_cluster(
         result = _run_group(
             cmd,
             ports,
-            base_env,
+            [{**base_env, **extra} for extra in worker_envs],
             printer,
             log,
             attempt=attempt,
@@ -207,7 +299,7 @@ def _first_failure(codes: Sequence) -> int | None:
 def _run_group(
     cmd: Sequence[str],
     ports: Sequence[int],
-    base_env: Mapping[str, str],
+    envs: Sequence[Mapping[str, str]],
     printer: Printer,
     log,
     *,
@@ -216,7 +308,8 @@ def _run_group(
     failure_grace_s: float,
     poll_s: float,
 ) -> GroupResult:
-    """Starts one worker per port, each with its TF_CONFIG, and waits until all have exited."""
+    """Starts one worker per port, each with its environment and TF_CONFIG, and waits until all
+    have exited."""
     configs = tf_configs([f"{HOST}:{p}" for p in ports])
     procs: list = []
     received: list = []  # signals forwarded to the workers
@@ -237,11 +330,11 @@ def _run_group(
     failed: int | None = None
     try:
         # Start every process before any reader thread: fork with threads running is unsafe.
-        for config in configs:
+        for config, env in zip(configs, envs):
             procs.append(
                 subprocess.Popen(
                     cmd,
-                    env={**base_env, "TF_CONFIG": config},
+                    env={**env, "TF_CONFIG": config},
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
@@ -320,6 +413,7 @@ def main(argv: Sequence[str]) -> int:
             max_restarts=_FLAGS.max_restarts,
             grace_s=_FLAGS.grace_s,
             failure_grace_s=_FLAGS.failure_grace_s,
+            gpus_per_worker=_FLAGS.gpus_per_worker,
         )
     except (flags.Error, ValueError, OSError) as e:
         print(f"launch.local_cluster: {e}", file=sys.stderr)

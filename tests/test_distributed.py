@@ -78,6 +78,19 @@ def test_horovod_two_ranks_match_single_process(horovod_run, single_process):
     assert s["eval"]["num_examples"] == 101
     assert abs(s["eval"]["loss"] - summary(single_process)["eval"]["loss"]) < 1e-4
     _assert_only_chief_wrote(workdir)
+    _assert_thread_pools_shared(output, s)
+
+
+def _assert_thread_pools_shared(output, s):
+    """Both processes on this host sized their pools for a share of its CPUs (trainer/threads.py);
+    the TF_NUM_*_THREADS variables the test sets still size TensorFlow's."""
+    lines = [line for line in output.splitlines() if "threads per process:" in line]
+    assert len(lines) == 2, lines
+    for line in lines:
+        assert "intra-op 1 (from TF_NUM_INTRAOP_THREADS), inter-op 1 (from TF_NUM_INTEROP" in line
+        assert line.endswith("/ 2 processes of this run on this host"), line
+    assert s["threads"]["local_processes"] == 2
+    assert s["threads"]["tf_data"] == max(1, int(s["threads"]["cpus"] // 2))
 
 
 def test_multi_worker_two_workers_match_single_process(tiny_mnist, single_process, tmp_path):
@@ -93,6 +106,7 @@ def test_multi_worker_two_workers_match_single_process(tiny_mnist, single_proces
     )
     assert s["eval"]["num_examples"] == 101
     _assert_only_chief_wrote(workdir)
+    _assert_thread_pools_shared(output, s)
 
 
 def test_three_workers_evaluate_every_example_once(tiny_mnist, tmp_path):

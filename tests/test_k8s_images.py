@@ -285,6 +285,26 @@ def test_entrypoint_scripts_and_ssh_files_are_installed():
     assert "OMPI_MCA_btl_vader_single_copy_mechanism=none" in env
 
 
+def test_cuda_jit_cache_is_writable_and_sized_as_in_the_manifests():
+    """~/.nv is on the pods' read-only root filesystem: the image points the driver's JIT cache
+    at /tmp (an emptyDir in every pod), with the size the GPU overlays use for theirs on the runs
+    volume (tests/test_k8s_manifests.py checks the mounts)."""
+    env = dict(
+        item.split("=", 1) for kw, rest in instructions() if kw == "ENV" for item in rest.split()
+    )
+    assert env["CUDA_CACHE_PATH"].startswith(env["XDG_CACHE_HOME"] + "/")
+    assert env["XDG_CACHE_HOME"].startswith("/tmp/")
+    sizes = {
+        e["value"]
+        for spec in manifest_pod_specs()
+        for c in spec["containers"]
+        for e in c.get("env", [])
+        if e["name"] == "CUDA_CACHE_MAXSIZE"
+    }
+    assert sizes == {env["CUDA_CACHE_MAXSIZE"]}
+    assert int(env["CUDA_CACHE_MAXSIZE"]) <= 4 * 2**30  # the driver's largest
+
+
 def dockerignore_excludes(path: str, patterns: list[str]) -> bool:
     """Docker's .dockerignore semantics: last matching pattern wins, `!` re-includes, a pattern
     that matches a parent directory matches everything below it, `**` spans directories."""

@@ -13,7 +13,7 @@ wheel, else the one on PATH), and then:
 - a TrainJob is combined with its TrainingRuntime as Kubeflow Trainer v2 does (the TrainJob's
   trainer block applied to the runtime's `node` container, the MPI plugin's ssh keys and hostfile
   mounted), and the resulting pods validate as core pods too;
-- every trainer command line parses with the trainer's own parser (`trainer.config`), with the
+- every trainer command line parses with the trainer's own parser (`trainer.flags`), with the
   rendered ConfigMap standing in for its --flagfile, and names data/workdir paths on the mounted
   claims; the MPI launchers' lines (MPIJob, TrainJob) go through the real `convoy-mpi-launcher`
   script and `launch.horovod`'s flag parser and command builder first, the multi-worker TrainJob's
@@ -46,7 +46,8 @@ sys.path.insert(0, REPO)
 from launch import horovod as hvd_launch  # noqa: E402
 from launch import jobset as jobset_launch  # noqa: E402
 from trainer import exit_codes  # noqa: E402  (TensorFlow-free: the exit-code contract)
-from trainer.config import ConfigError, config_from_argv  # noqa: E402
+from trainer.config import ConfigError  # noqa: E402
+from trainer.flags import config_from_argv  # noqa: E402
 
 K8S = os.path.join(REPO, "k8s")
 IMAGES = os.path.join(K8S, "images")
@@ -974,6 +975,133 @@ def test_trainer_v2_jobs_restart_as_a_group_and_stop_on_permanent_errors():
     }
 
 
+# --- the CUDA JIT cache ----------------------------------------------------------------------
+
+# The driver's JIT cache (CUDA_CACHE_PATH): the default ~/.nv is on the read-only root filesystem.
+# The largest CUDA_CACHE_MAXSIZE the driver takes, and the smallest default it has had (a smaller
+# size would change nothing).
+CUDA_CACHE_MAX_BYTES = 4 * 2**30
+CUDA_CACHE_DEFAULT_BYTES = 256 * 2**20
+
+
+def render_pods(objs: list[dict]) -> list[tuple[str, str, dict]]:
+    """(where, role, pod spec) of every pod one render makes, TrainJob pods as Trainer v2 builds
+    them (a TrainingRuntime alone makes none)."""
+    pods = []
+    for o in objs:
+        name = f"{o['kind']}/{o['metadata']['name']}"
+        if o["kind"] == "TrainJob":
+            for job, (_, tmpl) in trainjob_pods(o, runtime_of(o, objs)).items():
+                pods.append((f"{name} {job}", job, tmpl["spec"]))
+        elif o["kind"] != "TrainingRuntime":
+            pods += [(f"{name} {role}", role, tmpl["spec"]) for role, tmpl in pod_templates(o)]
+    return pods
+
+
+def env_values(container: dict) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
+def cuda_cache_errors(objs: list[dict]) -> tuple[list[str], int]:
+    """(what is wrong, how many GPU containers were checked) with the JIT cache of one render.
+
+    Every container with a GPU limit names CUDA_CACHE_PATH on a volume it mounts writable (a
+    claim, or an emptyDir larger than CUDA_CACHE_MAXSIZE), and a CUDA_CACHE_MAXSIZE above the
+    driver's default. Horovod ranks run with their MPI launcher's environment (horovodrun
+    passes it on with mpirun -x), so a launcher must name the same cache as the GPU pods.
+    """
+    errors, gpu_env, launcher_env, checked = [], {}, {}, 0
+    for where, role, spec in render_pods(objs):
+        for c in containers(spec):
+            at = f"{where} container {c['name']}"
+            env = env_values(c)
+            if role.lower() == "launcher":
+                launcher_env[at] = env
+            if not c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu"):
+                continue
+            checked += 1
+            gpu_env[at] = env
+            path, size = env.get("CUDA_CACHE_PATH"), env.get("CUDA_CACHE_MAXSIZE", "")
+            if not path:
+                errors.append(f"{at}: no CUDA_CACHE_PATH; ~/.nv is not writable")
+                continue
+            found = volume_for(spec, c, path)
+            if found is None:
+                errors.append(f"{at}: CUDA_CACHE_PATH={path} is on no mounted volume")
+                continue
+            mount, volume = found
+            if mount.get("readOnly") or not ({"persistentVolumeClaim", "emptyDir"} & set(volume)):
+                errors.append(f"{at}: CUDA_CACHE_PATH={path} is not on a writable volume")
+            if not size.isdigit() or not (
+                CUDA_CACHE_DEFAULT_BYTES < int(size) <= CUDA_CACHE_MAX_BYTES
+            ):
+                errors.append(f"{at}: CUDA_CACHE_MAXSIZE={size!r}: expected bytes, <= 4 GiB")
+            elif "emptyDir" in volume and "sizeLimit" in volume["emptyDir"]:
+                if parse_quantity(volume["emptyDir"]["sizeLimit"]) <= int(size):
+                    errors.append(f"{at}: a full cache would exceed {volume['name']}'s sizeLimit")
+    cache = {(e.get("CUDA_CACHE_PATH"), e.get("CUDA_CACHE_MAXSIZE")) for e in gpu_env.values()}
+    horovod = any(
+        o["kind"] == "MPIJob" or (o["kind"] == "TrainJob" and mpi_policy(runtime_of(o, objs)))
+        for o in objs
+    )
+    if horovod:
+        for at, env in launcher_env.items():
+            if {(env.get("CUDA_CACHE_PATH"), env.get("CUDA_CACHE_MAXSIZE"))} != cache:
+                errors.append(f"{at}: its ranks would not use the GPU pods' cache {cache}")
+    return errors, checked
+
+
+def test_gpu_containers_keep_the_cuda_jit_cache_on_the_runs_volume(tmp_path):
+    checked = 0
+    for name in OVERLAYS:
+        objs = render(name)
+        errors, n = cuda_cache_errors(objs)
+        assert not errors, "\n".join(errors)
+        checked += n
+        workdirs = [config.workdir for _, _, config, _, _ in parsed_trainer_runs(objs, tmp_path)]
+        for where, _, spec in render_pods(objs):
+            for c in containers(spec):
+                path = env_values(c).get("CUDA_CACHE_PATH")
+                if not path or "nvidia.com/gpu" not in c["resources"]["limits"]:
+                    continue
+                # Persistent, so that the next pod finds it; beside the runs, not inside one.
+                assert claim_of(volume_for(spec, c, path)[1]) == RUNS_CLAIM, where
+                assert not any((path + "/").startswith(w.rstrip("/") + "/") for w in workdirs)
+    # single-gpu, the MPIJob's workers, the TFJob's workers, both TrainJobs' nodes.
+    assert checked == 5
+
+
+def test_cuda_cache_check_catches_what_it_should():
+    def gpu_container(objs):
+        return next(
+            c
+            for _, _, spec in render_pods(objs)
+            for c in containers(spec)
+            if "nvidia.com/gpu" in c["resources"]["limits"]
+        )
+
+    objs = render("single-gpu")
+    c = gpu_container(objs)
+    c["env"] = [e for e in c["env"] if e["name"] != "CUDA_CACHE_PATH"]
+    assert "no CUDA_CACHE_PATH" in cuda_cache_errors(objs)[0][0]
+    objs = render("single-gpu")
+    next(m for m in gpu_container(objs)["volumeMounts"] if m["name"] == "runs")["readOnly"] = True
+    assert "not on a writable volume" in cuda_cache_errors(objs)[0][0]
+    objs = render("single-gpu")
+    for e in gpu_container(objs)["env"]:
+        if e["name"] == "CUDA_CACHE_PATH":
+            e["value"] = "/tmp/cuda"  # the /tmp emptyDir (4 GiB) cannot hold a full 4 GiB cache
+        if e["name"] == "CUDA_CACHE_MAXSIZE":
+            e["value"] = "4294967296"
+    assert "sizeLimit" in cuda_cache_errors(objs)[0][0]
+    objs = render("horovod-mpijob")
+    launcher = one(objs, "MPIJob")["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]
+    launcher["containers"][0]["env"] = [
+        e for e in launcher["containers"][0]["env"] if not e["name"].startswith("CUDA_CACHE")
+    ]
+    assert "its ranks would not use" in cuda_cache_errors(objs)[0][0]
+
+
 # --- exit codes: what each overlay does with each code of the contract ------------------------
 
 FAILS = "fails"  # the job fails at once: nothing is started again
@@ -1861,6 +1989,8 @@ def check_rendered(objs: list[dict], tmp_path) -> list:
         else:
             failures += [e for v in KUBE_VERSIONS if (e := core_errors(o, v))]
     assert not failures, "\n".join(failures)
+    errors, _ = cuda_cache_errors(objs)
+    assert not errors, "\n".join(errors)
     return parsed_trainer_runs(objs, tmp_path)
 
 

@@ -27,8 +27,8 @@ WORKER = textwrap.dedent("""
     import json, os, signal, sys, time
     config = json.loads(os.environ["TF_CONFIG"])
     index = config["task"]["index"]
-    print("CONFIG " + json.dumps({"config": config, "argv": sys.argv[1:], "pid": os.getpid()}),
-          flush=True)
+    print("CONFIG " + json.dumps({"config": config, "argv": sys.argv[1:], "pid": os.getpid(),
+                                  "gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}), flush=True)
     print(f"to stderr from {index}", file=sys.stderr, flush=True)
     args = dict(a.lstrip("-").split("=", 1) for a in sys.argv[1:] if "=" in a)
     if int(args.get("fail_index", -1)) == index:
@@ -55,7 +55,7 @@ def worker_script(tmp_path):
     return f"{sys.executable} {path}"
 
 
-def _launch(worker_cmd, *args, workers=3, timeout=60, launcher_flags=()):
+def _launch(worker_cmd, *args, workers=3, timeout=60, launcher_flags=(), env=None):
     start = time.monotonic()
     proc = subprocess.run(
         [
@@ -71,6 +71,7 @@ def _launch(worker_cmd, *args, workers=3, timeout=60, launcher_flags=()):
             *args,
         ],
         cwd=REPO,
+        env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -262,6 +263,108 @@ def test_run_cluster_in_process_reports_success_and_non_utf8_output(tmp_path):
     for i in range(2):
         assert f"[worker {i}] raw \ufffd bytes" in lines
         assert f"[worker {i}] partial line without newline from {i}" in lines
+
+
+# --- a GPU (or several) per worker ------------------------------------------------------------
+
+NVIDIA_SMI_L = """GPU 0: NVIDIA A100-SXM4-80GB (UUID: GPU-1f4e2a8c-0000-0000-0000-000000000000)
+GPU 1: NVIDIA A100-SXM4-80GB (UUID: GPU-1f4e2a8c-0000-0000-0000-000000000001)
+GPU 2: NVIDIA A100-SXM4-80GB (UUID: GPU-1f4e2a8c-0000-0000-0000-000000000002)
+GPU 3: NVIDIA A100-SXM4-80GB (UUID: GPU-1f4e2a8c-0000-0000-0000-000000000003)
+"""
+
+
+def test_nvidia_smi_list_gives_the_gpu_indices():
+    assert local_cluster.parse_nvidia_smi(NVIDIA_SMI_L) == ["0", "1", "2", "3"]
+    assert local_cluster.parse_nvidia_smi("No devices were found\n") == []
+    assert local_cluster.parse_nvidia_smi("") == []
+
+
+@pytest.mark.parametrize(
+    "workers, gpus, per_worker, expected",
+    [
+        (2, ["0", "1", "2", "3"], None, ["0,1", "2,3"]),  # divided evenly
+        (4, ["0", "1", "2", "3"], None, ["0", "1", "2", "3"]),
+        (3, ["0", "1", "2", "3"], None, ["0", "1", "2"]),  # one left over
+        (2, ["0", "1", "2", "3"], 1, ["0", "1"]),
+        (1, ["0", "1", "2", "3"], 3, ["0,1,2"]),
+        (2, ["5", "7"], None, ["5", "7"]),  # the launcher's own CUDA_VISIBLE_DEVICES
+        (2, ["GPU-a1", "GPU-b2"], None, ["GPU-a1", "GPU-b2"]),  # UUIDs pass as they are
+        (3, [], None, None),  # no GPU: nothing is set
+        (3, [], 2, None),
+    ],
+)
+def test_each_worker_gets_its_own_gpus(workers, gpus, per_worker, expected):
+    assert local_cluster.gpu_assignment(workers, gpus, per_worker) == expected
+
+
+@pytest.mark.parametrize(
+    "workers, gpus, per_worker, words",
+    [
+        (3, ["0", "1"], None, ("3 workers but only 2 GPUs (0,1)", "at most 2 workers")),
+        (2, ["0"], None, ("2 workers but only 1 GPU (0)", "at most 1 worker,")),
+        (2, ["0", "1", "2"], 2, ("--gpus_per_worker=2 x 2 workers", "at most 1 worker,")),
+    ],
+)
+def test_more_workers_than_gpus_is_a_usage_error(workers, gpus, per_worker, words):
+    with pytest.raises(ValueError) as e:
+        local_cluster.gpu_assignment(workers, gpus, per_worker)
+    assert "\n" not in str(e.value) and "would share a GPU" in str(e.value)
+    for word in words:
+        assert word in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "value, gpus", [("2,3", ["2", "3"]), ("", []), ("0,-1,1", ["0"]), (" 1 , 0 ", ["1", "0"])]
+)
+def test_the_launchers_cuda_visible_devices_are_the_gpus_handed_out(value, gpus):
+    assert local_cluster.detect_gpus({"CUDA_VISIBLE_DEVICES": value}) == (
+        gpus,
+        "CUDA_VISIBLE_DEVICES",
+    )
+
+
+def _gpu_env(tmp_path, nvidia_smi_output: str | None) -> dict:
+    """The launcher's environment with a stand-in `nvidia-smi` (None: none on PATH)."""
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    if nvidia_smi_output is not None:
+        fake = bin_dir / "nvidia-smi"
+        fake.write_text(f"#!/bin/sh\ncat <<'EOF'\n{nvidia_smi_output}EOF\n")
+        fake.chmod(0o755)
+    # The worker script runs with this interpreter's absolute path; PATH is only for nvidia-smi.
+    env["PATH"] = f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin"
+    return env
+
+
+def test_workers_see_only_their_gpus(worker_script, tmp_path):
+    proc, _ = _launch(worker_script, workers=2, env=_gpu_env(tmp_path, NVIDIA_SMI_L))
+    assert proc.returncode == 0, proc.stderr
+    configs = _configs(proc.stdout)
+    assert {i: c["gpus"] for i, c in configs.items()} == {0: "0,1", 1: "2,3"}
+    assert (
+        "GPUs 0,1,2,3 (nvidia-smi -L): worker 0 CUDA_VISIBLE_DEVICES=0,1, worker 1 "
+        "CUDA_VISIBLE_DEVICES=2,3" in proc.stderr
+    )
+
+
+def test_without_gpus_the_workers_environment_is_left_alone(worker_script, tmp_path):
+    proc, _ = _launch(worker_script, workers=2, env=_gpu_env(tmp_path, None))
+    assert proc.returncode == 0, proc.stderr
+    assert [c["gpus"] for c in _configs(proc.stdout).values()] == [None, None]
+    assert "CUDA_VISIBLE_DEVICES" not in proc.stderr
+
+
+def test_more_workers_than_gpus_exits_2_before_any_worker_starts(worker_script, tmp_path):
+    one_gpu = NVIDIA_SMI_L.splitlines(keepends=True)[0]
+    proc, _ = _launch(worker_script, workers=2, env=_gpu_env(tmp_path, one_gpu))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "launch.local_cluster: 2 workers but only 1 GPU (0): workers would share a GPU; start "
+        "at most 1 worker, or train on the CPU with CUDA_VISIBLE_DEVICES= (empty)"
+    ]
+    assert not _configs(proc.stdout)
 
 
 def test_bad_usage_exits_2_with_one_line():

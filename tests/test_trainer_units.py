@@ -10,7 +10,8 @@ import pytest
 
 from datasets.metadata import DatasetMetadata
 from trainer import choices, hardware, periodic
-from trainer.config import Config, ConfigError, config_from_argv, validated
+from trainer.config import Config, ConfigError, validated
+from trainer.flags import config_from_argv
 from trainer.meter import Meter
 from trainer.plan import Topology, resolve_plan
 

@@ -20,11 +20,10 @@ _HELP_ARGS = ("-h", "-help", "--help", "--helpshort")
 
 
 def _parse(argv):
-    from trainer.config import ConfigError, config_from_argv
+    from trainer.config import ConfigError
+    from trainer.flags import config_from_argv, help_text
 
     if any(arg in _HELP_ARGS for arg in argv[1:]):
-        from trainer.flags import help_text
-
         print(help_text())
         sys.exit(0)
     try:

@@ -1,11 +1,13 @@
 """The run configuration: every setting declared once, as a field of the frozen `Config`.
 
 A field carries its default, its help text and its flag group; `trainer.flags` derives the absl
-flags from the fields, and `config_from_flags` converts the parsed values back with a small table
-of converters keyed by the field's type. The same `Config` can be built in Python
+flags from the fields and converts the parsed values back with the small table of converters here,
+keyed by the field's type (`list_converter`). The same `Config` can be built in Python
 (`Config(model="lenet", epochs=3)`) with the flags' defaults, and `validated` applies the same
-checks to both. Checks that need no TensorFlow happen here, so a bad command line fails in
-milliseconds with one line naming the flag.
+checks to both. Checks that need no TensorFlow happen here (the paths too: the workdir can be
+written, the data directory and init checkpoint exist), so a bad command line fails in
+milliseconds with one line naming the flag. This module imports no other trainer module but
+`choices`: `flags` and `workdir` import it, never the other way round.
 """
 
 from __future__ import annotations
@@ -215,37 +217,6 @@ def list_converter(field_type) -> typing.Callable[[str, list[str]], typing.Any] 
     return _LIST_CONVERTERS.get(field_type)
 
 
-def config_from_argv(argv: list[str], *, check_paths: bool = True) -> Config:
-    """Parses a full command line (argv[0] is the program) into a Config; raises ConfigError."""
-    # Imported here, not at the top: defining the trainer's flags is a side effect that only the
-    # command line wants (a library user or a benchmark may define flags of the same names).
-    from absl import flags as absl_flags
-
-    from trainer import flags as trainer_flags
-
-    values = trainer_flags.FLAGS
-    values.unparse_flags()  # A second parse in one process must not inherit the first one's values.
-    try:
-        leftover = values(trainer_flags.expand_presets(argv))
-    except absl_flags.Error as e:
-        raise ConfigError(_one_line(str(e))) from None
-    if len(leftover) > 1:
-        raise ConfigError(
-            f"unexpected positional arguments {leftover[1:]}; every option is a --flag"
-        )
-    return config_from_flags(values, check_paths=check_paths)
-
-
-def config_from_flags(values, *, check_paths: bool = True) -> Config:
-    """Builds and checks a Config from parsed absl flag values; raises ConfigError."""
-    settings = {}
-    for field, field_type in fields():
-        value = getattr(values, field.name)
-        convert = list_converter(field_type)
-        settings[field.name] = convert(field.name, value) if convert else value
-    return validated(Config(**settings), check_paths=check_paths)
-
-
 def validated(config: Config, *, check_paths: bool = True) -> Config:
     """`config` checked (ConfigError otherwise), with its defaults that depend on others resolved.
 
@@ -369,10 +340,34 @@ def _model_is_known(name: str) -> bool:
     return models is not None and name in models.registered()
 
 
-def _check_paths(c: Config) -> None:
-    from trainer.workdir import check_writable  # trainer.workdir imports this module
+def _check_workdir(workdir: str) -> None:
+    """Raises ConfigError unless `workdir` is, or can become, a writable directory."""
+    path = os.path.abspath(workdir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--workdir={workdir}: is a file; expected a directory (or a new path)")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(
+            f"--workdir={workdir}: {existing} is a file, so no directory can be made under it"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--workdir={workdir}: {existing} is not writable")
+    # os.access does not see a read-only mount for root; a real write does.
+    try:
+        probe = os.path.join(existing, f".convoy-write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(
+            f"--workdir={workdir}: {existing} is not writable ({e.strerror})"
+        ) from None
 
-    check_writable(c.workdir)
+
+def _check_paths(c: Config) -> None:
+    _check_workdir(c.workdir)
     where = c.model.rsplit(":", 1)[0] if ":" in c.model else ""
     if where.endswith(".py") and not os.path.isfile(where):
         raise ConfigError(f"--model={c.model}: {where}: no such file")
@@ -436,8 +431,3 @@ _LIST_CONVERTERS = {
     tuple[int, ...]: _ints,
     tuple[float, ...]: _floats,
 }
-
-
-def _one_line(message: str) -> str:
-    # absl prefixes some messages with its own "ERROR::"; ours already starts with "error:".
-    return " ".join(message.replace("ERROR::", "").split())

@@ -1,8 +1,10 @@
 """The trainer's command line: absl flags derived from `Config`'s fields, presets, and `--help`.
 
 Importing this module defines one flag per Config field (same name, default and help; choices
-become enums; tuples become comma-separated lists). Only `trainer.config` reads their values,
-once, into a `Config`; no other module touches FLAGS.
+become enums; tuples become comma-separated lists). Only `config_from_argv` reads their values,
+once, into a `Config` (checked by `trainer.config.validated`); no other module touches FLAGS.
+Importing it is the command line's business: a library user or a benchmark may define flags of
+the same names, so `trainer.config` never imports this module.
 """
 
 from __future__ import annotations
@@ -39,6 +41,35 @@ def _define(field: dataclasses.Field, field_type) -> None:
 
 for _field, _type in config_lib.fields():
     _define(_field, _type)
+
+
+def config_from_argv(argv: list[str], *, check_paths: bool = True) -> config_lib.Config:
+    """Parses a full command line (argv[0] is the program) into a Config; raises ConfigError."""
+    FLAGS.unparse_flags()  # A second parse in one process must not inherit the first one's values.
+    try:
+        leftover = FLAGS(expand_presets(argv))
+    except flags.Error as e:
+        raise config_lib.ConfigError(_one_line(str(e))) from None
+    if len(leftover) > 1:
+        raise config_lib.ConfigError(
+            f"unexpected positional arguments {leftover[1:]}; every option is a --flag"
+        )
+    return config_from_flags(FLAGS, check_paths=check_paths)
+
+
+def config_from_flags(values, *, check_paths: bool = True) -> config_lib.Config:
+    """Builds and checks a Config from parsed absl flag values; raises ConfigError."""
+    settings = {}
+    for field, field_type in config_lib.fields():
+        value = getattr(values, field.name)
+        convert = config_lib.list_converter(field_type)
+        settings[field.name] = convert(field.name, value) if convert else value
+    return config_lib.validated(config_lib.Config(**settings), check_paths=check_paths)
+
+
+def _one_line(message: str) -> str:
+    # absl prefixes some messages with its own "ERROR::"; ours already starts with "error:".
+    return " ".join(message.replace("ERROR::", "").split())
 
 
 def presets() -> list[str]:

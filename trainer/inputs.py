@@ -24,6 +24,7 @@ class InputSpec:
     config: Config
     plan: Plan
     metadata: DatasetMetadata
+    threads: int = 0  # each pipeline's thread pool (trainer/threads.py); 0: tf.data's default
 
     @property
     def augment(self) -> AugmentConfig:
@@ -41,6 +42,7 @@ class InputSpec:
                 num_workers=num_workers,
                 image_size=self.plan.input_shape[:2],
                 channels=self.plan.input_shape[2],
+                threads=self.threads,
                 **options,
             )
 

@@ -117,7 +117,7 @@ def _prepare_workdir(config: Config, plan: Plan, backend: Backend) -> None:
 
 
 def _train_and_finish(config, plan, machine, backend, state, metadata, stop) -> dict:
-    inputs = InputSpec(config, plan, metadata)
+    inputs = InputSpec(config, plan, metadata, threads=backend.threads.tf_data)
     checkpointer, train_iterator, start_step = _restore(config, plan, backend, state, inputs)
     votes = StopVotes(backend.num_workers, backend.worker_index)
     # Outside the strategy's scope: one plain variable per process, not a mirrored one.
@@ -397,6 +397,7 @@ def _summary(run: _Run, final_step: int, start_step: int, final_eval: dict) -> d
         "resumed_from_step": start_step,
         "is_chief": run.backend.is_chief,
         "machine": run.machine.as_json(),
+        "threads": run.backend.threads.as_json(),
     }
     if state.best.enabled:
         summary["best"] = {**state.best.describe(), "checkpoint": run.checkpointer.best}

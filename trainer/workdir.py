@@ -1,7 +1,5 @@
 """The run directory: who may write it, whether a new run fits it, and atomic output.
 
-- `check_writable` (before TensorFlow starts): the workdir is a directory or can be created, and
-  the filesystem takes writes; otherwise one ConfigError line naming it.
 - `WorkdirLock`: an advisory lock (flock on WORKDIR/.convoy.lock, holding pid, host and start
   time) taken by the chief before it writes anything; a second run on the same workdir refuses
   at start naming the holder. The kernel drops a dead process's lock, so a lock left by a killed
@@ -11,6 +9,9 @@
 - `remove_stale_temporaries`: `*_temp*` checkpoint directories that killed saves leave behind.
 - `atomic_directory`: output written under a temporary name and renamed into place when complete,
   so a SIGTERM or a full disk never leaves a half-written export where the old one was.
+
+Whether the directory can be written at all is checked with the other flags, before TensorFlow
+starts (`trainer.config.validated`).
 """
 
 from __future__ import annotations
@@ -31,32 +32,6 @@ from trainer.config import ConfigError
 
 LOCK_FILE = ".convoy.lock"
 PLAN_FILE = "plan.json"
-
-
-def check_writable(workdir: str) -> None:
-    """Raises ConfigError unless `workdir` is, or can become, a writable directory."""
-    path = os.path.abspath(workdir)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError(f"--workdir={workdir}: is a file; expected a directory (or a new path)")
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ConfigError(
-            f"--workdir={workdir}: {existing} is a file, so no directory can be made under it"
-        )
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--workdir={workdir}: {existing} is not writable")
-    # os.access does not see a read-only mount for root; a real write does.
-    try:
-        probe = os.path.join(existing, f".convoy-write-test-{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(
-            f"--workdir={workdir}: {existing} is not writable ({e.strerror})"
-        ) from None
 
 
 class WorkdirLock:

@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.plan import Topology
+from trainer.threads import ThreadPools
 
 # dataset_fn(worker_index, num_workers, per_worker_batch_size) -> tf.data.Dataset of this worker.
 DatasetFn = Callable[[int, int, int], tf.data.Dataset]
@@ -30,6 +31,8 @@ class Backend(abc.ABC):
     worker_index: int = 0
     num_replicas: int = 1
     uses_gpu: bool = False
+    # The thread-pool sizes create_backend gave this process; the input pipelines use `tf_data`.
+    threads: ThreadPools | None = None
 
     @property
     def is_chief(self) -> bool:

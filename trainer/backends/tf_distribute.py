@@ -167,6 +167,39 @@ def tf_config_task_count() -> int:
     return _count_workers(cluster)
 
 
+def tf_config_local_task_count(tf_config: str | None = None) -> int:
+    """How many of TF_CONFIG's training tasks (chief, workers) run on this task's host, itself
+    included; 1 when TF_CONFIG is unset or does not say. Pure given `tf_config` (default: the
+    environment's).
+
+    The processes that share this host's CPUs (trainer/threads.py). Hosts compare by name, with
+    every loopback name (localhost, 127.x.x.x, ::1) as one: `launch.local_cluster` names its
+    workers 127.0.0.1:PORT, a TFJob or JobSet gives each pod its own hostname.
+    """
+    text = os.environ.get("TF_CONFIG", "") if tf_config is None else tf_config
+    try:
+        parsed = json.loads(text or "{}")
+        cluster, task = parsed.get("cluster", {}), parsed.get("task", {})
+        me = _host(cluster[task["type"]][int(task["index"])])
+    except (json.JSONDecodeError, AttributeError, KeyError, IndexError, TypeError, ValueError):
+        return 1
+    hosts = [
+        _host(address)
+        for kind, addresses in cluster.items()
+        if kind in ("chief", "worker")
+        for address in addresses
+    ]
+    return max(1, hosts.count(me))
+
+
+def _host(address: str) -> str:
+    host = address.rsplit(":", 1)[0] if address.count(":") == 1 or "]" in address else address
+    host = host.strip("[]").lower()
+    if host in ("localhost", "::1") or host.startswith("127."):
+        return "localhost"
+    return host
+
+
 def _count_workers(cluster: dict) -> int:
     """Tasks that train (chief and workers; not evaluators or parameter servers)."""
     return sum(len(tasks) for kind, tasks in cluster.items() if kind in ("chief", "worker"))
