@@ -53,6 +53,7 @@ def main(config) -> int:
         ConfigError,
         DataError,
         errors.NonFiniteLossError,
+        errors.ReplicasDifferError,
         errors.CheckpointWriteError,
         errors.PeerError,
     ) as e:
