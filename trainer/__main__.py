@@ -52,6 +52,7 @@ def main(config) -> int:
         ConfigError,
         DataError,
         errors.NonFiniteLossError,
+        errors.ReplicasDifferError,
         errors.CheckpointWriteError,
         errors.PeerError,
     ) as e:

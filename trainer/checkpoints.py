@@ -5,6 +5,8 @@ plus the training input position under a key naming the input topology, so a che
 by one backend resumes under another (the input position is simply not restored when the
 topology changed).
 
+Every save first averages the replicas' moving statistics (trainer/replicas.py).
+
 Resume order: the newest checkpoint in WORKDIR/checkpoints, else --init_checkpoint (model weights
 only), else from scratch. Only the chief writes WORKDIR/checkpoints; backends whose save is a
 collective (MultiWorkerMirrored) make the other workers save to a scratch directory that is
@@ -20,6 +22,7 @@ import shutil
 import tensorflow as tf
 from absl import logging
 
+from trainer import replicas
 from trainer.backends.base import Backend
 from trainer.config import ConfigError
 from trainer.errors import CheckpointWriteError
@@ -67,6 +70,7 @@ class Checkpointer:
             checkpoint_name="best",
         )
         self._step = state.step
+        self._backend = backend
 
     @property
     def latest(self) -> str | None:
@@ -116,6 +120,9 @@ class Checkpointer:
         return path
 
     def _save(self, manager: tf.train.CheckpointManager, what: str) -> str | None:
+        # Every worker calls save: the replicas' moving statistics become their mean first, so
+        # the one copy written is the run's, not replica 0's.
+        replicas.average_statistics(self._backend, self._model)
         if not (self.is_chief or self.all_workers_save):
             return None
         step = int(self._step.numpy())

@@ -21,6 +21,7 @@ from datasets.errors import DataError
 from datasets.metadata import METADATA_FILE, DatasetMetadata
 from trainer.exit_codes import EXIT_CORRUPT_DATA, EXIT_FAILED, EXIT_RETRYABLE, EXIT_USAGE
 from trainer.peers import PeerError
+from trainer.replicas import ReplicasDifferError
 
 
 class NonFiniteLossError(RuntimeError):
@@ -37,6 +38,7 @@ class CorruptDataError(DataError):
 
 EXIT_CODES = {
     NonFiniteLossError: EXIT_FAILED,
+    ReplicasDifferError: EXIT_FAILED,
     CheckpointWriteError: EXIT_FAILED,
     CorruptDataError: EXIT_CORRUPT_DATA,
     PeerError: EXIT_RETRYABLE,

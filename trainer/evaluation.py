@@ -17,7 +17,7 @@ import tensorflow as tf
 from absl import logging
 
 from datasets.errors import DataError
-from trainer import errors
+from trainer import errors, replicas
 from trainer import step as step_lib
 from trainer.backends.base import Backend
 from trainer.checkpoints import Checkpointer
@@ -52,6 +52,9 @@ class Evaluator:
         """Evaluates at `step`, logs and records it, keeps the best; returns the result."""
         if step == self.last_step:
             return self.last  # e.g. the final evaluation right after an early stop's
+        # Every replica evaluates with the same (mean) moving statistics: the numbers reported
+        # are those of the model that is saved and exported.
+        replicas.average_statistics(self._backend, self._state.model)
         result = self._evaluate()
         if self._state.averages is not None:
             raw = result

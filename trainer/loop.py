@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -29,7 +28,7 @@ from absl import logging
 
 from datasets import embedded, verify
 from datasets.metadata import DatasetMetadata
-from trainer import checkpoints, console, errors, export, hardware, periodic, workdir
+from trainer import checkpoints, console, errors, export, hardware, periodic, replicas, workdir
 from trainer import step as step_lib
 from trainer.backends import create_backend
 from trainer.backends.base import Backend
@@ -177,6 +176,8 @@ def _restore(config, plan, backend, state, inputs):
     )
     logging.info("%s", checkpointer.restore(config.init_checkpoint))
     backend.broadcast_initial_state(state.variables)
+    # After restore and broadcast, which leave every replica with replica 0's random states.
+    replicas.make_random_states_distinct(backend, state.model)
     start_step = int(state.step.numpy())
     return checkpointer, iterator or train_iterator(config.seed + start_step), start_step
 
@@ -347,8 +348,8 @@ def _finish(run: _Run, final_step: int, start_step: int) -> dict:
     config, backend, state = run.config, run.backend, run.state
     run.checkpointer.save()
     final_eval = run.evaluate(final_step)
-    # Every worker logs this: equal fingerprints prove the replicas ended with identical weights.
-    logging.info("weights fingerprint %s", _fingerprint(state.model.get_weights()))
+    # Every worker logs it, after every replica of every worker was checked to have the same.
+    logging.info("weights fingerprint %s", replicas.check_identical(backend, state.model))
     run.summaries.close()
     _agree_to_go_on(run, final_step, "after the final evaluation")
     summary = _summary(run, final_step, start_step, final_eval)
@@ -419,10 +420,3 @@ def _export(run: _Run) -> dict:
         "export": {k: v.replace(temporary, final) for k, v in paths.items()},
         "export_weights": "best" if from_best else "last",
     }
-
-
-def _fingerprint(weights) -> str:
-    digest = hashlib.sha256()
-    for w in weights:
-        digest.update(w.tobytes())
-    return digest.hexdigest()[:16]

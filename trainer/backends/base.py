@@ -101,6 +101,22 @@ class Backend(abc.ABC):
         """
         self.agree(np.zeros([1], np.float32))
 
+    def local_values(self, variables: list) -> list[list[np.ndarray]]:
+        """The values of `variables`, once per local replica (for checks; reads to the host)."""
+        return [[np.asarray(v.numpy()) for v in variables]]
+
+    def average_over_replicas(self, variables: list) -> None:
+        """Sets every replica's copy of each variable to the mean over all replicas.
+
+        For replica-local state (aggregation NONE: BatchNorm's moving statistics); every worker
+        calls it at the same point. A no-op with one replica."""
+        del variables
+
+    def offset_seed_per_replica(self, variables: list, stride: int) -> None:
+        """Adds `global replica id * stride` to the seed (element 0) of each replica's copy of
+        each `[seed, counter]` random-generator state. A no-op with one replica (id 0)."""
+        del variables, stride
+
     def broadcast_initial_state(self, variables: list) -> None:
         """Makes every worker start from worker 0's values (no-op where the strategy does it)."""
         del variables  # Mirrored variables are already identical; only Horovod overrides this.

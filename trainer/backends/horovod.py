@@ -60,8 +60,24 @@ class HorovodBackend(Backend):
         )
         return summed.numpy()
 
+    def average_over_replicas(self, variables):
+        if self.num_replicas == 1 or not variables:
+            return
+        tf_variables = [_tf(v) for v in variables]
+        means = self._hvd.grouped_allreduce(
+            [tf.identity(v) for v in tf_variables], op=self._hvd.Average, name="convoy_average"
+        )
+        for variable, mean in zip(tf_variables, means):
+            variable.assign(mean)
+
+    def offset_seed_per_replica(self, variables, stride):
+        for variable in (_tf(v) for v in variables):
+            variable.assign_add(tf.constant([self.worker_index * stride, 0], variable.dtype))
+
     def broadcast_initial_state(self, variables):
         # Keras 3 variables wrap a tf.Variable in `.value`; Horovod needs the tf.Variable itself.
-        self._hvd.broadcast_variables(
-            [v.value if isinstance(v, keras.Variable) else v for v in variables], root_rank=0
-        )
+        self._hvd.broadcast_variables([_tf(v) for v in variables], root_rank=0)
+
+
+def _tf(variable):
+    return variable.value if isinstance(variable, keras.Variable) else variable

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 
+import keras
 import tensorflow as tf
 
 from trainer import peers
@@ -50,6 +51,49 @@ class _StrategyBackend(Backend):
         return tf.nest.map_structure(
             lambda v: self.strategy.experimental_local_results(v)[0], per_replica
         )
+
+    def local_values(self, variables):
+        per_variable = [self.strategy.experimental_local_results(_tf(v)) for v in variables]
+        return [[c.numpy() for c in replica] for replica in zip(*per_variable)]
+
+    def average_over_replicas(self, variables):
+        if self.num_replicas > 1 and variables:
+            self._replica_update("average", variables, 0)()
+
+    def offset_seed_per_replica(self, variables, stride):
+        if self.num_replicas > 1 and variables:
+            self._replica_update("offset", variables, stride)()
+
+    def _replica_update(self, kind: str, variables: list, stride: int):
+        """A compiled function that updates each replica's own copy of `variables` (cached)."""
+        cache = self.__dict__.setdefault("_replica_updates", {})
+        key = (kind, stride, tuple(id(v) for v in variables))
+        if key not in cache:
+            tf_variables = [_tf(v) for v in variables]
+
+            def average():
+                context = tf.distribute.get_replica_context()
+                # The identities read this replica's own copy (aggregation NONE).
+                mean = context.all_reduce(
+                    tf.distribute.ReduceOp.MEAN, [tf.identity(v) for v in tf_variables]
+                )
+                for variable, value in zip(tf_variables, mean):
+                    variable.assign(value)
+
+            def offset():
+                replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+                for variable in tf_variables:
+                    step = tf.cast(replica, variable.dtype) * stride
+                    variable.assign_add(tf.stack([step, tf.zeros_like(step)]))
+
+            replica_fn = average if kind == "average" else offset
+            cache[key] = tf.function(lambda: self.strategy.run(replica_fn), autograph=False)
+        return cache[key]
+
+
+def _tf(variable):
+    """The tf.Variable (a distributed one under a strategy) under a Keras 3 variable."""
+    return variable.value if isinstance(variable, keras.Variable) else variable
 
 
 class OneDeviceBackend(_StrategyBackend):
@@ -105,9 +149,9 @@ class MultiWorkerBackend(_StrategyBackend):
         )
 
     def agree(self, votes):
-        # strategy.run gives every local replica the same vector; each worker's row is counted
-        # once per local replica, which only scales it.
-        return self._agree(tf.constant(votes, tf.float32)).numpy()
+        # strategy.run gives every local replica the same vector, so each worker's row is
+        # counted once per local replica: divided back, the sum is exact for small integers.
+        return self._agree(tf.constant(votes, tf.float32)).numpy() / self.replicas_per_worker
 
     @tf.function
     def _agree(self, votes):
