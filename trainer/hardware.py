@@ -179,11 +179,14 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def read_machine(cpuinfo: str = CPUINFO, *, gpus: bool = True) -> Machine:
+def read_machine(cpuinfo: str | None = None, *, gpus: bool = True) -> Machine:
     """This machine's facts (GPUs only when `gpus`: reading them starts TensorFlow's GPU runtime).
 
-    In a training run, call it after the backend has chosen the visible GPUs.
+    In a training run, call it after the backend has chosen the visible GPUs. `cpuinfo` defaults
+    to $CONVOY_CPUINFO, else /proc/cpuinfo: the variable lets a test give two processes of one
+    run different CPUs (what a mixed node pool does).
     """
+    cpuinfo = cpuinfo or os.environ.get("CONVOY_CPUINFO") or CPUINFO
     model, flags, error = read_cpu(cpuinfo)
     return Machine(
         cpu_model=model,
@@ -203,6 +206,7 @@ class PrecisionChoice:
     precision: str  # fp32 | fp16 | bf16, never auto
     reason: str  # why, one line
     warning: str = ""  # one line when the choice is known to be slow here; else empty
+    decided_by: str = "this process"  # which process's machine decided (trainer/run_precision.py)
 
 
 def resolve_precision(

@@ -28,7 +28,17 @@ from absl import logging
 
 from datasets import embedded, verify
 from datasets.metadata import DatasetMetadata
-from trainer import checkpoints, console, errors, export, hardware, periodic, replicas, workdir
+from trainer import (
+    checkpoints,
+    console,
+    errors,
+    export,
+    hardware,
+    periodic,
+    replicas,
+    run_precision,
+    workdir,
+)
 from trainer import step as step_lib
 from trainer.backends import create_backend
 from trainer.backends.base import Backend
@@ -38,7 +48,7 @@ from trainer.inputs import InputSpec
 from trainer.interrupts import Interrupted, StopRequest, StopVotes
 from trainer.meter import Meter
 from trainer.peers import JoinDeadline
-from trainer.plan import Plan, resolve_plan
+from trainer.plan import Plan, local_precision, resolve_plan
 from trainer.state import TrainState, create_train_state
 from trainer.summaries import Summaries
 from trainer.watchdog import StallWatchdog
@@ -94,7 +104,11 @@ def _run(config: Config, stop: StopRequest) -> dict:
     metadata = DatasetMetadata.load(data_dir)  # Compares shard sizes with metadata.json.
     verify.check_before_training(metadata, data_dir)  # The first records against image_shape.
     machine = hardware.read_machine()  # Once, after the backend chose the visible GPUs.
-    plan = resolve_plan(config, backend.topology, metadata, data_dir, machine)
+    # Every process reports its own choice; all run the least capable one.
+    precision = run_precision.agree(
+        backend, config.precision, local_precision(config, backend.topology, machine)
+    )
+    plan = resolve_plan(config, backend.topology, metadata, data_dir, machine, precision)
     logging.info("%s", machine.describe())
     logging.info("%s; model %s\n%s", backend, config.model, plan.describe())
     if plan.precision_warning:
@@ -391,6 +405,7 @@ def _summary(run: _Run, final_step: int, start_step: int, final_eval: dict) -> d
         "grad_accum_steps": plan.grad_accum_steps,
         "precision": plan.precision,
         "precision_reason": plan.precision_reason,
+        "precision_decided_by": plan.precision_decided_by,
         "xla": plan.xla,
         "ema_decay": config.ema_decay,
         "data_dir": plan.data_dir,

@@ -51,6 +51,7 @@ class Plan:
     precision: str  # resolved: fp32 | fp16 | bf16, never auto
     precision_reason: str
     precision_warning: str  # empty unless the precision is known to be slow on this machine
+    precision_decided_by: str = "this process"  # or "worker K", "every process"
 
     def describe(self) -> str:
         """Three log lines: the batch arithmetic, model input and steps, the precision and why."""
@@ -67,7 +68,8 @@ class Plan:
             + "\n"
             f"{'x'.join(map(str, self.input_shape))} inputs, {self.num_classes} classes; "
             f"{self.total_steps} steps; xla {self.xla}\n"
-            f"precision {self.precision} ({self.precision_reason})"
+            f"precision {self.precision} ({self.precision_reason}; decided by "
+            f"{self.precision_decided_by})"
         )
 
 
@@ -77,9 +79,11 @@ def resolve_plan(
     metadata: DatasetMetadata,
     data_dir: str,
     machine: hardware.Machine,
+    precision: hardware.PrecisionChoice | None = None,
 ) -> Plan:
     """The plan for `config` on `topology` and `machine` over the dataset in `data_dir`.
 
+    `precision`: the run's agreed choice (trainer/run_precision.py); default: this machine's.
     Raises ConfigError.
     """
     eval_split = config.eval_split or ("test" if "test" in metadata.splits else "validation")
@@ -119,12 +123,7 @@ def resolve_plan(
     # auto: XLA on GPUs only (2.4x slower on CPU), and never with op determinism, which XLA's
     # pooling gradients do not support.
     xla = {"on": True, "off": False, "auto": topology.uses_gpu and not config.deterministic}
-    # The GPUs' numerics decide only when the run trains on them.
-    precision = hardware.resolve_precision(
-        config.precision,
-        machine.cpu_flags,
-        machine.gpu_capabilities if topology.uses_gpu else (),
-    )
+    precision = precision or local_precision(config, topology, machine)
     return Plan(
         data_dir=data_dir,
         train_split=config.train_split,
@@ -146,4 +145,17 @@ def resolve_plan(
         precision=precision.precision,
         precision_reason=precision.reason,
         precision_warning=precision.warning,
+        precision_decided_by=precision.decided_by,
+    )
+
+
+def local_precision(
+    config: Config, topology: Topology, machine: hardware.Machine
+) -> hardware.PrecisionChoice:
+    """What this process alone would run `--precision` as."""
+    # The GPUs' numerics decide only when the run trains on them.
+    return hardware.resolve_precision(
+        config.precision,
+        machine.cpu_flags,
+        machine.gpu_capabilities if topology.uses_gpu else (),
     )
