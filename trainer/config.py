@@ -108,7 +108,9 @@ class Config:
         "machines).",
     )
     fp16_allreduce: bool = _setting(
-        False, "Horovod: compress gradients to fp16 for the all-reduce."
+        False,
+        "Sum gradients over replicas in fp16 (half the bytes), each tensor scaled by a power of "
+        "two first so that small gradients survive; every backend (no-op with one replica).",
     )
     stall_timeout_s: float = _setting(
         0.0,
@@ -328,8 +330,6 @@ def _check_values(c: Config) -> None:
             "--report draws with matplotlib, which is not installed (pip install matplotlib; "
             "installing convoy with pip brings it)"
         )
-    if c.fp16_allreduce and c.strategy not in ("horovod", "auto"):
-        raise ConfigError(f"--fp16_allreduce works with --strategy=horovod, not {c.strategy}")
 
 
 def _model_is_known(name: str) -> bool:

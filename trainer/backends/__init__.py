@@ -81,6 +81,7 @@ def create_backend(
         strategy, physical_gpus, num_cpu_devices, peer_join_timeout_s, peer_loss_timeout_s
     )
     backend.threads = pools
+    backend.fp16_allreduce = fp16_allreduce
     return backend
 
 
@@ -150,6 +151,7 @@ def _horovod_backend(physical_gpus, fp16_allreduce: bool) -> Backend:
     logging.info("horovod: rank %d of %d (local rank %d)", hvd.rank(), hvd.size(), hvd.local_rank())
     backend = HorovodBackend(hvd, uses_gpu=bool(physical_gpus), fp16_allreduce=fp16_allreduce)
     backend.threads = pools
+    backend.fp16_allreduce = fp16_allreduce
     return backend
 
 

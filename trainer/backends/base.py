@@ -31,6 +31,8 @@ class Backend(abc.ABC):
     worker_index: int = 0
     num_replicas: int = 1
     uses_gpu: bool = False
+    # Gradients cross the network in fp16, scaled so that small ones survive (compression.py).
+    fp16_allreduce: bool = False
     # The thread-pool sizes create_backend gave this process; the input pipelines use `tf_data`.
     threads: ThreadPools | None = None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from trainer.backends import compression
 from trainer.backends.base import Backend
 
 
@@ -22,9 +23,7 @@ class HorovodBackend(Backend):
         self.worker_index = hvd_module.rank()
         self.num_replicas = hvd_module.size()
         self.uses_gpu = uses_gpu
-        self._compression = (
-            hvd_module.Compression.fp16 if fp16_allreduce else hvd_module.Compression.none
-        )
+        self.fp16_allreduce = fp16_allreduce
 
     def run(self, fn, *args):
         return fn(*args)
@@ -50,9 +49,13 @@ class HorovodBackend(Backend):
     def reduce_gradients(self, grads):
         # Sum, not Average: every replica's loss is already divided by the *global* batch (the
         # convention shared with tf.distribute), so the sum is the gradient of the global mean loss.
-        return self._hvd.grouped_allreduce(
-            list(grads), op=self._hvd.Sum, compression=self._compression
-        )
+        def sum_over_ranks(tensors):
+            return self._hvd.grouped_allreduce(list(tensors), op=self._hvd.Sum)
+
+        if self.fp16_allreduce and self.num_replicas > 1:
+            # Not Horovod's Compression.fp16: a plain cast flushes small gradients to zero.
+            return compression.scaled_fp16_sum(grads, sum_over_ranks, self.reduce_sum)
+        return sum_over_ranks(grads)
 
     def agree(self, votes):
         summed = self._hvd.allreduce(

@@ -13,6 +13,7 @@ import keras
 import tensorflow as tf
 
 from trainer import peers
+from trainer.backends import compression
 from trainer.backends.base import Backend
 
 
@@ -42,8 +43,11 @@ class _StrategyBackend(Backend):
     def reduce_sum(self, values):
         return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, values)
 
-    # Gradients are summed like any other structure: one all-reduce of the whole list.
-    reduce_gradients = reduce_sum
+    def reduce_gradients(self, grads):
+        # Summed like any other structure: one all-reduce of the whole list.
+        if self.fp16_allreduce and self.num_replicas > 1:
+            return compression.scaled_fp16_sum(grads, self.reduce_sum, self.reduce_sum)
+        return self.reduce_sum(grads)
 
     def local_result(self, per_replica):
         # experimental_local_results also accepts the plain value `run` returns when a worker has a
