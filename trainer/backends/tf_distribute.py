@@ -30,7 +30,10 @@ class _StrategyBackend(Backend):
         if replicas > 1:
             # Split where the batch is (host memory), so each device receives only its slice.
             flat = tf.nest.flatten(args)
-            slices = [tf.split(t, replicas) for t in flat]
+            # On this worker's CPU, explicitly: an unplaced split may land on the first GPU,
+            # which would then receive every replica's slice and send all but one on.
+            with tf.device("/device:CPU:0"):
+                slices = [tf.split(t, replicas) for t in flat]
 
             def replica_slice(context):
                 # Replica ids count across workers; this worker's replicas take consecutive slices.
