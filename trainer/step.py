@@ -30,9 +30,9 @@ EVAL_METRICS = ("loss_sum", "correct", "count")
 class Loops:
     """Compiled multi-step loops over an iterator; each returns metrics summed over replicas.
 
-    `train(iterator, num_steps) -> (sums, first non-finite step or -1, stop_votes)` runs all
-    num_steps steps (no host sync inside); `stop_votes`, summed over replicas, says who asked the
-    run to stop; `evaluate(iterator, num_batches) -> sums`.
+    `train(iterator, num_steps) -> (sums, steps_run, stop_votes)` stops early at a non-finite
+    loss or when any worker votes to stop (`stop_votes`, summed over replicas, then says who);
+    `evaluate(iterator, num_batches) -> sums`.
     """
 
     train: tf.types.experimental.GenericFunction
@@ -166,33 +166,26 @@ def build_loops(
 
     @tf.function
     def train_loop(iterator, num_steps):
-        """Runs num_steps steps with no device-to-host read between them.
+        """Runs up to num_steps steps; stops early at a non-finite loss or a stop vote.
 
-        Returns (sums, the first step of the chunk whose loss was not finite or -1, the last
-        step's summed stop votes). The loss and the votes are all-reduced, identical on every
-        process, so every process reaches the same verdict when the chunk ends. Stopping inside
-        the loop would read a device scalar at every step (a GPU sync per step); a chunk that
-        goes non-finite instead runs to its end, and the run stops there without saving it."""
+        Returns (sums, steps_run, the last step's summed stop votes)."""
         sums = {k: tf.constant(0.0) for k in TRAIN_METRICS}
-        first_non_finite = tf.constant(-1, tf.int64)
+        steps_run = tf.constant(0, tf.int64)
         votes = tf.zeros_like(stop_votes)
-        start = tf.identity(step.read_value())
-        for i in tf.range(num_steps):
-            images, labels = next(iterator)  # may be fetched while the previous step runs
+        for _ in tf.range(num_steps):
             with _after_previous_step(sums):
-                out = train_step(images, labels)
+                images, labels = next(iterator)
+            out = train_step(images, labels)
             step.assign_add(1)
-            current = start + tf.cast(i, tf.int64) + 1
+            steps_run += 1
             sums = {k: sums[k] + out[k] for k in TRAIN_METRICS}
             votes = out["stop"]
-            first_non_finite = tf.where(
-                tf.logical_and(
-                    first_non_finite < 0, tf.logical_not(tf.math.is_finite(out["loss"]))
-                ),
-                current,
-                first_non_finite,
-            )
-        return sums, first_non_finite, votes
+            # Both are all-reduced values, identical on every process: all leave at this step.
+            if tf.logical_or(
+                tf.logical_not(tf.math.is_finite(out["loss"])), tf.reduce_any(votes > 0)
+            ):
+                break
+        return sums, steps_run, votes
 
     @tf.function
     def eval_loop(iterator, num_steps):
@@ -200,9 +193,9 @@ def build_loops(
         if confusion_matrix:
             sums["confusion"] = tf.zeros([num_classes, num_classes])
         for _ in tf.range(num_steps):
-            images, labels, weights = next(iterator)
             with _after_previous_step(sums):
-                out = eval_step(images, labels, weights)
+                images, labels, weights = next(iterator)
+            out = eval_step(images, labels, weights)
             sums = {k: sums[k] + out[k] for k in sums}
         return sums
 
@@ -211,9 +204,8 @@ def build_loops(
 
 def _after_previous_step(previous_step_outputs):
     # Steps must not overlap: the collectives of two steps would be in flight under the same name
-    # (Horovod rejects that). Starting a step only after the previous step's reduced metrics
-    # exist orders them, as the weight updates already do in training; the next batch is not
-    # held back, so its copy to the device overlaps the previous step.
+    # (Horovod rejects that). Fetching the next batch only after the previous step's reduced
+    # metrics exist orders them, as the weight updates already do in training.
     return tf.control_dependencies(tf.nest.flatten(previous_step_outputs))
 
 
