@@ -172,7 +172,8 @@ def _version(module: str, *distributions: str) -> str:
     return "not installed"
 
 
-def _cpu_count() -> int:
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity), else the machine's count."""
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -190,7 +191,7 @@ def read_machine(cpuinfo: str | None = None, *, gpus: bool = True) -> Machine:
     model, flags, error = read_cpu(cpuinfo)
     return Machine(
         cpu_model=model,
-        cpu_count=_cpu_count(),
+        cpu_count=cpu_count(),
         cpu_flags=flags,
         cpu_flags_error=error,
         gpus=read_gpus() if gpus else (),

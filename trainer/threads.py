@@ -30,6 +30,8 @@ import math
 import os
 from collections.abc import Mapping
 
+from trainer import hardware
+
 CGROUP_ROOT = "/sys/fs/cgroup"
 # Where cgroup v1 mounts the cpu controller (alone, or together with cpuacct).
 _CGROUP_V1_CPU = ("cpu", "cpu,cpuacct")
@@ -202,13 +204,6 @@ def _own_cgroup_v2(proc_self_cgroup: str | None) -> str:
     return "/"
 
 
-def _affinity() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 def read_thread_pools(
     local_processes: int,
     root: str = CGROUP_ROOT,
@@ -229,7 +224,7 @@ def read_thread_pools(
             break
     return thread_pools(
         cpu_max,
-        _affinity(),
+        hardware.cpu_count(),
         local_processes,
         cfs_quota=quota,
         cfs_period=period,
