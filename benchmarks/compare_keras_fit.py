@@ -27,6 +27,7 @@ from absl import app, flags  # noqa: E402
 
 from datasets import embedded  # noqa: E402
 from datasets.metadata import DatasetMetadata  # noqa: E402
+from datasets.pipeline import model_input  # noqa: E402
 from trainer import hardware, models  # noqa: E402
 from trainer import step as step_lib  # noqa: E402
 from trainer.backends import create_backend  # noqa: E402
@@ -79,7 +80,11 @@ def _time_keras_fit(config, plan, inputs) -> Timer:
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    dataset = inputs.training(plan.train_split, config.seed)(0, 1, plan.global_batch)
+    # Keras takes the float images the model is built for, normalized in tf.data as in the
+    # Keras tutorials (convoy's own step normalizes the uint8 batch on the device).
+    dataset = inputs.training(plan.train_split, config.seed)(0, 1, plan.global_batch).map(
+        lambda images, labels: (model_input(images), labels)
+    )
 
     def timed():
         start = time.perf_counter()

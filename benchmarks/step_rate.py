@@ -2,12 +2,16 @@
 MirroredStrategy over 2 logical CPU devices.
 
     python benchmarks/step_rate.py [--train_steps=400] [--global_batch_size=128] [--repeats=3]
+        [--compare_with=OTHER_CHECKOUT]
 
 Runs the real trainer CLI (fp32, the embedded MNIST sample, no checkpoints or export) and reads
 its own steady-state `images_per_sec` from summary.json; steps/s = images/s / global batch. The
 median over `--repeats` runs is reported with every run's figure. What it measures is the loop's
 overhead around small models, where a host round trip per step or a batch fetched only after
-the previous step shows. Prints one JSON line with the `machine`.
+the previous step shows. `--compare_with` runs the same set-ups from another checkout (e.g. a
+`git worktree` of main), interleaved with this one's, so a change is measured against its
+baseline under the same load; its figures are keyed `baseline:MODEL/SETUP`. Prints one JSON line
+with the `machine`.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ flags.DEFINE_integer("global_batch_size", 128, "Global batch.")
 flags.DEFINE_integer("steps_per_loop", 50, "Steps per compiled call.")
 flags.DEFINE_integer("repeats", 3, "Runs per set-up (the median is reported).")
 flags.DEFINE_list("models", ["softmax", "tutorial_cnn"], "Models.")
+flags.DEFINE_string("compare_with", None, "Another checkout of convoy to run interleaved.")
 FLAGS = flags.FLAGS
 
 SETUPS = {
@@ -40,7 +45,7 @@ SETUPS = {
 }
 
 
-def _run(model: str, setup: str, workdir: str) -> float | str:
+def _run(model: str, setup: str, workdir: str, repo: str) -> float | str:
     result = subprocess.run(
         [
             sys.executable,
@@ -58,8 +63,8 @@ def _run(model: str, setup: str, workdir: str) -> float | str:
             "--export=false",
             "--lr_schedule=constant",
         ],
-        cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2"),
+        cwd=repo,
+        env=dict(os.environ, PYTHONPATH=repo, TF_CPP_MIN_LOG_LEVEL="2"),
         capture_output=True,
         text=True,
         timeout=900,
@@ -74,18 +79,21 @@ def main(argv):
     del argv
     results, errors = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        runs = {(m, s): [] for m in FLAGS.models for s in SETUPS}
+        repos = {"": REPO}
+        if FLAGS.compare_with:
+            repos["baseline:"] = os.path.abspath(FLAGS.compare_with)
+        runs = {(r, m, s): [] for m in FLAGS.models for s in SETUPS for r in repos}
         for repeat in range(FLAGS.repeats):  # interleaved: drift on a shared machine hits all
-            for (model, setup), figures in runs.items():
-                workdir = os.path.join(tmp, f"{model}-{setup}-{repeat}")
-                figure = _run(model, setup, workdir)
+            for (label, model, setup), figures in runs.items():
+                workdir = os.path.join(tmp, f"{label}{model}-{setup}-{repeat}")
+                figure = _run(model, setup, workdir, repos[label])
                 if isinstance(figure, str):
-                    errors[f"{model}/{setup}"] = figure
+                    errors[f"{label}{model}/{setup}"] = figure
                 else:
                     figures.append(round(figure, 1))
-        for (model, setup), figures in runs.items():
+        for (label, model, setup), figures in runs.items():
             if figures:
-                results[f"{model}/{setup}"] = {
+                results[f"{label}{model}/{setup}"] = {
                     "steps_per_sec": statistics.median(figures),
                     "runs": figures,
                 }
@@ -100,6 +108,7 @@ def main(argv):
                 "precision": "fp32",
                 "results": results,
                 "errors": errors,
+                "baseline": repos.get("baseline:"),
             }
         )
     )

@@ -112,7 +112,7 @@ def _load_arrays(data_dir: str):
     import numpy as np
 
     from datasets.metadata import DatasetMetadata
-    from datasets.pipeline import input_fn
+    from datasets.pipeline import input_fn, model_input
 
     metadata = DatasetMetadata.load(data_dir)
     arrays = []
@@ -120,7 +120,7 @@ def _load_arrays(data_dir: str):
         images, labels = [], []
         for x, y, w in input_fn(metadata, data_dir, split, 1000, training=False):
             keep = w.numpy() > 0  # the last batch is padded with weight-0 examples
-            images.append(x.numpy()[keep])
+            images.append(model_input(x).numpy()[keep])
             labels.append(y.numpy()[keep])
         arrays += [np.concatenate(images), np.concatenate(labels)]
     return tuple(arrays)

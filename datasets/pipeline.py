@@ -3,7 +3,12 @@
 Training: this worker's share of the shards, files read in parallel (in chunks), records shuffled
 (seeded) while still serialized (cheap to buffer), repeated forever, then batched and decoded per
 batch (one `parse_example` + `decode_raw` per batch instead of per example: with the chunked file
-reads, that is what gives ~200k MNIST images/s on two cores), augmented, normalized, prefetched.
+reads, that is what gives ~200k MNIST images/s on two cores), augmented, prefetched.
+
+Batches leave the pipeline as uint8 pixels, a quarter of float32's bytes to copy to the device;
+the train and eval steps normalize them inside the compiled step (`model_input`), with the same
+`normalize` the export applies. Augmented batches (augmentation runs on float pixels in tf.data)
+leave as float32 in [0, 1], which `model_input` passes through.
 Encoded (JPEG/PNG) datasets are decoded and resized per example before batching, as sizes vary
 (`prepare --image_size` does that once instead; `datasets.resize` holds the one decode and resize).
 
@@ -48,6 +53,11 @@ _CHUNK = 64
 def normalize(images_uint8) -> tf.Tensor:
     """uint8 pixels -> float32 in [0, 1]. The only normalization: the SavedModel export reuses it."""
     return tf.cast(images_uint8, tf.float32) * (1.0 / 255.0)
+
+
+def model_input(images) -> tf.Tensor:
+    """A batch as the model takes it: uint8 pixels normalized, float (augmented) ones unchanged."""
+    return normalize(images) if images.dtype == tf.uint8 else images
 
 
 def eval_batches_per_worker(
@@ -170,7 +180,12 @@ def _read_files(files: tf.data.Dataset, cycle_length: int) -> tf.data.Dataset:
 def _synthetic(metadata, target, batch_size, training, seed, num_batches):
     """One random batch of the right shape and dtype, repeated: measures compute without input."""
     h, w, c = target
-    images = tf.random.stateless_uniform([batch_size, h, w, c], seed=[seed, 0])
+    images = tf.cast(
+        tf.random.stateless_uniform(
+            [batch_size, h, w, c], seed=[seed, 0], minval=0, maxval=256, dtype=tf.int32
+        ),
+        tf.uint8,
+    )
     labels = tf.random.stateless_uniform(
         [batch_size], seed=[seed, 1], minval=0, maxval=metadata.num_classes, dtype=tf.int32
     )
@@ -212,8 +227,9 @@ def input_fn(
 ) -> tf.data.Dataset:
     """This worker's batches of `split`; `batch_size` is per replica.
 
-    training=True: (images float32 [B, H, W, C], labels int32 [B]), shuffled, augmented, forever
-    (or `num_batches`). training=False: (images, labels, weights float32 [B]), each example once,
+    training=True: (images uint8 [B, H, W, C], float32 in [0, 1] when augmented; labels int32
+    [B]), shuffled, augmented, forever (or `num_batches`). training=False: (images uint8, labels,
+    weights float32 [B]), each example once,
     padding weighted 0, exactly `num_batches` batches when given. `threads`: the size of the
     pipeline's own thread pool (0: tf.data's shared one, a thread per core of the host).
     """
@@ -286,12 +302,7 @@ def _train(
     records = records.shuffle(buffer, seed=worker_seed, reshuffle_each_iteration=True).repeat()
     if not augment.enabled:
         return _batches(
-            records,
-            metadata,
-            target,
-            batch_size,
-            True,
-            lambda images, labels: (normalize(images), labels),
+            records, metadata, target, batch_size, True, lambda images, labels: (images, labels)
         )
     ds = _batches(
         records, metadata, target, batch_size, True, lambda images, labels: (images, labels)
@@ -326,7 +337,7 @@ def _eval(share, metadata, target, batch_size, worker_index, num_workers, num_ba
         # The last real batch may be short; fill it with weight-0 examples to a static shape.
         n = tf.shape(labels)[0]
         missing = batch_size - n
-        images = tf.pad(normalize(images), [[0, missing], [0, 0], [0, 0], [0, 0]])
+        images = tf.pad(images, [[0, missing], [0, 0], [0, 0], [0, 0]])
         weights = tf.pad(tf.ones([n], tf.float32), [[0, missing]])
         labels = tf.pad(labels, [[0, missing]])
         return (
@@ -340,6 +351,10 @@ def _eval(share, metadata, target, batch_size, worker_index, num_workers, num_ba
     # (fewer records than metadata.json promises) still gives every worker the same number of
     # batches, so the evaluation ends and its example count can tell (trainer/evaluation.py).
     padding = tf.data.Dataset.from_tensors(
-        (tf.zeros([batch_size, h, w, c]), tf.zeros([batch_size], tf.int32), tf.zeros([batch_size]))
+        (
+            tf.zeros([batch_size, h, w, c], tf.uint8),
+            tf.zeros([batch_size], tf.int32),
+            tf.zeros([batch_size]),
+        )
     ).repeat()
     return ds.concatenate(padding).take(total)

@@ -20,7 +20,7 @@ def _read_back(metadata, data_dir, split, index_of):
     images, labels = [], []
     for batch_images, batch_labels, weights in ds:
         keep = weights.numpy() > 0
-        images.append(np.round(batch_images.numpy()[keep] * 255).astype(np.uint8))
+        images.append(batch_images.numpy()[keep])  # uint8, as stored
         labels.append(batch_labels.numpy()[keep])
     images, labels = np.concatenate(images), np.concatenate(labels)
     order = np.argsort(index_of(images))

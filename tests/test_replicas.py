@@ -35,7 +35,7 @@ def _export_evaluation(data_dir: str, workdir: str) -> dict:
     dataset = pipeline.input_fn(metadata, data_dir, "test", 32, training=False)
     loss_sum = correct = count = 0.0
     for images, labels, weights in dataset:
-        logits = tf.cast(model(images, training=False), tf.float32)
+        logits = tf.cast(model(pipeline.normalize(images), training=False), tf.float32)
         per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
         predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
         loss_sum += float(tf.reduce_sum(per_example * weights))

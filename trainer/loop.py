@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import time
 from collections.abc import Callable
@@ -221,15 +220,15 @@ def _train(run: _Run, loops: step_lib.Loops, iterator, start_step: int) -> int:
             )
             started = time.perf_counter()
             with errors.reading_split(run.inputs.metadata, plan.data_dir, plan.train_split):
-                sums, steps_run, votes = loops.train(iterator, tf.constant(n))
+                sums, first_non_finite, votes = loops.train(iterator, tf.constant(n))
                 sums = {k: float(v) for k, v in sums.items()}  # The one host sync per chunk.
-            current += int(steps_run)
-            run.meter.record(sums, int(steps_run), time.perf_counter() - started)
+            current += n
+            run.meter.record(sums, n, time.perf_counter() - started)
             watchdog.beat(current)
-            if not math.isfinite(sums["loss"]):
+            if int(first_non_finite) >= 0:
                 raise errors.NonFiniteLossError(
-                    f"loss became {sums['loss']} at step {current}; stopping (the last good "
-                    f"checkpoint is {run.checkpointer.latest or 'none'})"
+                    f"loss became non-finite at step {int(first_non_finite)}; stopping (the last "
+                    f"good checkpoint is {run.checkpointer.latest or 'none'})"
                 )
             progress.bar(current)
             verdict = run.votes.verdict(votes)

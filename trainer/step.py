@@ -19,6 +19,7 @@ import dataclasses
 
 import tensorflow as tf
 
+from datasets.pipeline import model_input
 from trainer.backends.base import Backend
 from trainer.state import TrainState
 
@@ -30,9 +31,9 @@ EVAL_METRICS = ("loss_sum", "correct", "count")
 class Loops:
     """Compiled multi-step loops over an iterator; each returns metrics summed over replicas.
 
-    `train(iterator, num_steps) -> (sums, steps_run, stop_votes)` stops early at a non-finite
-    loss or when any worker votes to stop (`stop_votes`, summed over replicas, then says who);
-    `evaluate(iterator, num_batches) -> sums`.
+    `train(iterator, num_steps) -> (sums, first non-finite step or -1, stop_votes)` runs all
+    num_steps steps (no host sync inside); `stop_votes`, summed over replicas, says who asked the
+    run to stop; `evaluate(iterator, num_batches) -> sums`.
     """
 
     train: tf.types.experimental.GenericFunction
@@ -85,7 +86,8 @@ def build_loops(
     @tf.function(jit_compile=xla, autograph=False)
     def grads_fn(images, labels):
         with tf.GradientTape() as tape:
-            logits = model(images, training=True)
+            # uint8 crosses to the device; normalized here, inside the compiled step.
+            logits = model(model_input(images), training=True)
             per_example = sparse_cross_entropy(labels, logits, num_classes, label_smoothing)
             # Divided by the global batch so that summing over replicas gives the global mean.
             loss = tf.reduce_sum(per_example) / global_batch_size
@@ -138,7 +140,7 @@ def build_loops(
 
     @tf.function(jit_compile=xla, autograph=False)
     def forward(images):
-        return model(images, training=False)
+        return model(model_input(images), training=False)
 
     def replica_eval_step(images, labels, weights):
         logits = forward(images)
@@ -166,26 +168,32 @@ def build_loops(
 
     @tf.function
     def train_loop(iterator, num_steps):
-        """Runs up to num_steps steps; stops early at a non-finite loss or a stop vote.
+        """Runs num_steps steps with no device-to-host read between them.
 
-        Returns (sums, steps_run, the last step's summed stop votes)."""
+        Returns (sums, the first step whose loss was not finite or -1, the last step's summed
+        stop votes). The loss and the votes are all-reduced, identical on every process, so all
+        reach the same verdict when the chunk ends. Leaving the loop early would make its
+        condition read a device scalar at every step (a GPU sync per step); a chunk that goes
+        non-finite instead runs to its end and the run stops there, without saving it."""
         sums = {k: tf.constant(0.0) for k in TRAIN_METRICS}
-        steps_run = tf.constant(0, tf.int64)
+        first_non_finite = tf.constant(-1, tf.int64)
         votes = tf.zeros_like(stop_votes)
-        for _ in tf.range(num_steps):
+        start = tf.identity(step.read_value())
+        for i in tf.range(num_steps):
             with _after_previous_step(sums):
                 images, labels = next(iterator)
             out = train_step(images, labels)
             step.assign_add(1)
-            steps_run += 1
             sums = {k: sums[k] + out[k] for k in TRAIN_METRICS}
             votes = out["stop"]
-            # Both are all-reduced values, identical on every process: all leave at this step.
-            if tf.logical_or(
-                tf.logical_not(tf.math.is_finite(out["loss"])), tf.reduce_any(votes > 0)
-            ):
-                break
-        return sums, steps_run, votes
+            first_non_finite = tf.where(
+                tf.logical_and(
+                    first_non_finite < 0, tf.logical_not(tf.math.is_finite(out["loss"]))
+                ),
+                start + tf.cast(i, tf.int64) + 1,
+                first_non_finite,
+            )
+        return sums, first_non_finite, votes
 
     @tf.function
     def eval_loop(iterator, num_steps):

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from datasets.metadata import DatasetMetadata
-from datasets.pipeline import input_fn
+from datasets.pipeline import input_fn, model_input
 from trainer.config import ConfigError
 from trainer.export_info import KERAS_FILE
 
@@ -132,6 +132,7 @@ def evaluate(
     wrong: list[tuple[float, int, Example]] = []  # a min-heap of the most confident mistakes
     first, offset = None, 0
     for images, batch_labels, weights in dataset:
+        images = model_input(images)  # float32 in [0, 1], as the model is fed
         real = weights.numpy() > 0  # padding is weighted 0
         logits = tf.cast(forward(images), tf.float32).numpy()[real]
         probabilities = tf.nn.softmax(logits).numpy()
