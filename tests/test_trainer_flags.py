@@ -45,6 +45,8 @@ def test_unknown_flag_is_rejected(tmp_path):
         (("--label_smoothing=1.5",), ("--label_smoothing",)),
         (("--profile_steps=5",), ("--profile_steps",)),
         (("--deterministic", "--xla=on"), ("--deterministic", "--xla=off")),
+        (("--sync_batchnorm", "--xla=on"), ("--sync_batchnorm", "--xla=off")),
+        (("--sync_batchnorm", "--grad_accum_steps=2"), ("--sync_batchnorm", "--grad_accum_steps")),
     ],
 )
 def test_bad_values_are_rejected(tmp_path, flags, words):

@@ -2,6 +2,7 @@
 
 import glob
 import os
+import re
 
 import numpy as np
 import pytest
@@ -324,12 +325,14 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_last_checkpoint(tmp_pat
         "--train_steps=40",
         "--optimizer=sgd",
         "--learning_rate=1e12",
-        "--steps_per_loop=1",
+        "--steps_per_loop=8",  # the chunk runs on past the first non-finite step, which is named
         check=False,
     )
     assert result.returncode == 1, result.stderr[-2000:]
     error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(error) == 1 and "at step" in error[0] and good in error[0], error
+    assert len(error) == 1 and good in error[0], error
+    named = int(re.search(r"non-finite at step (\d+)", error[0]).group(1))
+    assert 11 <= named < 18, error  # inside the first chunk (steps 11-18), not at its end
     assert tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints")) == good
 
 

@@ -138,6 +138,16 @@ def registered_cnn(input_shape, num_classes):
     return small_cnn(input_shape, num_classes)
 
 
+def batchnorm_cnn(input_shape, num_classes):
+    """BatchNorm and no dropout: replicas differ only in the statistics of their batches."""
+    inputs = keras.Input(shape=input_shape)
+    x = keras.layers.Conv2D(8, 3, use_bias=False)(inputs)
+    x = keras.layers.Activation("relu")(keras.layers.BatchNormalization()(x))
+    x = keras.layers.MaxPooling2D(2)(x)
+    x = keras.layers.Flatten()(x)
+    return keras.Model(inputs, keras.layers.Dense(num_classes)(x))
+
+
 def returns_a_layer(input_shape, num_classes):
     return keras.layers.Dense(num_classes)
 

@@ -112,6 +112,12 @@ class Config:
         "Sum gradients over replicas in fp16 (half the bytes), each tensor scaled by a power of "
         "two first so that small gradients survive; every backend (no-op with one replica).",
     )
+    sync_batchnorm: bool = _setting(
+        False,
+        "BatchNormalization normalizes with the statistics of the global batch (one all-reduce "
+        "per layer per step) instead of each replica's own share; tf.distribute backends "
+        "(mirrored, multi_worker) only; turns XLA off.",
+    )
     stall_timeout_s: float = _setting(
         0.0,
         "Exit 138 (retryable), dumping stacks, when no training progress is made for this long "
@@ -301,6 +307,16 @@ def _check_values(c: Config) -> None:
         )
     if c.image_size and min(c.image_size) <= 0:
         raise ConfigError(f"--image_size={c.image_size}: expected positive HEIGHT,WIDTH")
+    if c.sync_batchnorm and c.xla == "on":
+        raise ConfigError(
+            "--sync_batchnorm with --xla=on: the statistics' all-reduce runs inside the model, "
+            "where XLA has no collective kernel; use --xla=off (or auto)"
+        )
+    if c.sync_batchnorm and c.grad_accum_steps > 1:
+        raise ConfigError(
+            f"--sync_batchnorm with --grad_accum_steps={c.grad_accum_steps}: tf.distribute cannot "
+            "all-reduce the statistics inside the micro-batch loop; use one of the two"
+        )
     if c.deterministic and c.xla == "on":
         raise ConfigError(
             "--deterministic with --xla=on: XLA has no deterministic pooling gradient;"

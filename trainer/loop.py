@@ -144,6 +144,7 @@ def _train_and_finish(config, plan, machine, backend, state, metadata, stop) -> 
         grad_accum_steps=plan.grad_accum_steps,
         confusion_matrix=True,  # TensorBoard shows it at every evaluation.
         stop_votes=vote,
+        sync_batchnorm=config.sync_batchnorm,
     )
     summaries = Summaries(config.workdir, enabled=backend.is_chief)
     meter = Meter(step_lib.TRAIN_METRICS, plan.global_batch)
@@ -406,6 +407,7 @@ def _summary(run: _Run, final_step: int, start_step: int, final_eval: dict) -> d
         "precision_reason": plan.precision_reason,
         "precision_decided_by": plan.precision_decided_by,
         "xla": plan.xla,
+        "sync_batchnorm": config.sync_batchnorm,
         "ema_decay": config.ema_decay,
         "data_dir": plan.data_dir,
         "workdir": config.workdir,

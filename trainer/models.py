@@ -23,6 +23,7 @@ import sys
 from collections.abc import Callable
 
 import keras
+from absl import logging
 from keras import layers
 
 from trainer.config import ConfigError
@@ -309,6 +310,24 @@ def build_model(
             "per class of the dataset"
         )
     return built
+
+
+def synchronize_batch_norm(model: keras.Model) -> int:
+    """Makes every BatchNormalization layer of `model` (nested ones too) compute its training
+    statistics over all replicas (Keras' `synchronized`, read at each call); returns how many.
+
+    Only the training model is changed: the export is a fresh build, and inference uses the
+    moving statistics, which need no all-reduce."""
+    layers_ = [
+        layer
+        for layer in model._flatten_layers(include_self=False)  # Keras has no public walk.
+        if isinstance(layer, layers.BatchNormalization)
+    ]
+    for layer in layers_:
+        layer.synchronized = True
+    if not layers_:
+        logging.warning("--sync_batchnorm: the model has no BatchNormalization layer")
+    return len(layers_)
 
 
 @contextlib.contextmanager

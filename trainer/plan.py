@@ -107,6 +107,12 @@ def resolve_plan(
             f"--global_batch_size={global_batch}: not divisible by the "
             f"{topology.num_replicas} replicas of --strategy={topology.strategy}"
         )
+    if config.sync_batchnorm and topology.strategy == "horovod":
+        raise ConfigError(
+            "--sync_batchnorm: cross-replica BatchNorm statistics use tf.distribute's replica "
+            "all-reduce, which --strategy=horovod does not have; use --strategy=mirrored or "
+            "multi_worker, or drop --sync_batchnorm"
+        )
     if global_batch % (topology.num_replicas * config.grad_accum_steps):
         raise ConfigError(
             f"--global_batch_size={global_batch}: not divisible by --grad_accum_steps="
@@ -122,7 +128,12 @@ def resolve_plan(
     per_worker_batch = global_batch // topology.num_workers
     # auto: XLA on GPUs only (2.4x slower on CPU), and never with op determinism, which XLA's
     # pooling gradients do not support.
-    xla = {"on": True, "off": False, "auto": topology.uses_gpu and not config.deterministic}
+    # --sync_batchnorm puts an all-reduce inside the model, where XLA has no collective kernel.
+    xla = {
+        "on": True,
+        "off": False,
+        "auto": topology.uses_gpu and not config.deterministic and not config.sync_batchnorm,
+    }
     precision = precision or local_precision(config, topology, machine)
     return Plan(
         data_dir=data_dir,

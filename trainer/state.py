@@ -85,6 +85,8 @@ def create_train_state(config: Config, plan: Plan, backend: Backend) -> TrainSta
     """Builds model, schedule, optimizer (with its slots) and step under `backend.scope()`."""
     with backend.scope():
         model = models.build_model(config.model, plan.input_shape, plan.num_classes, plan.precision)
+        if config.sync_batchnorm:
+            models.synchronize_batch_norm(model)
         peak = optimizers.peak_learning_rate(
             config.learning_rate, plan.global_batch, config.scale_lr, config.base_batch_size
         )

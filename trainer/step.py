@@ -61,6 +61,7 @@ def build_loops(
     grad_accum_steps: int = 1,
     confusion_matrix: bool = False,
     stop_votes: tf.Variable | None = None,
+    sync_batchnorm: bool = False,
 ) -> Loops:
     """Builds the train and eval loops for `state` under `backend`.
 
@@ -73,7 +74,10 @@ def build_loops(
     (rows: true class, columns: predicted). `stop_votes` is this worker's stop vote
     (trainer/interrupts.py), set from another thread when a signal arrives: every step sums it
     over all replicas with the metrics, in the same all-reduce, so every process leaves the loop
-    at the same step. Default: a constant no-vote.
+    at the same step. Default: a constant no-vote. With `sync_batchnorm` the model all-reduces
+    its batch statistics (`models.synchronize_batch_norm`): a synchronisation point tf.distribute
+    allows only in the replica function itself, so the forward/backward is not a tf.function of
+    its own (nor XLA-compiled) then.
     """
     model, optimizer, step = state.model, state.optimizer, state.step
     loss_scaling = state.uses_loss_scaling
@@ -83,7 +87,6 @@ def build_loops(
     if stop_votes is None:
         stop_votes = tf.zeros([backend.num_workers * 2])
 
-    @tf.function(jit_compile=xla, autograph=False)
     def grads_fn(images, labels):
         with tf.GradientTape() as tape:
             # uint8 crosses to the device; normalized here, inside the compiled step.
@@ -97,6 +100,9 @@ def build_loops(
         grads = tape.gradient(scaled, variables)
         correct = tf.reduce_sum(tf.cast(tf.equal(_predictions(logits), labels), tf.float32))
         return loss, grads, correct
+
+    if not sync_batchnorm:
+        grads_fn = tf.function(grads_fn, jit_compile=xla, autograph=False)
 
     def accumulated_grads(images, labels):
         """grads_fn summed over this replica's micro-batches (the batch itself when K is 1)."""
