@@ -194,6 +194,7 @@ def check_row(row: dict) -> dict:
         "exposed_allreduce_ms": round(n_row.exposed_allreduce_ms, 2),
         "step_ms": round(n_row.step_ms, 2),
         "bound": n_row.bound,
+        "loss": n_row.loss,
         "efficiency_without_overlap": round(convoy.efficiency, 4),
     }
     if "note" in row:

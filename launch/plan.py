@@ -67,7 +67,8 @@ efficiency(N) = images/s(N) / (N * images/s(1)) with images/s(1) from the same m
 all-reduce); seconds per epoch = `--epoch_images` / images/s (default: ImageNet-1k's 1,281,167
 training images). The bound is the largest part of t_step: `compute` (forward, backward,
 optimizer), `intra_node_allreduce` / `inter_node_allreduce` (the exposed all-reduce's bandwidth
-terms) / `allreduce_latency` (its alpha terms), or `input` when the pipeline is the limit.
+terms) / `allreduce_latency` (its alpha terms), or `input` when the pipeline is the limit; the
+loss is the largest part beyond compute, what costs the efficiency (`none` when nothing does).
 
 ## `--from_run=WORKDIR`
 
@@ -234,7 +235,8 @@ class Row:
     allreduce_ms: float  # the whole all-reduce, hidden or not
     exposed_allreduce_ms: float
     input_ms: float  # 0: no input limit given
-    bound: str
+    bound: str  # the largest part of the step
+    loss: str  # the part beyond compute that costs the most efficiency ("none")
 
     def as_json(self) -> dict:
         return {
@@ -347,6 +349,12 @@ def _step(inputs: Inputs, gpus: int) -> dict:
         "allreduce_latency": parts["latency"] * share,
     }
     bound = "input" if input_ms > compute + exposed else max(candidates, key=candidates.get)
+    # What costs efficiency: the input's wait, else the largest exposed all-reduce term.
+    losses = {k: v for k, v in candidates.items() if k != "compute" and v > 0}
+    if input_ms > compute + exposed:
+        loss = "input"
+    else:
+        loss = max(losses, key=losses.get) if losses else "none"
     return {
         "batch": batch,
         "step": step,
@@ -355,6 +363,7 @@ def _step(inputs: Inputs, gpus: int) -> dict:
         "exposed": exposed,
         "input": input_ms,
         "bound": bound,
+        "loss": loss,
     }
 
 
@@ -407,6 +416,7 @@ def plan(inputs: Inputs, gpus: Sequence[int]) -> list[Row]:
                 exposed_allreduce_ms=s["exposed"],
                 input_ms=s["input"],
                 bound=s["bound"],
+                loss=s["loss"],
             )
         )
     return rows
@@ -686,14 +696,14 @@ def compare_run(inputs: Inputs, run: dict) -> dict:
 def format_table(rows: Sequence[Row]) -> str:
     header = (
         f"{'gpus':>6} {'nodes':>5} {'batch/gpu':>9} {'images/s':>11} {'effic.':>7} "
-        f"{'s/epoch':>9} {'step ms':>9} {'all-reduce ms':>13} {'exposed':>8}  bound"
+        f"{'s/epoch':>9} {'step ms':>9} {'all-reduce ms':>13} {'exposed':>8}  bound / loss"
     )
     lines = [header]
     for r in rows:
         lines.append(
             f"{r.gpus:>6} {r.nodes:>5} {r.per_gpu_batch:>9} {r.images_per_sec:>11,.0f} "
             f"{r.efficiency:>7.1%} {r.seconds_per_epoch:>9,.1f} {r.step_ms:>9.2f} "
-            f"{r.allreduce_ms:>13.2f} {r.exposed_allreduce_ms:>8.2f}  {r.bound}"
+            f"{r.allreduce_ms:>13.2f} {r.exposed_allreduce_ms:>8.2f}  {r.bound} / {r.loss}"
         )
     return "\n".join(lines)
 

@@ -110,15 +110,16 @@ def test_rows_efficiency_epoch_and_bound():
     assert eight.efficiency == pytest.approx(100 / 101.75)
     assert many.nodes == 4 and many.exposed_allreduce_ms == pytest.approx(1.75 + 15.0)
     assert {r.bound for r in rows} == {"compute"}
+    assert [r.loss for r in rows] == ["none", "intra_node_allreduce", "inter_node_allreduce"]
     slow_net = plan.plan(inputs(inter_node_gbps=0.8), [64])[0]
-    assert slow_net.bound == "inter_node_allreduce"
+    assert slow_net.bound == slow_net.loss == "inter_node_allreduce"
 
 
 def test_input_limit_per_node():
     rows = plan.plan(inputs(input_images_per_sec_per_node=4000.0), [1, 8])
     assert rows[0].bound == "compute"
     # 8 GPUs x 100 images from a node that reads 4000/s: 200 ms per step.
-    assert rows[1].step_ms == pytest.approx(200.0) and rows[1].bound == "input"
+    assert rows[1].step_ms == pytest.approx(200.0) and rows[1].bound == rows[1].loss == "input"
     assert rows[1].efficiency == pytest.approx(0.5)
 
 
@@ -355,3 +356,26 @@ def test_model_zoo_params_count_trainable_weights(capsys, monkeypatch):
         capsys, "--model=softmax", "--input_shape=28,28", "--num_classes=10", *FLAGS[::2]
     )
     assert status == 2 and "--input_shape=28,28: expected H,W,C" in err, err
+
+
+def test_published_figures_within_target():
+    # benchmarks/plan_check.py: one set of constants for every row, no per-row tuning.
+    from benchmarks import plan_check
+
+    rows = [plan_check.check_row(r) for r in plan_check.ROWS]
+    assert [r["name"] for r in rows if not r["within_target"]] == []
+    for r in rows:
+        assert r["predicted_efficiency"] >= r["efficiency_without_overlap"]
+
+
+def test_readme_worked_example_is_what_the_planner_prints(capsys):
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    section = readme.split("### Planning a cluster run", 1)[1]
+    command, rest = section.split("```sh\n", 1)[1].split("```\n", 1)
+    shown = rest.split("```\n", 1)[1].split("```", 1)[0]
+    args = command.replace("\\\n", " ").split()[3:]  # after `python -m launch.plan`
+    args = [a for a in args if not a.startswith("--plot=")]
+    status, out, err = run_main(capsys, *args)
+    assert status == 0, err
+    assert out == shown
