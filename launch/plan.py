@@ -87,6 +87,15 @@ It replaces --per_gpu_images_per_sec (or --compute_ms), --params / --model and -
 `--input_images_per_sec_per_node` overrides its input rate. The output then adds `run`: the
 measured step and all-reduce time and images/s against the model's at the run's num_replicas.
 
+## Calibration on this machine
+
+`benchmarks/scaling.py` sweeps one tensor of several sizes through Horovod (Gloo) and
+MultiWorkerMirrored all-reduces between 2 local processes and fits the ring formula to them
+(`fit_ring`): the `--allreduce_gbps` and `--allreduce_alpha_us` of loopback here. With the
+one-thread process as one "GPU" (`--per_gpu_images_per_sec`, `--gpus_per_node=2`) the planner
+predicts the two-process throughput, which the same benchmark measures; `--from_run` with a run's
+time breakdown replaces the one-thread rate with the run's own compute.
+
 `plan(inputs, gpus)` and the formulas are importable and pure; `benchmarks/plan_check.py` checks
 them against published figures.
 """
@@ -420,6 +429,31 @@ def plan(inputs: Inputs, gpus: Sequence[int]) -> list[Row]:
             )
         )
     return rows
+
+
+def fit_ring(ms_by_bytes: dict, ranks: int = 2) -> dict:
+    """A measured all-reduce sweep {bytes: ms} -> {'bus_gbps', 'alpha_us'} for --allreduce_*.
+
+    Least squares of t = 2(n-1)/n * S / B + 2(n-1) * alpha (ring_ms) over the sizes, weighted by
+    1/t^2 (relative errors) so that the small sizes, which decide alpha, count as much as the
+    large ones, which decide B. bus_gbps is None when the times do not grow with the size.
+    """
+    if len(ms_by_bytes) < 2:
+        return {"bus_gbps": None, "alpha_us": None}
+    xs = [2 * (ranks - 1) / ranks * float(x) for x in ms_by_bytes]
+    ys = [float(y) for y in ms_by_bytes.values()]
+    ws = [1 / y**2 for y in ys]
+    total = sum(ws)
+    mean_x = sum(w * x for w, x in zip(ws, xs)) / total
+    mean_y = sum(w * y for w, y in zip(ws, ys)) / total
+    spread = sum(w * (x - mean_x) ** 2 for w, x in zip(ws, xs))
+    slope = sum(w * (x - mean_x) * (y - mean_y) for w, x, y in zip(ws, xs, ys)) / spread
+    intercept = mean_y - slope * mean_x
+    return {
+        # slope in ms per byte: B = 1 / slope bytes per ms, in Gb/s.
+        "bus_gbps": round(1000 / slope / GBIT, 3) if slope > 0 else None,
+        "alpha_us": round(1000 * intercept / (2 * (ranks - 1)), 1),
+    }
 
 
 # --- inputs from a run and from the model zoo -------------------------------------------------

@@ -379,3 +379,13 @@ def test_readme_worked_example_is_what_the_planner_prints(capsys):
     status, out, err = run_main(capsys, *args)
     assert status == 0, err
     assert out == shown
+
+
+def test_fit_ring_recovers_bandwidth_and_latency_from_a_sweep():
+    # Two ranks at 1 GB/s (8 Gb/s) with 250 us per hop: t = S / B + 2 alpha.
+    sweep = {s: s / (1e9 / 1000) + 0.5 for s in (4096, 65536, 1 << 20, 16 << 20)}
+    assert plan.fit_ring(sweep) == {"bus_gbps": pytest.approx(8.0), "alpha_us": pytest.approx(250)}
+    four = {s: 2 * 3 / 4 * s / 1e6 + 6 * 0.1 for s in (1 << 16, 1 << 24)}
+    assert plan.fit_ring(four, ranks=4) == {"bus_gbps": 8.0, "alpha_us": 100.0}
+    assert plan.fit_ring({4096: 1.0}) == {"bus_gbps": None, "alpha_us": None}
+    assert plan.fit_ring({4096: 2.0, 65536: 1.0})["bus_gbps"] is None
