@@ -11,13 +11,21 @@ steady-state `images_per_sec` from summary.json.
 
 It then measures the all-reduce alone: the same two-process set-ups sum tensors shaped like the
 model's gradients, and the fraction of a two-process step spent in that all-reduce is
-all-reduce time / step time. Prints one JSON line, with the `machine` it ran on; a set-up that
-cannot run here (e.g. Horovod not installed) gets null figures and its error under `errors`.
+all-reduce time / step time. Then it sweeps one tensor of `--sweep_bytes` sizes through the same
+two all-reduces and fits `t = S / B + 2 * alpha` (`launch.plan.fit_ring`: the ring formula
+`2(n-1)/n * S / B + 2(n-1) * alpha` at n = 2, weighted by relative error): the bus bandwidth B
+(`bus_gbps`, Gb/s) and per-hop latency alpha (`alpha_us`) that `launch.plan --allreduce_gbps=B
+--allreduce_alpha_us=alpha` takes to predict a two-process run here; `plan_prediction` is that
+prediction, with the one-thread process as one "GPU", against the measured two-process images/s.
+`--sweep_only` skips the training runs (a minute instead of several). Prints one JSON line, with
+the `machine` it ran on; a set-up that cannot run here (e.g. Horovod not installed) gets null
+figures and its error under `errors`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -31,6 +39,7 @@ sys.path.insert(0, REPO)
 from absl import app, flags  # noqa: E402
 
 from benchmarks.failures import failure_line  # noqa: E402
+from launch import plan  # noqa: E402
 from trainer import hardware  # noqa: E402
 
 flags.DEFINE_string("data_dir", "", "Prepared dataset (default: the embedded MNIST sample).")
@@ -44,6 +53,12 @@ flags.DEFINE_enum(
     "Trainer --precision in every set-up (fp32: the figures compare across CPU kinds).",
 )
 flags.DEFINE_integer("allreduce_iterations", 200, "Timed all-reduces in the probe.")
+flags.DEFINE_list(
+    "sweep_bytes",
+    ["4096", "65536", "1048576", "4194304", "16777216"],
+    "Sizes (bytes, float32) of the all-reduce sweep; empty: no sweep.",
+)
+flags.DEFINE_boolean("sweep_only", False, "Only the all-reduce probes and sweep, no training runs.")
 flags.DEFINE_boolean("probe", False, "Internal: run the all-reduce probe in this process.")
 flags.DEFINE_enum(
     "strategy",
@@ -138,6 +153,18 @@ def _probe(kind):
     plan = resolve_plan(config, backend.topology, metadata, data_dir, hardware.read_machine())
     state = create_train_state(config, plan, backend)
     shapes = [v.shape for v in state.model.trainable_variables]
+    print(f"GRADIENT_BYTES {4 * sum(math.prod(shape) for shape in shapes)}")  # float32
+    print(f"ALLREDUCE_MS {_time_allreduce(tf, backend, shapes, FLAGS.allreduce_iterations):.4f}")
+    for size in FLAGS.sweep_bytes:
+        size = int(size)
+        # ~0.2 GB moved per size at most: 200 iterations of small tensors, a few of large ones.
+        iterations = max(5, min(FLAGS.allreduce_iterations, int(2e8 // size)))
+        ms = _time_allreduce(tf, backend, [(size // 4,)], iterations)
+        print(f"SWEEP {size} {ms:.4f}", flush=True)
+
+
+def _time_allreduce(tf, backend, shapes, iterations):
+    """ms per all-reduce of float32 tensors of `shapes` across the processes of this job."""
 
     def fake_gradients(previous_total):
         # Made inside the replica function (MultiWorkerMirrored cannot all-reduce tensors captured
@@ -157,9 +184,40 @@ def _probe(kind):
     with backend.scope():
         reduce_many(tf.constant(5)).numpy()  # Warm-up: tracing, connection set-up.
         start = time.perf_counter()
-        reduce_many(tf.constant(FLAGS.allreduce_iterations)).numpy()
+        reduce_many(tf.constant(iterations)).numpy()
         elapsed = time.perf_counter() - start
-    print(f"ALLREDUCE_MS {1000 * elapsed / FLAGS.allreduce_iterations:.4f}", flush=True)
+    return 1000 * elapsed / iterations
+
+
+def _sweep_result(output):
+    """{size: ms} from rank 0's SWEEP lines (the first of each size)."""
+    found = {}
+    for size, ms in re.findall(r"SWEEP ([0-9]+) ([0-9.]+)", output):
+        found.setdefault(int(size), float(ms))
+    return found
+
+
+def _predict(one_thread_rate, gradient_bytes, sweep, measured):
+    """launch.plan's two-process images/s from the one-thread rate and the sweep's ring fit."""
+    if not (one_thread_rate and gradient_bytes and sweep and sweep.get("bus_gbps")):
+        return None
+    inputs = plan.Inputs(
+        ms_per_image=1000 / one_thread_rate,
+        gradient_bytes=gradient_bytes,
+        per_gpu_batch=FLAGS.global_batch_size // 2,
+        gpus_per_node=2,
+        allreduce_gbps=sweep["bus_gbps"],
+        allreduce_alpha_us=max(sweep["alpha_us"], 0.0),
+        allreduce_base_us=0.0,  # the fit's intercept holds every fixed cost
+        fusion_mb=1024.0,  # one grouped all-reduce per step
+    )
+    row = plan.plan(inputs, [1, 2])[1]
+    return {
+        "images_per_sec": round(row.images_per_sec, 1),
+        "allreduce_ms": round(row.allreduce_ms, 3),
+        "measured_images_per_sec": measured,
+        "error": round((row.images_per_sec - measured) / measured, 4) if measured else None,
+    }
 
 
 def main(argv):
@@ -170,15 +228,19 @@ def main(argv):
     trainer = [sys.executable, "-m", "trainer"]
     results, errors = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        runs = {
-            "one_process": (trainer + ["--strategy=one_device"], _env()),
-            "one_process_one_thread": (trainer + ["--strategy=one_device"], _env(ONE_THREAD)),
-            "horovod_2": (_horovodrun(2, *trainer, "--strategy=horovod"), _env(ONE_THREAD)),
-            "multi_worker_2": (
-                [sys.executable, "-m", "launch.local_cluster", "--workers", "2", "--"],
-                _env(ONE_THREAD),
-            ),
-        }
+        runs = (
+            {}
+            if FLAGS.sweep_only
+            else {
+                "one_process": (trainer + ["--strategy=one_device"], _env()),
+                "one_process_one_thread": (trainer + ["--strategy=one_device"], _env(ONE_THREAD)),
+                "horovod_2": (_horovodrun(2, *trainer, "--strategy=horovod"), _env(ONE_THREAD)),
+                "multi_worker_2": (
+                    [sys.executable, "-m", "launch.local_cluster", "--workers", "2", "--"],
+                    _env(ONE_THREAD),
+                ),
+            }
+        )
         for name, (command, env) in runs.items():
             workdir = os.path.join(tmp, name)
             try:
@@ -186,7 +248,12 @@ def main(argv):
                 results[name] = _images_per_sec(workdir)
             except SetupFailed as e:
                 results[name], errors[name] = None, str(e)
-        probe = [sys.executable, os.path.abspath(__file__), f"--model={FLAGS.model}"]
+        probe = [
+            sys.executable,
+            os.path.abspath(__file__),
+            f"--model={FLAGS.model}",
+            f"--sweep_bytes={','.join(FLAGS.sweep_bytes)}",
+        ]
         probes = {
             "horovod_2": _horovodrun(2, *probe, "--probe", "--strategy=horovod"),
             "multi_worker_2": [
@@ -200,10 +267,15 @@ def main(argv):
                 "--",
             ],
         }
-        allreduce_ms = {}
+        allreduce_ms, sweeps, gradient_bytes = {}, {}, None
         for name, command in probes.items():
             try:
-                allreduce_ms[name] = _probe_result(_run(command, _env(ONE_THREAD)))
+                output = _run(command, _env(ONE_THREAD))
+                allreduce_ms[name] = _probe_result(output)
+                gradient_bytes = int(re.findall(r"GRADIENT_BYTES ([0-9]+)", output)[0])
+                sweep = _sweep_result(output)
+                sweeps[name] = {"ms_by_bytes": {str(k): v for k, v in sweep.items()}}
+                sweeps[name].update(plan.fit_ring(sweep))
             except SetupFailed as e:
                 allreduce_ms[name] = None
                 errors.setdefault(name, f"all-reduce probe: {e}")
@@ -213,6 +285,15 @@ def main(argv):
 
     def step_ms(images_per_sec):
         return 1000.0 * FLAGS.global_batch_size / images_per_sec if images_per_sec else None
+
+    results = {k: results.get(k) for k in ("one_process", "one_process_one_thread", *probes)}
+    predictions = {
+        k: _predict(results["one_process_one_thread"], gradient_bytes, sweeps.get(k), results[k])
+        for k in probes
+    }
+    for k, prediction in predictions.items():
+        if prediction:
+            prediction["measured_allreduce_ms"] = allreduce_ms.get(k)
 
     two_process = ("horovod_2", "multi_worker_2")
     print(
@@ -238,6 +319,11 @@ def main(argv):
                 "allreduce_fraction_of_step": {
                     k: ratio(allreduce_ms[k], step_ms(results[k])) for k in two_process
                 },
+                # One float32 tensor per size; bus_gbps and alpha_us fit launch.plan's ring.
+                "allreduce_sweep": sweeps,
+                "gradient_bytes": gradient_bytes,
+                # launch.plan with the sweep's fit and the 1-thread process as one "GPU".
+                "plan_prediction": predictions,
                 "errors": errors,
                 "machine": hardware.read_machine().as_json(),
             }
