@@ -40,7 +40,9 @@ from datasets.metadata import (
     ShardInfo,
     SourceFile,
     SplitInfo,
+    shard_entry_error,
     shard_file_name,
+    unsafe_shard_name,
 )
 from datasets.progress import Progress
 from datasets.source_data import SourceData, SplitData
@@ -181,14 +183,56 @@ def output_lock(output_dir: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _listed_shards(metadata_path: str) -> set[str]:
-    """Shard names a metadata.json lists; read leniently (any version, no checks), {} if none."""
+def _listed_entries(metadata_path: str) -> list[tuple[str, str]]:
+    """(split, shard name) of every shard a metadata.json lists; read leniently (any version, no
+    checks), [] if none."""
     try:
         with open(metadata_path) as f:
             raw = json.load(f)
-        return {str(s["file"]) for info in raw["splits"].values() for s in info["shards"]}
+        return [
+            (str(split), str(s["file"]))
+            for split, info in raw["splits"].items()
+            for s in info["shards"]
+        ]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return set()
+        return []
+
+
+def _listed_shards(metadata_path: str) -> set[str]:
+    """The plain shard names a metadata.json lists (an entry with a path in it is never ours:
+    `check_listed_shards` refuses it before anything is touched)."""
+    return {name for _, name in _listed_entries(metadata_path) if not unsafe_shard_name(name)}
+
+
+def _metadata_files(output_dir: str) -> list[str]:
+    files = [os.path.join(output_dir, METADATA_FILE)]
+    for staging in _staging_dirs(output_dir):
+        files += [os.path.join(staging, METADATA_FILE), os.path.join(staging, _PREVIOUS_METADATA)]
+    return files
+
+
+def check_listed_shards(output_dir: str) -> None:
+    """Refuses, before anything is replaced or deleted, a metadata.json here whose shard entries
+    are not plain file names inside `output_dir` (`../x`, `/tmp/x`), or name a symlink that leads
+    outside it: prepare deletes and replaces what its metadata.json lists, and a metadata.json
+    that came with a downloaded dataset must not make it touch anything else."""
+    if not os.path.isdir(output_dir):
+        return
+    inside = os.path.realpath(output_dir)
+    for path in _metadata_files(output_dir):
+        for split, name in _listed_entries(path):
+            why = unsafe_shard_name(name)
+            if why:
+                raise shard_entry_error(path, split, name, why)
+            shard = os.path.join(output_dir, name)
+            if os.path.islink(shard):
+                target = os.path.realpath(shard)
+                if os.path.commonpath([inside, target]) != inside:
+                    raise DataError(
+                        f"{path}: shard entry {name!r} of split '{split}' is a symlink to "
+                        f"{target}, outside {output_dir}; expected prepare's own files only "
+                        "(remove the link or choose another --output_dir); nothing was deleted"
+                    )
 
 
 def _staging_dirs(output_dir: str) -> list[str]:
@@ -202,10 +246,9 @@ def _staging_dirs(output_dir: str) -> list[str]:
 def own_shards(output_dir: str) -> set[str]:
     """Shard names a prepare wrote into `output_dir`: those its metadata.json lists, and (after a
     prepare died mid-swap) those the metadata files in a staging directory list."""
-    names = _listed_shards(os.path.join(output_dir, METADATA_FILE))
-    for staging in _staging_dirs(output_dir):
-        names |= _listed_shards(os.path.join(staging, METADATA_FILE))
-        names |= _listed_shards(os.path.join(staging, _PREVIOUS_METADATA))
+    names = set()
+    for path in _metadata_files(output_dir):
+        names |= _listed_shards(path)
     return names
 
 
@@ -301,6 +344,8 @@ def _swap_in(staging: str, output_dir: str, new_shards: list[str], replaced: set
         os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
     os.replace(os.path.join(staging, METADATA_FILE), metadata_path)
     for name in sorted(replaced - set(new_shards)):
+        if unsafe_shard_name(name):
+            continue  # Never reached (check_listed_shards refused it); never outside the dir.
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(output_dir, name))
     shutil.rmtree(staging, ignore_errors=True)
@@ -324,6 +369,7 @@ def write_dataset(
     staging directory is removed and the old dataset is left as it was. Raises DataError when the
     estimated size does not fit the free space, or a write fails (full disk, I/O error).
     """
+    check_listed_shards(output_dir)
     replaced = own_shards(output_dir)
     _remove_leftovers(output_dir)
     needed = estimated_bytes(data, num_shards)
