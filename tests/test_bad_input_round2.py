@@ -265,3 +265,64 @@ def test_an_export_that_cannot_be_loaded_back_is_refused(models_file, tmp_path, 
     assert f"{workdir}/export/model.keras cannot be loaded" in report.stderr
     numbers = json.load(open(workdir / "report" / "report.json"))
     assert numbers["weights"] == "checkpoints/ckpt-10"
+
+
+def test_no_space_for_the_export_keeps_the_previous_one(tmp_path, tmpfs, tree_snapshot):
+    with tmpfs(tmp_path / "disk", "4m") as disk:
+        workdir = f"{disk}/run"
+        flags = (
+            *FAST_FLAGS, "--model=softmax", f"--workdir={workdir}", "--train_steps=10",
+            "--export=true", "--shuffle_buffer=100",
+        )  # fmt: skip
+        run_trainer(*flags)
+        before = tree_snapshot(f"{workdir}/export")
+        # Fill the disk but for a little room: the rerun (at its final step already) evaluates
+        # again, then exports.
+        free = shutil.disk_usage(disk).free
+        with open(f"{disk}/filler", "wb") as f:
+            f.write(b"\0" * (free - 48 * 1024))
+        result = run_trainer(*flags, check=False, timeout=300)
+        _one_error_line(
+            result, 1, f"{workdir}/export: could not write the export", "No space left on device",
+            "the previous export is intact",
+        )  # fmt: skip
+        assert tree_snapshot(f"{workdir}/export") == before
+        assert not [n for n in os.listdir(workdir) if n.startswith(".export")]
+
+
+def test_predict_with_fewer_class_names_than_outputs_is_one_line(softmax_run, tmp_path):
+    import tensorflow as tf
+
+    workdir, _ = softmax_run
+    export = str(tmp_path / "export")
+    shutil.copytree(os.path.join(workdir, "export"), export)
+    info = json.load(open(os.path.join(export, "export.json")))
+    info["class_names"] = info["class_names"][:5]
+    open(os.path.join(export, "export.json"), "w").write(json.dumps(info))
+    image = tmp_path / "seven.png"
+    image.write_bytes(tf.io.encode_png(np.zeros((28, 28, 1), np.uint8)).numpy())
+    result = run_module("trainer.predict", f"--model_dir={export}", str(image), timeout=120)
+    _one_error_line(
+        result, 2, os.path.join(export, "export.json"), "class_names lists 5 classes",
+        "outputs 10",
+    )  # fmt: skip
+
+
+def test_a_corrupt_record_read_by_the_step_0_input_preview_is_exit_3(tmp_path, sample_dir):
+    from datasets import tfrecord
+    from datasets.metadata import DatasetMetadata
+
+    data = str(tmp_path / "data")
+    shutil.copytree(sample_dir, data)
+    metadata = DatasetMetadata.load(data)
+    # Record 5 of every training shard: whichever the preview's first 256 come from.
+    for shard in metadata.shard_paths(data, "train"):
+        offset = int(tfrecord.scan(open(shard, "rb").read()).starts[5])
+        with open(shard, "r+b") as f:
+            f.seek(offset + 100)
+            f.write(b"\xff\xfe")
+    result = run_trainer(
+        *FAST_FLAGS, f"--data_dir={data}", f"--workdir={tmp_path / 'run'}", "--train_steps=10",
+        check=False, timeout=300,
+    )  # fmt: skip
+    _one_error_line(result, 3, "corrupt at byte", "(record 5: ", "datasets.prepare --overwrite")

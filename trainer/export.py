@@ -175,6 +175,9 @@ def write_errors(final: str):
         if errors.as_peer_error(e) is not None:
             raise
         reason = getattr(e, "message", None) or getattr(e, "strerror", None) or str(e)
+        # Without TensorFlow's graph-node prefix and the temporary file's name.
+        reason = re.sub(r"\{\{[^}]*\}\}\s*", "", str(reason))
+        reason = re.sub(r"\S*\.export\.tmp-\d+\S*[;:]?\s*", "", reason) or type(e).__name__
         parent = os.path.dirname(os.path.abspath(final))
         free = shutil.disk_usage(parent).free if os.path.isdir(parent) else 0
         previous = "the previous export is intact" if os.path.isdir(final) else "none exported"
