@@ -4,7 +4,9 @@ Owns the on-disk protocol:
 - each split is written in a seeded random order (so every shard, and every worker's share of
   shards, is a class-balanced sample even when the source is sorted by class), cut into
   `num_shards` contiguous pieces whose sizes differ by at most one;
-- records are `tf.train.Example{image: bytes, label: int64}`, serialized here by hand: the bytes are
+- records are `tf.train.Example{image: bytes, label: int64}` (raw images also carry
+  `shape: int64 [H, W, C]`, so that metadata.json's image_shape can be checked against the
+  records even where another shape has the same byte count), serialized here by hand: the bytes are
   the same as protobuf's deterministic serialization (a test checks it), but raw images of one size
   become one matrix of records built with numpy, framed by `datasets.tfrecord` without TensorFlow
   (full MNIST: ~0.3 s instead of seconds); encoded images go one by one through TFRecordWriter;
@@ -79,13 +81,18 @@ def _field(number: int, payload: bytes) -> bytes:
 
 
 @functools.lru_cache(maxsize=4096)
-def _framing(image_len: int, label: int) -> tuple[bytes, bytes]:
-    """The bytes before and after the image for Example{features{image, label}}.
+def _framing(
+    image_len: int, label: int, shape: tuple[int, ...] | None = None
+) -> tuple[bytes, bytes]:
+    """The bytes before and after the image for Example{features{image, label[, shape]}}.
 
     Fields, outside in: Example.features(1) > Features.feature(1, map entries sorted by key) >
     entry key(1)/value(2) > Feature.bytes_list(1) | int64_list(3) > value(1, int64 packed).
     """
     label_entry = _field(1, _field(1, b"label") + _field(2, _field(3, _field(1, _varint(label)))))
+    if shape is not None:  # "shape" sorts after "label": the last map entry
+        dims = b"".join(_varint(int(d)) for d in shape)
+        label_entry += _field(1, _field(1, b"shape") + _field(2, _field(3, _field(1, dims))))
     image_value_head = _varint(1 << 3 | 2) + _varint(image_len)  # BytesList.value, then the bytes
     bytes_list_len = len(image_value_head) + image_len
     feature_head = _varint(1 << 3 | 2) + _varint(bytes_list_len)  # Feature.bytes_list
@@ -100,13 +107,20 @@ def _framing(image_len: int, label: int) -> tuple[bytes, bytes]:
     return prefix, label_entry
 
 
-def encode_example(image: bytes, label: int) -> bytes:
-    """A serialized tf.train.Example with `image` (bytes) and `label` (int64)."""
-    prefix, suffix = _framing(len(image), int(label))
+def encode_example(image: bytes, label: int, shape: tuple[int, ...] | None = None) -> bytes:
+    """A serialized tf.train.Example with `image` (bytes), `label` (int64) and, when given,
+    `shape` (int64 list)."""
+    prefix, suffix = _framing(len(image), int(label), _shape_key(shape))
     return prefix + image + suffix
 
 
-def encode_examples(images: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
+def _shape_key(shape) -> tuple[int, ...] | None:
+    return None if shape is None else tuple(int(d) for d in shape)
+
+
+def encode_examples(
+    images: np.ndarray, labels: np.ndarray, shape: tuple[int, ...] | None = None
+) -> np.ndarray | None:
     """`encode_example` of every row of uint8 [n, L] `images` at once, as uint8 [n, record length].
 
     None when the labels' varints differ in length (labels on both sides of 128, 16384, ...): the
@@ -114,7 +128,7 @@ def encode_examples(images: np.ndarray, labels: np.ndarray) -> np.ndarray | None
     """
     n, length = images.shape
     classes = np.unique(labels)
-    framings = [_framing(length, int(c)) for c in classes]
+    framings = [_framing(length, int(c), _shape_key(shape)) for c in classes]
     if len({len(suffix) for _, suffix in framings}) != 1:
         return None
     # The prefix depends on the label only through its varint length, so it is the same for all.
@@ -267,9 +281,9 @@ def check_no_foreign_shards(output_dir: str) -> None:
             )
 
 
-def record_bytes(image_len: int, label: int) -> int:
+def record_bytes(image_len: int, label: int, shape: tuple[int, ...] | None = None) -> int:
     """Bytes one record takes in a shard: framing + the serialized Example."""
-    prefix, suffix = _framing(image_len, label)
+    prefix, suffix = _framing(image_len, label, _shape_key(shape))
     return tfrecord.HEADER_BYTES + len(prefix) + image_len + len(suffix) + tfrecord.FOOTER_BYTES
 
 
@@ -277,11 +291,14 @@ def estimated_bytes(data: SourceData, num_shards: int) -> int:
     """Bytes the shards of `data` will take (exact for the records), plus room for metadata.json
     and the filesystem's rounding of each file to whole blocks."""
     total, files = 0, 0
+    shape = record_shape(data)
     for split in data.splits.values():
         if isinstance(split.images, np.ndarray):
             length = int(np.prod(split.images.shape[1:]))
             labels, counts = np.unique(split.labels, return_counts=True)
-            total += sum(int(c) * record_bytes(length, int(lab)) for lab, c in zip(labels, counts))
+            total += sum(
+                int(c) * record_bytes(length, int(lab), shape) for lab, c in zip(labels, counts)
+            )
         else:
             total += sum(
                 record_bytes(len(i), int(lab)) for i, lab in zip(split.images, split.labels)
@@ -290,12 +307,19 @@ def estimated_bytes(data: SourceData, num_shards: int) -> int:
     return total + (1 << 16) + 4096 * files
 
 
-def _write_shard(path: str, split: SplitData, indices: np.ndarray, progress: Progress) -> int:
+def record_shape(data: SourceData) -> tuple[int, int, int] | None:
+    """The `shape` feature of each record: raw images only (encoded ones carry their own)."""
+    return tuple(data.image_shape) if data.encoding == "raw" and data.image_shape else None
+
+
+def _write_shard(
+    path: str, split: SplitData, indices: np.ndarray, progress: Progress, shape=None
+) -> int:
     """Writes one shard at `path`, flushed to disk; returns its size in bytes."""
     records = None
     if isinstance(split.images, np.ndarray) and split.images[0].size <= _NUMPY_FRAMING_MAX_BYTES:
         records = encode_examples(
-            split.images[indices].reshape(len(indices), -1), split.labels[indices]
+            split.images[indices].reshape(len(indices), -1), split.labels[indices], shape
         )
     if records is not None:
         with open(path, "wb") as f:
@@ -309,7 +333,7 @@ def _write_shard(path: str, split: SplitData, indices: np.ndarray, progress: Pro
                 image = split.images[i]
                 if isinstance(image, np.ndarray):
                     image = image.tobytes()
-                out.write(encode_example(image, int(split.labels[i])))
+                out.write(encode_example(image, int(split.labels[i]), shape))
                 if k % 256 == 255:
                     progress.update(256)
         progress.update(len(indices) % 256)
@@ -427,7 +451,9 @@ def _write_staged(
         shards = []
         for i, (start, end) in enumerate(bounds):
             name = shard_file_name(split_name, i, len(bounds))
-            size = _write_shard(os.path.join(staging, name), split, order[start:end], progress)
+            size = _write_shard(
+                os.path.join(staging, name), split, order[start:end], progress, record_shape(data)
+            )
             shards.append(ShardInfo(file=name, num_examples=end - start, num_bytes=size))
         splits[split_name] = SplitInfo(num_examples=len(split), shards=shards)
     progress.finish()

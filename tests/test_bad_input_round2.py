@@ -326,3 +326,18 @@ def test_a_corrupt_record_read_by_the_step_0_input_preview_is_exit_3(tmp_path, s
         check=False, timeout=300,
     )  # fmt: skip
     _one_error_line(result, 3, "corrupt at byte", "(record 5: ", "datasets.prepare --overwrite")
+
+
+def test_an_image_shape_of_the_same_byte_count_is_refused_before_training(tmp_path, sample_dir):
+    data = str(tmp_path / "data")
+    shutil.copytree(sample_dir, data)
+    path = os.path.join(data, "metadata.json")
+    raw = json.load(open(path))
+    raw["image_shape"] = [14, 56, 1]  # 784 bytes, as 28x28x1
+    open(path, "w").write(json.dumps(raw))
+    result = run_trainer(
+        *FAST_FLAGS, f"--data_dir={data}", f"--workdir={tmp_path / 'run'}", check=False,
+        timeout=120,
+    )  # fmt: skip
+    _one_error_line(result, 2, path, "image_shape [14, 56, 1]", "says its image is [28, 28, 1]")
+    assert not os.path.exists(tmp_path / "run" / "config.json")
