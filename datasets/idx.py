@@ -71,6 +71,18 @@ def read_idx(path: str, ndims: tuple[int, ...], what: str) -> np.ndarray:
     dtype = np.dtype(_DTYPES[data[2]])
     expected = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
     if len(data) != expected:
+        for other in ndims:  # A wrong rank byte in the magic reads pixels as dimensions.
+            other_header = 4 + 4 * other
+            if other == ndim or len(data) < other_header:
+                continue
+            other_dims = struct.unpack(f">{other}I", data[4:other_header])
+            fits = other_header + int(np.prod(other_dims, dtype=np.int64)) * dtype.itemsize
+            if fits == len(data):
+                raise DataError(
+                    f"{path}: magic number 0x{data[:4].hex()} says a rank-{ndim} array, but the "
+                    f"file holds a rank-{other} array of shape {tuple(other_dims)}; expected "
+                    f"0x{data[:3].hex()}{other:02x} (a wrong magic number)"
+                )
         raise DataError(
             f"{path}: {len(data)} bytes; expected {expected} for an IDX array of shape "
             f"{tuple(dims)} (truncated or padded?)"

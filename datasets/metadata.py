@@ -25,6 +25,30 @@ def shard_file_name(split: str, index: int, num_shards: int) -> str:
     return f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord"
 
 
+def unsafe_shard_name(name: str) -> str | None:
+    """Why `name` (a shard entry of a metadata.json) is not a plain file name inside the dataset
+    directory, or None when it is. prepare deletes and replaces the files its metadata.json
+    lists, and the trainer and verify open them: a metadata.json from someone else must not make
+    them reach outside the directory."""
+    if not name or name in (".", ".."):
+        return "is not a file name"
+    if os.path.isabs(name):
+        return "is an absolute path"
+    if "/" in name or "\\" in name:
+        return "has a path separator"
+    if "\0" in name:
+        return "holds a NUL byte"
+    return None
+
+
+def shard_entry_error(metadata_path: str, split: str, name: str, why: str) -> DataError:
+    return DataError(
+        f"{metadata_path}: shard entry {name!r} of split '{split}' {why}; expected a plain file "
+        "name inside the dataset directory (a metadata.json edited, or from elsewhere?); nothing "
+        "was read or deleted"
+    )
+
+
 @dataclasses.dataclass
 class ShardInfo:
     file: str  # relative to the dataset directory
@@ -216,6 +240,11 @@ class DatasetMetadata:
         return metadata
 
     def _check(self, path: str) -> None:
+        for split, info in self.splits.items():
+            for shard in info.shards:
+                why = unsafe_shard_name(shard.file)
+                if why:
+                    raise shard_entry_error(path, split, shard.file, why)
         if self.encoding not in ENCODINGS:
             raise DataError(f"{path}: encoding '{self.encoding}'; expected one of {ENCODINGS}")
         if self.encoding == "raw" and self.image_shape is None:

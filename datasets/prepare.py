@@ -169,6 +169,7 @@ def check_output_dir(output_dir: str) -> None:
             f"{output_dir}: is a file; expected --output_dir to be a directory (or not to exist)"
         )
     writer.check_writable(output_dir)
+    writer.check_listed_shards(output_dir)
     writer.check_no_foreign_shards(output_dir)
 
 
@@ -204,9 +205,9 @@ def write_prepared(
             data.skipped[0]["path"],
             data.skipped[0]["reason"],
         )
+    check_output_dir(output_dir)  # A metadata.json listing paths outside OUT is refused first.
     if state == "other" and not overwrite:
         raise _exists_error(output_dir)
-    check_output_dir(output_dir)
     with writer.output_lock(output_dir):
         # Another process may have finished the same work while we were reading.
         state = _state(output_dir, source_files, options)

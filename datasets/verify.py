@@ -114,6 +114,16 @@ def check_before_training(metadata: DatasetMetadata, data_dir: str) -> None:
                     "expected metadata.json to describe its shards (edited by hand? re-run "
                     "`python -m datasets.prepare --overwrite`)"
                 )
+            # Another shape of the same byte count: records of this prepare say their shape
+            # (older ones only their byte length).
+            shape = list(feature["shape"].int64_list.value) if "shape" in feature else None
+            if shape and shape != [h, w, c]:
+                raise DataError(
+                    f"{meta_path}: image_shape {list(metadata.image_shape)}, but the first "
+                    f"record of {path} says its image is {shape}; expected metadata.json to "
+                    "describe its shards (edited by hand? re-run `python -m datasets.prepare "
+                    "--overwrite`)"
+                )
         elif not image.startswith(_MAGIC):
             raise DataError(
                 f"{meta_path}: encoding 'encoded', but the first record of {path} holds no "

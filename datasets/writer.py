@@ -4,7 +4,9 @@ Owns the on-disk protocol:
 - each split is written in a seeded random order (so every shard, and every worker's share of
   shards, is a class-balanced sample even when the source is sorted by class), cut into
   `num_shards` contiguous pieces whose sizes differ by at most one;
-- records are `tf.train.Example{image: bytes, label: int64}`, serialized here by hand: the bytes are
+- records are `tf.train.Example{image: bytes, label: int64}` (raw images also carry
+  `shape: int64 [H, W, C]`, so that metadata.json's image_shape can be checked against the
+  records even where another shape has the same byte count), serialized here by hand: the bytes are
   the same as protobuf's deterministic serialization (a test checks it), but raw images of one size
   become one matrix of records built with numpy, framed by `datasets.tfrecord` without TensorFlow
   (full MNIST: ~0.3 s instead of seconds); encoded images go one by one through TFRecordWriter;
@@ -40,7 +42,9 @@ from datasets.metadata import (
     ShardInfo,
     SourceFile,
     SplitInfo,
+    shard_entry_error,
     shard_file_name,
+    unsafe_shard_name,
 )
 from datasets.progress import Progress
 from datasets.source_data import SourceData, SplitData
@@ -77,13 +81,18 @@ def _field(number: int, payload: bytes) -> bytes:
 
 
 @functools.lru_cache(maxsize=4096)
-def _framing(image_len: int, label: int) -> tuple[bytes, bytes]:
-    """The bytes before and after the image for Example{features{image, label}}.
+def _framing(
+    image_len: int, label: int, shape: tuple[int, ...] | None = None
+) -> tuple[bytes, bytes]:
+    """The bytes before and after the image for Example{features{image, label[, shape]}}.
 
     Fields, outside in: Example.features(1) > Features.feature(1, map entries sorted by key) >
     entry key(1)/value(2) > Feature.bytes_list(1) | int64_list(3) > value(1, int64 packed).
     """
     label_entry = _field(1, _field(1, b"label") + _field(2, _field(3, _field(1, _varint(label)))))
+    if shape is not None:  # "shape" sorts after "label": the last map entry
+        dims = b"".join(_varint(int(d)) for d in shape)
+        label_entry += _field(1, _field(1, b"shape") + _field(2, _field(3, _field(1, dims))))
     image_value_head = _varint(1 << 3 | 2) + _varint(image_len)  # BytesList.value, then the bytes
     bytes_list_len = len(image_value_head) + image_len
     feature_head = _varint(1 << 3 | 2) + _varint(bytes_list_len)  # Feature.bytes_list
@@ -98,13 +107,20 @@ def _framing(image_len: int, label: int) -> tuple[bytes, bytes]:
     return prefix, label_entry
 
 
-def encode_example(image: bytes, label: int) -> bytes:
-    """A serialized tf.train.Example with `image` (bytes) and `label` (int64)."""
-    prefix, suffix = _framing(len(image), int(label))
+def encode_example(image: bytes, label: int, shape: tuple[int, ...] | None = None) -> bytes:
+    """A serialized tf.train.Example with `image` (bytes), `label` (int64) and, when given,
+    `shape` (int64 list)."""
+    prefix, suffix = _framing(len(image), int(label), _shape_key(shape))
     return prefix + image + suffix
 
 
-def encode_examples(images: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
+def _shape_key(shape) -> tuple[int, ...] | None:
+    return None if shape is None else tuple(int(d) for d in shape)
+
+
+def encode_examples(
+    images: np.ndarray, labels: np.ndarray, shape: tuple[int, ...] | None = None
+) -> np.ndarray | None:
     """`encode_example` of every row of uint8 [n, L] `images` at once, as uint8 [n, record length].
 
     None when the labels' varints differ in length (labels on both sides of 128, 16384, ...): the
@@ -112,7 +128,7 @@ def encode_examples(images: np.ndarray, labels: np.ndarray) -> np.ndarray | None
     """
     n, length = images.shape
     classes = np.unique(labels)
-    framings = [_framing(length, int(c)) for c in classes]
+    framings = [_framing(length, int(c), _shape_key(shape)) for c in classes]
     if len({len(suffix) for _, suffix in framings}) != 1:
         return None
     # The prefix depends on the label only through its varint length, so it is the same for all.
@@ -181,14 +197,56 @@ def output_lock(output_dir: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _listed_shards(metadata_path: str) -> set[str]:
-    """Shard names a metadata.json lists; read leniently (any version, no checks), {} if none."""
+def _listed_entries(metadata_path: str) -> list[tuple[str, str]]:
+    """(split, shard name) of every shard a metadata.json lists; read leniently (any version, no
+    checks), [] if none."""
     try:
         with open(metadata_path) as f:
             raw = json.load(f)
-        return {str(s["file"]) for info in raw["splits"].values() for s in info["shards"]}
+        return [
+            (str(split), str(s["file"]))
+            for split, info in raw["splits"].items()
+            for s in info["shards"]
+        ]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return set()
+        return []
+
+
+def _listed_shards(metadata_path: str) -> set[str]:
+    """The plain shard names a metadata.json lists (an entry with a path in it is never ours:
+    `check_listed_shards` refuses it before anything is touched)."""
+    return {name for _, name in _listed_entries(metadata_path) if not unsafe_shard_name(name)}
+
+
+def _metadata_files(output_dir: str) -> list[str]:
+    files = [os.path.join(output_dir, METADATA_FILE)]
+    for staging in _staging_dirs(output_dir):
+        files += [os.path.join(staging, METADATA_FILE), os.path.join(staging, _PREVIOUS_METADATA)]
+    return files
+
+
+def check_listed_shards(output_dir: str) -> None:
+    """Refuses, before anything is replaced or deleted, a metadata.json here whose shard entries
+    are not plain file names inside `output_dir` (`../x`, `/tmp/x`), or name a symlink that leads
+    outside it: prepare deletes and replaces what its metadata.json lists, and a metadata.json
+    that came with a downloaded dataset must not make it touch anything else."""
+    if not os.path.isdir(output_dir):
+        return
+    inside = os.path.realpath(output_dir)
+    for path in _metadata_files(output_dir):
+        for split, name in _listed_entries(path):
+            why = unsafe_shard_name(name)
+            if why:
+                raise shard_entry_error(path, split, name, why)
+            shard = os.path.join(output_dir, name)
+            if os.path.islink(shard):
+                target = os.path.realpath(shard)
+                if os.path.commonpath([inside, target]) != inside:
+                    raise DataError(
+                        f"{path}: shard entry {name!r} of split '{split}' is a symlink to "
+                        f"{target}, outside {output_dir}; expected prepare's own files only "
+                        "(remove the link or choose another --output_dir); nothing was deleted"
+                    )
 
 
 def _staging_dirs(output_dir: str) -> list[str]:
@@ -202,10 +260,9 @@ def _staging_dirs(output_dir: str) -> list[str]:
 def own_shards(output_dir: str) -> set[str]:
     """Shard names a prepare wrote into `output_dir`: those its metadata.json lists, and (after a
     prepare died mid-swap) those the metadata files in a staging directory list."""
-    names = _listed_shards(os.path.join(output_dir, METADATA_FILE))
-    for staging in _staging_dirs(output_dir):
-        names |= _listed_shards(os.path.join(staging, METADATA_FILE))
-        names |= _listed_shards(os.path.join(staging, _PREVIOUS_METADATA))
+    names = set()
+    for path in _metadata_files(output_dir):
+        names |= _listed_shards(path)
     return names
 
 
@@ -224,9 +281,9 @@ def check_no_foreign_shards(output_dir: str) -> None:
             )
 
 
-def record_bytes(image_len: int, label: int) -> int:
+def record_bytes(image_len: int, label: int, shape: tuple[int, ...] | None = None) -> int:
     """Bytes one record takes in a shard: framing + the serialized Example."""
-    prefix, suffix = _framing(image_len, label)
+    prefix, suffix = _framing(image_len, label, _shape_key(shape))
     return tfrecord.HEADER_BYTES + len(prefix) + image_len + len(suffix) + tfrecord.FOOTER_BYTES
 
 
@@ -234,11 +291,14 @@ def estimated_bytes(data: SourceData, num_shards: int) -> int:
     """Bytes the shards of `data` will take (exact for the records), plus room for metadata.json
     and the filesystem's rounding of each file to whole blocks."""
     total, files = 0, 0
+    shape = record_shape(data)
     for split in data.splits.values():
         if isinstance(split.images, np.ndarray):
             length = int(np.prod(split.images.shape[1:]))
             labels, counts = np.unique(split.labels, return_counts=True)
-            total += sum(int(c) * record_bytes(length, int(lab)) for lab, c in zip(labels, counts))
+            total += sum(
+                int(c) * record_bytes(length, int(lab), shape) for lab, c in zip(labels, counts)
+            )
         else:
             total += sum(
                 record_bytes(len(i), int(lab)) for i, lab in zip(split.images, split.labels)
@@ -247,12 +307,19 @@ def estimated_bytes(data: SourceData, num_shards: int) -> int:
     return total + (1 << 16) + 4096 * files
 
 
-def _write_shard(path: str, split: SplitData, indices: np.ndarray, progress: Progress) -> int:
+def record_shape(data: SourceData) -> tuple[int, int, int] | None:
+    """The `shape` feature of each record: raw images only (encoded ones carry their own)."""
+    return tuple(data.image_shape) if data.encoding == "raw" and data.image_shape else None
+
+
+def _write_shard(
+    path: str, split: SplitData, indices: np.ndarray, progress: Progress, shape=None
+) -> int:
     """Writes one shard at `path`, flushed to disk; returns its size in bytes."""
     records = None
     if isinstance(split.images, np.ndarray) and split.images[0].size <= _NUMPY_FRAMING_MAX_BYTES:
         records = encode_examples(
-            split.images[indices].reshape(len(indices), -1), split.labels[indices]
+            split.images[indices].reshape(len(indices), -1), split.labels[indices], shape
         )
     if records is not None:
         with open(path, "wb") as f:
@@ -266,7 +333,7 @@ def _write_shard(path: str, split: SplitData, indices: np.ndarray, progress: Pro
                 image = split.images[i]
                 if isinstance(image, np.ndarray):
                     image = image.tobytes()
-                out.write(encode_example(image, int(split.labels[i])))
+                out.write(encode_example(image, int(split.labels[i]), shape))
                 if k % 256 == 255:
                     progress.update(256)
         progress.update(len(indices) % 256)
@@ -301,6 +368,8 @@ def _swap_in(staging: str, output_dir: str, new_shards: list[str], replaced: set
         os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
     os.replace(os.path.join(staging, METADATA_FILE), metadata_path)
     for name in sorted(replaced - set(new_shards)):
+        if unsafe_shard_name(name):
+            continue  # Never reached (check_listed_shards refused it); never outside the dir.
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(output_dir, name))
     shutil.rmtree(staging, ignore_errors=True)
@@ -324,6 +393,7 @@ def write_dataset(
     staging directory is removed and the old dataset is left as it was. Raises DataError when the
     estimated size does not fit the free space, or a write fails (full disk, I/O error).
     """
+    check_listed_shards(output_dir)
     replaced = own_shards(output_dir)
     _remove_leftovers(output_dir)
     needed = estimated_bytes(data, num_shards)
@@ -381,7 +451,9 @@ def _write_staged(
         shards = []
         for i, (start, end) in enumerate(bounds):
             name = shard_file_name(split_name, i, len(bounds))
-            size = _write_shard(os.path.join(staging, name), split, order[start:end], progress)
+            size = _write_shard(
+                os.path.join(staging, name), split, order[start:end], progress, record_shape(data)
+            )
             shards.append(ShardInfo(file=name, num_examples=end - start, num_bytes=size))
         splits[split_name] = SplitInfo(num_examples=len(split), shards=shards)
     progress.finish()

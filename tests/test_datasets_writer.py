@@ -289,3 +289,19 @@ def test_progress_lines_report_rate_and_eta(tmp_path, make_idx_dir, caplog):
         "examples/s" in line and "ETA" in line and "/3000 examples" in line for line in lines
     )
     assert any(line.startswith("write: 3000 examples in") for line in lines)
+
+
+def test_encode_example_with_a_shape_matches_protobuf():
+    image = bytes(range(12))
+    expected = tf.train.Example(
+        features=tf.train.Features(
+            feature={
+                "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
+                "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[300])),
+                "shape": tf.train.Feature(int64_list=tf.train.Int64List(value=[2, 2, 3])),
+            }
+        )
+    ).SerializeToString(deterministic=True)
+    assert writer.encode_example(image, 300, (2, 2, 3)) == expected
+    rows = writer.encode_examples(np.arange(24, dtype=np.uint8).reshape(2, 12), [1, 2], (2, 2, 3))
+    assert rows[0].tobytes() == writer.encode_example(bytes(range(12)), 1, (2, 2, 3))

@@ -8,6 +8,7 @@ recognise (its traceback goes to WORKDIR/crashes/). Every failure is one `error:
 """
 
 import os
+import shlex
 import sys
 
 from absl import app, logging
@@ -54,6 +55,7 @@ def main(config) -> int:
         errors.NonFiniteLossError,
         errors.ReplicasDifferError,
         errors.CheckpointWriteError,
+        errors.ExportError,
         errors.PeerError,
     ) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -85,7 +87,9 @@ def main(config) -> int:
         f"{summary['train_seconds']:.1f} s of training"
     )
     if summary["is_chief"]:
-        print(f"TensorBoard: tensorboard --logdir {summary['workdir']}/tensorboard")
+        # A command to paste: quoted, since a workdir may hold spaces.
+        logdir = shlex.quote(os.path.join(summary["workdir"], "tensorboard"))
+        print(f"TensorBoard: tensorboard --logdir {logdir}")
         if config.report:
             print(f"Report: {summary['workdir']}/report/index.html")
     elif summary["strategy"] == "multi_worker":

@@ -15,6 +15,7 @@ deleted right away, as TensorFlow requires.
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import shutil
@@ -76,8 +77,13 @@ class Checkpointer:
     def latest(self) -> str | None:
         return tf.train.latest_checkpoint(self.directory)
 
-    def restore(self, init_checkpoint: str = "") -> str:
-        """Restores per the resume order; returns a one-line description of what it did."""
+    def restore(self, init_checkpoint: str = "", *, partial: bool = False) -> str:
+        """Restores per the resume order; returns a one-line description of what it did.
+
+        From `init_checkpoint`, the model's variables only, each checked to be in it with the
+        same shape (ConfigError naming the first that is not), unless `partial` asks to load
+        the matching ones alone.
+        """
         latest = self.latest
         if latest:
             # expect_partial: the input position of another topology is legitimately left unused.
@@ -97,8 +103,7 @@ class Checkpointer:
             )
             if not path:
                 raise ConfigError(f"--init_checkpoint={init_checkpoint}: no checkpoint in it")
-            tf.train.Checkpoint(model=self._model).restore(path).expect_partial()
-            return f"initialised the model from {path}"
+            return init_model(self._model, path, init_checkpoint, partial=partial)
         return "started from scratch"
 
     @property
@@ -143,6 +148,121 @@ class Checkpointer:
             return None
         logging.info("saved %s %s", what, path)
         return path
+
+
+def _object_paths(root) -> dict[int, str]:
+    """id(object) -> its path from `root` ("model/_operations/1/_kernel"), breadth first as
+    TensorFlow walks the object graph it saves."""
+    view = tf.train.TrackableView(root)
+    seen, queue, paths = {id(root)}, collections.deque([(root, "")]), {}
+    while queue:
+        node, path = queue.popleft()
+        for name, child in view.children(node).items():
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
+            paths[id(child)] = f"{path}/{name}" if path else name
+            queue.append((child, paths[id(child)]))
+    return paths
+
+
+class _ObjectGraph:
+    """The object graph a checkpoint was saved with: what is saved under which path. Every
+    edge is there, so `model/...` finds a variable that a run's checkpoint first reached (and
+    named) through its optimizer."""
+
+    def __init__(self, reader):
+        from tensorflow.core.protobuf import trackable_object_graph_pb2
+
+        self._graph = trackable_object_graph_pb2.TrackableObjectGraph()
+        self._graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+
+    def _node(self, path: str) -> int | None:
+        node = 0
+        for name in path.split("/"):
+            children = self._graph.nodes[node].children
+            node = next((c.node_id for c in children if c.local_name == name), None)
+            if node is None:
+                return None
+        return node
+
+    def _value_key(self, node: int) -> str | None:
+        for attribute in self._graph.nodes[node].attributes:
+            if attribute.name == "VARIABLE_VALUE":
+                return attribute.checkpoint_key
+        return None
+
+    def key(self, path: str) -> str | None:
+        """The tensor key of the variable saved at `path`, or None."""
+        node = self._node(path)
+        return None if node is None else self._value_key(node)
+
+    def variable_keys_under(self, path: str) -> set[str]:
+        top = self._node(path)
+        keys, seen, stack = set(), set(), [] if top is None else [top]
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            key = self._value_key(node)
+            if key:
+                keys.add(key)
+            stack.extend(c.node_id for c in self._graph.nodes[node].children)
+        return keys
+
+
+def init_model(model, path: str, flag_value: str, *, partial: bool) -> str:
+    """Loads `model`'s variables from the checkpoint at `path` (--init_checkpoint=flag_value).
+
+    Each variable is looked up where `tf.train.Checkpoint(model=...)` puts it, and must be there
+    with the same shape, and the checkpoint's model must have no variables this one lacks; with
+    `partial`, only the matching ones are loaded (at least one). Returns the log line.
+    """
+    flag = f"--init_checkpoint={flag_value}"
+    try:
+        reader = tf.train.load_checkpoint(path)
+        shapes = reader.get_variable_to_shape_map()
+        graph = _ObjectGraph(reader)
+    except (tf.errors.OpError, ValueError) as e:
+        raise ConfigError(f"{flag}: {path}: unreadable ({_reason(e)})") from None
+    paths = _object_paths(tf.train.Checkpoint(model=model))
+    variables = [v for v in model.variables if id(v) in paths]
+    matched, differing = [], []
+    for variable in variables:
+        key = graph.key(paths[id(variable)])
+        if key is None or key not in shapes:
+            differing.append((variable, None, "is not in the checkpoint"))
+        elif list(shapes[key]) != list(variable.shape):
+            why = f"has shape {list(shapes[key])} there, {list(variable.shape)} here"
+            differing.append((variable, key, why))
+        else:
+            matched.append((variable, key))
+    used = {key for _, key in matched} | {key for _, key, _ in differing if key}
+    extra = sorted(graph.variable_keys_under("model") - used)
+    if not matched:
+        variable, _, why = differing[0]
+        raise ConfigError(
+            f"{flag}: {path} holds none of the model's {len(variables)} variables (the first, "
+            f"'{variable.path}', {why}); expected a checkpoint of this --model (another model's?)"
+        )
+    if (differing or extra) and not partial:
+        if differing:
+            variable, _, why = differing[0]
+            first = f"variable '{variable.path}' {why}"
+        else:
+            first = f"it holds {len(extra)} model variables this model lacks (first: {extra[0]})"
+        raise ConfigError(
+            f"{flag}: {path} does not fit this model: {first} ({len(matched)} of "
+            f"{len(variables)} match); pass --init_checkpoint_partial to load only the matching "
+            "ones (e.g. a new head for another class count)"
+        )
+    for variable, key in matched:
+        variable.assign(reader.get_tensor(key))
+    loaded = f"initialised the model from {path}: {len(matched)} of {len(variables)} variables"
+    if differing:
+        loaded += "; left as initialised: " + ", ".join(v.path for v, _, _ in differing)
+    return loaded
 
 
 def _reason(error: Exception) -> str:

@@ -73,7 +73,14 @@ class Config:
         "runs/<model>-<time>.",
     )
     init_checkpoint: str = _setting(
-        "", "Checkpoint (file prefix or directory) to start from when the workdir has none."
+        "",
+        "Checkpoint (file prefix or directory) whose model weights a run starts from when the "
+        "workdir has none; every variable of the model must be in it with the same shape.",
+    )
+    init_checkpoint_partial: bool = _setting(
+        False,
+        "With --init_checkpoint: load only the variables whose place and shape match (e.g. the "
+        "backbone, under a new head for another class count); the rest stay as initialised.",
     )
     # Model and precision.
     model: str = _setting(

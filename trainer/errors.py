@@ -32,6 +32,11 @@ class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (e.g. the disk is full); earlier ones are intact."""
 
 
+class ExportError(RuntimeError):
+    """The export could not be written, or what was written cannot be loaded back; the previous
+    export (if any) and the checkpoints are intact."""
+
+
 class CorruptDataError(DataError):
     """A shard failed to read (truncated mid-record, bytes flipped)."""
 
@@ -40,6 +45,7 @@ EXIT_CODES = {
     NonFiniteLossError: EXIT_FAILED,
     ReplicasDifferError: EXIT_FAILED,
     CheckpointWriteError: EXIT_FAILED,
+    ExportError: EXIT_FAILED,
     CorruptDataError: EXIT_CORRUPT_DATA,
     PeerError: EXIT_RETRYABLE,
 }

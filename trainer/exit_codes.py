@@ -7,7 +7,7 @@ checkpoint". Every launcher and Kubernetes overlay acts on this table (tests che
 | exit | kind | meaning |
 | --- | --- | --- |
 | 0 | done | finished |
-| 1 | permanent | training failed: a non-finite loss, replicas that ended with different weights, or a checkpoint or export that could not be written (full or read-only disk) |
+| 1 | permanent | training failed: a non-finite loss, replicas that ended with different weights, or a checkpoint or export that could not be written (full or read-only disk) or an export that cannot be loaded back |
 | 2 | permanent | bad flags, paths or data, found before training (ConfigError, DataError) |
 | 3 | permanent | a shard found corrupt while training or evaluating read it (CorruptDataError) |
 | 138 | retryable | a peer lost or never joined, a collective or start-up timeout, a stall (--stall_timeout_s), an unavailable or aborted runtime, or any error convoy does not recognise (its traceback goes to WORKDIR/crashes/) |

@@ -14,18 +14,27 @@ batch them.
 
 `model.keras` is the bare Keras model: float32 images in [0, 1] of exactly the input shape in, logits
 out; no resizing, no softmax.
+
+Both artifacts are loaded back before the export counts as written (`check_loadable`): a model
+with a layer class Keras cannot find again (not registered for serialization) or a `Lambda`
+(refused by Keras's safe mode) would otherwise be reported as exported and fail later, in
+`trainer.report` or a user's `keras.saving.load_model`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import shutil
 
 import keras
 import tensorflow as tf
 
 # The pipeline's own conversion: reused, not reimplemented, so serving sees what training saw.
 from datasets.pipeline import _to_model_input, normalize
+from trainer import errors
 from trainer.export_info import EXPORT_INFO, FORMAT, FORMAT_VERSION, KERAS_FILE, SAVED_MODEL
 from trainer.models import build_model
 
@@ -36,8 +45,11 @@ def export_model(
     input_shape: tuple[int, int, int],
     class_names: list[str],
     export_dir: str,
+    named_as: str | None = None,
 ) -> dict[str, str]:
-    """Writes EXPORT_DIR/{saved_model, model.keras, export.json}; returns their paths."""
+    """Writes EXPORT_DIR/{saved_model, model.keras, export.json}, then loads both models back
+    (ExportError when one cannot be); returns their paths. `named_as`: the directory the export
+    is renamed to afterwards, for the messages."""
     num_classes = len(class_names)
     plain = build_model(model_name, input_shape, num_classes, precision="fp32")
     plain.set_weights(model.get_weights())
@@ -104,4 +116,73 @@ def export_model(
             f,
             indent=2,
         )
+    check_loadable(plain, saved_model, keras_file, named_as or export_dir)
     return {"saved_model": saved_model, "keras": keras_file, "info": info}
+
+
+_UNKNOWN_CLASS = re.compile(r"Could not locate (?:class|function) '([^']+)'")
+
+
+def check_loadable(model: keras.Model, saved_model: str, keras_file: str, named_as: str) -> None:
+    """Loads both artifacts back; raises ExportError naming the layer that cannot be loaded, and
+    how to fix it. `model` is what was saved (to find the layer by its class)."""
+    final = os.path.join(named_as, os.path.basename(keras_file))
+    try:
+        keras.saving.load_model(keras_file, compile=False)
+    except Exception as e:  # noqa: BLE001 - Keras raises TypeError, ValueError, ... alike
+        raise errors.ExportError(f"{final}: cannot be loaded back: {_why(model, e)}") from None
+    try:
+        tf.saved_model.load(saved_model)
+    except Exception as e:  # noqa: BLE001
+        raise errors.ExportError(
+            f"{os.path.join(named_as, os.path.basename(saved_model))}: cannot be loaded back "
+            f"({errors.first_line(str(e))}); nothing was exported (the checkpoints are kept)"
+        ) from None
+
+
+def _why(model: keras.Model, error: Exception) -> str:
+    text = str(error)
+    layers = list(model._flatten_layers(include_self=False))
+    lambdas = [layer for layer in layers if isinstance(layer, keras.layers.Lambda)]
+    keep = "; nothing was exported (the checkpoints are kept)"
+    if lambdas and ("Lambda" in text or "safe_mode" in text):
+        return (
+            f"layer '{lambdas[0].name}' is a keras.layers.Lambda, which Keras refuses to load "
+            "from a .keras file (safe_mode); replace it with a Layer subclass decorated with "
+            f"@keras.saving.register_keras_serializable(){keep}"
+        )
+    unknown = _UNKNOWN_CLASS.search(text)
+    if unknown:
+        name = unknown.group(1).rsplit(">", 1)[-1]
+        found = [layer for layer in layers if type(layer).__name__ == name]
+        where = f"layer '{found[0].name}' (class {name})" if found else f"class '{name}'"
+        module = f" in {type(found[0]).__module__}" if found else ""
+        return (
+            f"{where}{module} is not registered for serialization; decorate the class with "
+            f"@keras.saving.register_keras_serializable() and give it a get_config() if its "
+            f"__init__ takes arguments{keep}"
+        )
+    return f"{type(error).__name__}: {errors.first_line(text)}{keep}"
+
+
+@contextlib.contextmanager
+def write_errors(final: str):
+    """Turns a failed write of the export (full or read-only disk) into one ExportError line; the
+    export is written aside (workdir.atomic_directory), so the previous one is intact."""
+    try:
+        yield
+    except (tf.errors.OpError, OSError) as e:
+        if errors.as_peer_error(e) is not None:
+            raise
+        reason = getattr(e, "message", None) or getattr(e, "strerror", None) or str(e)
+        # Without TensorFlow's graph-node prefix and the temporary file's name.
+        reason = re.sub(r"\{\{[^}]*\}\}\s*", "", str(reason))
+        reason = re.sub(r"\S*\.export\.tmp-\d+\S*[;:]?\s*", "", reason) or type(e).__name__
+        parent = os.path.dirname(os.path.abspath(final))
+        free = shutil.disk_usage(parent).free if os.path.isdir(parent) else 0
+        previous = "the previous export is intact" if os.path.isdir(final) else "none exported"
+        raise errors.ExportError(
+            f"{final}: could not write the export ({errors.first_line(reason)}; {free:,} bytes "
+            f"free); {previous}, the checkpoints are kept; free space and run the same command "
+            "again to export"
+        ) from None

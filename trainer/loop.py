@@ -121,7 +121,9 @@ def _run(config: Config, stop: StopRequest) -> dict:
 def _prepare_workdir(config: Config, plan: Plan, backend: Backend) -> None:
     """Refuses a workdir of another model or dataset, then (chief) clears unfinished saves and
     writes config.json and plan.json. Nothing is written before the check."""
-    workdir.check_compatible(config.workdir, config.model, plan.input_shape, plan.num_classes)
+    workdir.check_compatible(
+        config.workdir, config.model, plan.input_shape, plan.num_classes, plan.global_batch
+    )
     if backend.is_chief:
         workdir.remove_stale_temporaries(os.path.join(config.workdir, "checkpoints"))
         plan_fields = {"model": config.model, **dataclasses.asdict(plan)}
@@ -188,7 +190,9 @@ def _restore(config, plan, backend, state, inputs):
     checkpointer = checkpoints.Checkpointer(
         config.workdir, state, backend, keep=config.keep_checkpoints, input_iterator=iterator
     )
-    logging.info("%s", checkpointer.restore(config.init_checkpoint))
+    logging.info(
+        "%s", checkpointer.restore(config.init_checkpoint, partial=config.init_checkpoint_partial)
+    )
     backend.broadcast_initial_state(state.variables)
     # After restore and broadcast, which leave every replica with replica 0's random states.
     replicas.make_random_states_distinct(backend, state.model)
@@ -347,7 +351,9 @@ def _write_run_start(run: _Run) -> None:
         }
     )
     sample = run.inputs.training(plan.train_split, config.seed, shuffle_buffer=256)
-    run.summaries.images(0, "input/images", lambda: next(iter(sample(0, 1, 16)))[0])
+    # The first read of the training split: a corrupt record here is one line, as in training.
+    with errors.reading_split(run.inputs.metadata, plan.data_dir, plan.train_split):
+        run.summaries.images(0, "input/images", lambda: next(iter(sample(0, 1, 16)))[0])
 
 
 def _finish(run: _Run, final_step: int, start_step: int) -> dict:
@@ -428,9 +434,18 @@ def _export(run: _Run) -> dict:
     if from_best:
         logging.info("exporting the best checkpoint %s", run.checkpointer.restore_best())
     final = os.path.join(config.workdir, "export")
-    with workdir.atomic_directory(final) as temporary, state.averaged_weights():
+    with (
+        export.write_errors(final),
+        workdir.atomic_directory(final) as temporary,
+        state.averaged_weights(),
+    ):
         paths = export.export_model(
-            state.model, config.model, plan.input_shape, run.inputs.metadata.class_names, temporary
+            state.model,
+            config.model,
+            plan.input_shape,
+            run.inputs.metadata.class_names,
+            temporary,
+            named_as=final,
         )
     return {
         "export": {k: v.replace(temporary, final) for k, v in paths.items()},

@@ -272,10 +272,11 @@ def _import_user_module(model: str, where: str):
         return importlib.import_module(where)
     except ConfigError:
         raise
-    except Exception as e:  # noqa: BLE001 - any failure of a user's module is a bad --model
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - any failure of a user's module
         sys.modules.pop(f"convoy_user_model_{os.path.splitext(os.path.basename(where))[0]}", None)
+        what = f"sys.exit({e.code!r})" if isinstance(e, SystemExit) else type(e).__name__
         raise ConfigError(
-            f"--model={model}: cannot import {where} ({type(e).__name__}: {_one_line(e)})"
+            f"--model={model}: cannot import {where} ({what}: {_one_line(e)})"
         ) from None
 
 
@@ -287,6 +288,11 @@ def build_model(
     with _dtype_policy(_POLICIES[precision]):
         try:
             built = spec.builder(tuple(input_shape), num_classes)
+        except SystemExit as e:  # sys.exit() in a builder must not end the run as a success
+            raise ConfigError(
+                f"--model={model}: the builder called sys.exit({e.code!r}); expected it to "
+                "return a keras.Model (or raise)"
+            ) from None
         except Exception as e:  # noqa: BLE001 - a user's builder may fail in any way
             raise ConfigError(
                 f"--model={model}: the builder raised {type(e).__name__}: {_one_line(e)}"
@@ -302,6 +308,12 @@ def build_model(
             f"--model={model} takes inputs of shape {got}; the dataset provides "
             f"{_fmt(input_shape)} images (a builder must use the input_shape it is given; "
             "--image_size resizes)"
+        )
+    if not built.trainable_variables:
+        raise ConfigError(
+            f"--model={model}: the model has no trainable variables ({len(built.layers)} "
+            "layers, none with weights to train, or all frozen); expected at least one "
+            "trainable layer"
         )
     if len(built.outputs) != 1 or tuple(built.outputs[0].shape[1:]) != (num_classes,):
         got = [tuple(t.shape) for t in built.outputs]

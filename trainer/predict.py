@@ -126,6 +126,14 @@ class _Classifier:
         self.preprocess = loaded.signatures["preprocess"]
         self.channels = info["input_shape"][2]
         self.class_names = info["class_names"]
+        outputs = self.serve.structured_outputs["probabilities"].shape[-1]
+        if outputs is not None and outputs != len(self.class_names):
+            path = os.path.join(os.path.dirname(saved_model_dir), export_info.EXPORT_INFO)
+            raise export_info.NotAnExportError(
+                f"{path}: class_names lists {len(self.class_names)} classes, but the model in "
+                f"{saved_model_dir} outputs {outputs}; expected one name per output (edited by "
+                "hand? export the run again)"
+            )
 
     def load(self, path: str):
         """(model-sized uint8 [1, H, W, C], None) or (None, why not)."""

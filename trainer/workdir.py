@@ -95,21 +95,32 @@ def _describe(holder: dict) -> str:
     return f"pid {holder.get('pid')} on host {holder.get('host')} since {since}"
 
 
-def check_compatible(workdir: str, model: str, input_shape, num_classes: int) -> None:
-    """Raises ConfigError when WORKDIR holds a run whose weights cannot be this run's."""
+def check_compatible(
+    workdir: str, model: str, input_shape, num_classes: int, global_batch: int | None = None
+) -> None:
+    """Raises ConfigError when WORKDIR holds a run whose weights cannot be this run's, or whose
+    checkpoint cannot be resumed with these settings (the saved input position holds batches of
+    the run's global batch size, and its step count and schedule follow from it)."""
     path = os.path.join(workdir, PLAN_FILE)
     if not os.path.isfile(path):
         return
     with open(path) as f:
         previous = json.load(f)
     now = {"model": model, "input_shape": list(input_shape), "num_classes": num_classes}
+    if global_batch is not None and glob.glob(
+        os.path.join(glob.escape(workdir), "checkpoints", "*.index")
+    ):
+        now["global_batch"] = global_batch
     changed = [k for k in now if k in previous and previous[k] != now[k]]
     if changed:
         was = ", ".join(f"{k}={previous[k]}" for k in changed)
         new = ", ".join(f"{k}={now[k]}" for k in changed)
+        hint = ""
+        if "global_batch" in changed:
+            hint = f" (--global_batch_size={previous['global_batch']} resumes it)"
         raise ConfigError(
             f"--workdir={workdir}: holds a run with {was}, not {new}; resume it with its own "
-            "settings or choose another --workdir"
+            f"settings{hint} or choose another --workdir"
         )
 
 

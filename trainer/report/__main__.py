@@ -45,6 +45,12 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return errors.exit_code(e)
     ev = report["eval"]
+    if ev is None:
+        print(
+            f"{os.path.join(args.workdir, 'report', 'index.html')}: curves and settings only; "
+            f"no model could be loaded ({report['model_unavailable']})"
+        )
+        return 0
     print(
         f"{os.path.join(args.workdir, 'report', 'index.html')}: {report['eval_split']} accuracy "
         f"{ev['accuracy']:.4f} ({ev['correct']}/{ev['num_examples']}) with {report['weights']}"

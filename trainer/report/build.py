@@ -41,6 +41,8 @@ def write_report(workdir: str, data_dir: str | None = None) -> dict:
             f"on {plan['num_classes']} (pass the run's dataset with --data_dir)"
         )
     model, weights = predictions.load_model(run)
+    if model is None:
+        return _write_without_model(run, data_dir, weights)
     split = plan["eval_split"]
     with errors.reading_split(metadata, data_dir, split):
         evaluation = predictions.evaluate(
@@ -80,6 +82,52 @@ def write_report(workdir: str, data_dir: str | None = None) -> dict:
         with open(os.path.join(out, "index.html"), "w") as f:
             f.write(page.render(report, run.config, run.summary))
     logging.info("report written to %s", os.path.join(final, "index.html"))
+    return report
+
+
+def _write_without_model(run, data_dir: str, why: str) -> dict:
+    """The report of a run whose weights cannot be loaded: the curves, config and summary, and
+    in place of every picture that needs the model, why there is none."""
+    from trainer.report import plots
+
+    logdir = os.path.join(run.workdir, "tensorboard")
+    scalars = read_scalars(logdir)
+    report = {
+        "format_version": FORMAT_VERSION,
+        "workdir": os.path.abspath(run.workdir),
+        "model": run.plan["model"],
+        "weights": None,
+        "model_unavailable": why,
+        "data_dir": data_dir,
+        "eval_split": run.plan["eval_split"],
+        "input_shape": run.plan["input_shape"],
+        "class_names": None,
+        "eval": None,
+        "summary_eval": run.summary.get("eval") if run.summary else None,
+        "confusion_matrix": None,
+        "per_class": [],
+        "mistakes": [],
+        "filters": None,
+        "activations": None,
+        "curves": {"logdir": "tensorboard", "scalars": scalars},
+        "images": {},
+    }
+    final = os.path.join(run.workdir, REPORT_DIR)
+    with atomic_directory(final) as out:
+        os.makedirs(out)
+        width, height = plots.curves(scalars, logdir, os.path.join(out, "curves.png"))
+        report["images"]["curves.png"] = {"width": width, "height": height}
+        for name in ("confusion_matrix.png", "per_class.png", "mistakes.png"):
+            width, height = plots.unavailable(name, f"no model to evaluate: {why}", out)
+            report["images"][name] = {"width": width, "height": height}
+        for name in ("filters.png", "activations.png"):
+            width, height = plots.unavailable(name, f"no model: {why}", out)
+            report["images"][name] = {"width": width, "height": height}
+        with open(os.path.join(out, "report.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        with open(os.path.join(out, "index.html"), "w") as f:
+            f.write(page.render(report, run.config, run.summary))
+    logging.warning("report written to %s without a model (%s)", final, why)
     return report
 
 

@@ -57,6 +57,13 @@ def _figure(name: str, caption: str) -> str:
 
 def _overview(report: dict, summary: dict | None) -> list[tuple[str, object]]:
     ev = report["eval"]
+    if ev is None:  # No model could be loaded: what the report shows is the run's own record.
+        rows = [
+            ("model", report["model"]),
+            ("weights evaluated", f"none: {report.get('model_unavailable')}"),
+            ("dataset", report["data_dir"]),
+        ]
+        return rows + _summary_rows(summary)
     rows = [
         ("model", report["model"]),
         ("weights evaluated", report["weights"]),
@@ -65,11 +72,14 @@ def _overview(report: dict, summary: dict | None) -> list[tuple[str, object]]:
         ("eval accuracy (this report)", f"{ev['accuracy']:.4f} ({ev['correct']} correct)"),
         ("eval loss (this report)", f"{ev['loss']:.4f}"),
     ]
+    return rows + _summary_rows(summary)
+
+
+def _summary_rows(summary: dict | None) -> list[tuple[str, object]]:
     if summary is None:
-        rows.append(("summary.json", "none (the run has not finished)"))
-        return rows
+        return [("summary.json", "none (the run has not finished)")]
     final = summary.get("eval", {})
-    rows += [
+    rows = [
         ("eval accuracy at the end of training", f"{final.get('accuracy', float('nan')):.4f}"),
         ("steps", f"{summary.get('final_step')} of {summary.get('total_steps')}"),
         ("training time", f"{summary.get('train_seconds')} s"),

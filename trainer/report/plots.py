@@ -7,6 +7,8 @@ events) says so in place of the plot, so the report always has the same files.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -48,6 +50,13 @@ def _save(figure: Figure, path: str) -> tuple[int, int]:
 
 def _nothing(figure: Figure, text: str) -> None:
     figure.text(0.5, 0.5, text, ha="center", va="center", fontsize=12, wrap=True)
+
+
+def unavailable(name: str, text: str, directory: str) -> tuple[int, int]:
+    """DIRECTORY/NAME at its usual size, saying why there is no picture."""
+    figure = _figure(name, layout=None)
+    _nothing(figure, text)
+    return _save(figure, os.path.join(directory, name))
 
 
 def _font_size(num_labels: int) -> float:

@@ -16,6 +16,7 @@ import os
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from datasets.metadata import DatasetMetadata
 from datasets.pipeline import input_fn, model_input
@@ -62,23 +63,50 @@ def load_run(workdir: str) -> RunFiles:
     return RunFiles(workdir, files["config.json"], files["plan.json"], files["summary.json"])
 
 
-def load_model(run: RunFiles) -> tuple[keras.Model, str]:
-    """(model, which weights: a path relative to the workdir)."""
+def load_model(run: RunFiles) -> tuple[keras.Model | None, str]:
+    """(model, which weights: a path relative to the workdir), or (None, why) when neither the
+    export nor a checkpoint can be loaded (the report then shows what it can without a model).
+
+    The run's own model module is imported first, so that layer classes it registers for
+    serialization are known when `model.keras` is loaded.
+    """
+    from trainer.models import build_model, resolve
+
+    try:
+        resolve(run.plan["model"])
+    except ConfigError as e:
+        logging.warning("report: %s", e)
     exported = os.path.join(run.workdir, "export", KERAS_FILE)
     if os.path.isfile(exported):
-        return keras.saving.load_model(exported, compile=False), os.path.join("export", KERAS_FILE)
+        try:
+            model = keras.saving.load_model(exported, compile=False)
+            return model, os.path.join("export", KERAS_FILE)
+        except Exception as e:  # noqa: BLE001 - an unloadable export: report on a checkpoint
+            logging.warning(
+                "report: %s cannot be loaded (%s: %s); using the newest checkpoint instead",
+                exported,
+                type(e).__name__,
+                " ".join(str(e).split())[:300],
+            )
     checkpoints = os.path.join(run.workdir, "checkpoints")
     path = tf.train.latest_checkpoint(os.path.join(checkpoints, "best"))
     path = path or tf.train.latest_checkpoint(checkpoints)
     if not path:
+        if os.path.isfile(exported):
+            return None, f"export/{KERAS_FILE} cannot be loaded and there is no checkpoint"
         raise ReportError(
             f"{run.workdir}: no export/{KERAS_FILE} and no checkpoint; nothing to evaluate "
             "(train first, or let the run reach its first checkpoint)"
         )
-    from trainer.models import build_model
-
-    model = build_model(run.plan["model"], tuple(run.plan["input_shape"]), run.plan["num_classes"])
-    tf.train.Checkpoint(model=model).restore(path).expect_partial()
+    try:
+        model = build_model(
+            run.plan["model"], tuple(run.plan["input_shape"]), run.plan["num_classes"]
+        )
+        tf.train.Checkpoint(model=model).restore(path).expect_partial()
+    except (ConfigError, ValueError, tf.errors.OpError) as e:
+        why = f"{os.path.relpath(path, run.workdir)} cannot be loaded ({' '.join(str(e).split())})"
+        logging.warning("report: %s; showing what needs no model", why)
+        return None, why
     return model, os.path.relpath(path, run.workdir)
 
 
