@@ -24,6 +24,7 @@ from multiprocess import (
 )
 from trainer_harness import (
     REPO,
+    assert_time_breakdown,
     checkpoint_weights,
     max_weight_difference,
     run_trainer,
@@ -79,6 +80,14 @@ def test_horovod_two_ranks_match_single_process(horovod_run, single_process):
     assert abs(s["eval"]["loss"] - summary(single_process)["eval"]["loss"]) < 1e-4
     _assert_only_chief_wrote(workdir)
     _assert_thread_pools_shared(output, s)
+    _assert_both_measured_the_breakdown(output, s)
+
+
+def _assert_both_measured_the_breakdown(output, s):
+    """Each process timed its own pieces at the same step (the all-reduce together); the
+    chief's are in summary.json."""
+    assert_time_breakdown(s, 32)
+    assert len(re.findall(r"time breakdown at step 4: ", output)) == 2, output[-4000:]
 
 
 def _assert_thread_pools_shared(output, s):
@@ -107,6 +116,7 @@ def test_multi_worker_two_workers_match_single_process(tiny_mnist, single_proces
     assert s["eval"]["num_examples"] == 101
     _assert_only_chief_wrote(workdir)
     _assert_thread_pools_shared(output, s)
+    _assert_both_measured_the_breakdown(output, s)
 
 
 def test_three_workers_evaluate_every_example_once(tiny_mnist, tmp_path):

@@ -9,6 +9,8 @@ import pytest
 import tensorflow as tf
 from trainer_harness import (
     FAST_FLAGS,
+    TIME_PIECES,
+    assert_time_breakdown,
     checkpoint_tensors,
     checkpoint_weights,
     max_weight_difference,
@@ -87,6 +89,15 @@ def test_smoke_run_writes_summary_checkpoint_and_prints_accuracy(baseline):
     assert tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints")).endswith(
         f"-{BASELINE_STEPS}"
     )
+    # The step's time breakdown, measured once after the first chunk, in the keys launch.plan
+    # --from_run reads, and the verdict in words at the end.
+    assert_time_breakdown(s, 64)
+    assert s["time_breakdown"]["measured_at_steps"] == [10]
+    assert s["bound"]["sentence"] in run.stderr
+
+    from launch.plan import read_run
+
+    assert read_run(workdir)["gradient_bytes"] == s["gradient_bytes"]
 
 
 def test_loss_goes_down(baseline):
@@ -113,6 +124,9 @@ def test_tensorboard_has_every_tag(baseline):
     ):
         assert tag in events, (tag, sorted(events))
     assert sorted(step for step, _ in events["eval/accuracy"]) == [30, 60]
+    for piece in TIME_PIECES:  # After the first chunk; the run's step time at its end.
+        steps = [step for step, _ in events[f"time/{piece}"]]
+        assert steps == ([BASELINE_STEPS] if piece == "step_ms" else [10]), (piece, steps)
     assert sorted(step for step, _ in events["eval/confusion_matrix"]) == [30, 60]
     histograms = [t for t in events if t.startswith("weights/")]
     assert histograms and all(sorted(s for s, _ in events[t]) == [30, 60] for t in histograms)
@@ -183,9 +197,35 @@ def test_mirrored_over_two_cpu_devices_matches_one_device(reference, tmp_path):
     )
     s = summary(workdir)
     assert (s["strategy"], s["num_replicas"], s["per_replica_batch"]) == ("mirrored", 2, 32)
+    assert_time_breakdown(s, 64)
     assert s["eval"]["num_examples"] == summary(reference_dir)["eval"]["num_examples"] == 2000
     # Same global batch, same data order: only the summation order of the gradient differs.
     assert max_weight_difference(checkpoint_weights(workdir), checkpoint_weights(reference)) < 1e-4
+
+
+def test_time_breakdown_changes_nothing_the_run_trains_or_checkpoints(tmp_path):
+    # sign_cnn: BatchNorm (moving statistics) and Dropout (random states). Measured every 5 steps
+    # (which also splits the chunks differently) against not measured: the same checkpoint, bit
+    # for bit, and the same data order and dropout masks up to it.
+    flags = (
+        *FAST_FLAGS,
+        "--model=sign_cnn",
+        "--train_steps=20",
+        "--deterministic",
+        "--optimizer=momentum",
+    )
+    measured, unmeasured = str(tmp_path / "measured"), str(tmp_path / "unmeasured")
+    run_trainer(*flags, f"--workdir={measured}", "--time_breakdown_every_steps=5")
+    run_trainer(*flags, f"--workdir={unmeasured}", "--notime_breakdown")
+    assert summary(measured)["time_breakdown"]["measured_at_steps"] == [5, 10, 15, 20]
+    assert "time_breakdown" not in summary(unmeasured) and "bound" not in summary(unmeasured)
+    with_breakdown, without = (
+        checkpoint_tensors(tf.train.latest_checkpoint(os.path.join(w, "checkpoints")))
+        for w in (measured, unmeasured)
+    )
+    assert with_breakdown.keys() == without.keys()
+    for key, value in without.items():
+        np.testing.assert_array_equal(with_breakdown[key], value, err_msg=key)
 
 
 def test_xla_on_matches_xla_off(reference, tmp_path):

@@ -200,3 +200,25 @@ def run_until_then_sigterm(flags: tuple, line_text: str, env: dict | None = None
     output.extend(process.stdout)
     assert process.wait(timeout=120) == 128 + signal.SIGTERM, "".join(output)[-3000:]
     return "".join(output)
+
+
+TIME_PIECES = ("input_ms", "compute_ms", "allreduce_ms", "optimizer_ms", "step_ms")
+
+
+def assert_time_breakdown(s: dict, per_worker_batch: int) -> None:
+    """summary.json has the step's time breakdown and verdict (trainer/breakdown.py), with the
+    keys `launch.plan --from_run` reads."""
+    breakdown = s["time_breakdown"]
+    for key in (*TIME_PIECES, "input_images_per_sec"):
+        assert isinstance(breakdown[key], float) and breakdown[key] >= 0, (key, breakdown)
+    assert breakdown["compute_ms"] > 0 and breakdown["step_ms"] > 0, breakdown
+    # Both say what the pipeline alone delivers, for this worker's batch.
+    delivered = breakdown["input_images_per_sec"] * breakdown["input_ms"] / 1000
+    assert abs(delivered - per_worker_batch) < 0.01 * per_worker_batch, breakdown
+    # tutorial_cnn's gradients in float32: one per weight.
+    assert s["gradient_bytes"] > 0 and s["gradient_bytes"] % 4 == 0
+    bound = s["bound"]
+    assert bound["verdict"] in ("input", "compute", "communication"), bound
+    assert set(bound["shares"]) == {"input", "compute", "allreduce", "optimizer"}
+    assert bound["shares"]["compute"] == round(breakdown["compute_ms"] / breakdown["step_ms"], 4)
+    assert bound["sentence"].startswith(f"{bound['verdict']}-bound: "), bound

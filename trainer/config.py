@@ -188,6 +188,15 @@ class Config:
     profile_steps: tuple[int, int] | None = _setting(
         None, "A,B: write a profiler trace for steps A..B."
     )
+    time_breakdown: bool = _setting(
+        True,
+        "Measure the step's time breakdown (input pipeline, forward+backward, all-reduce, "
+        "optimizer, whole step) after the first chunk, into TensorBoard time/*_ms and "
+        "summary.json's time_breakdown and bound; leaves the training result unchanged.",
+    )
+    time_breakdown_every_steps: int = _setting(
+        0, "With --time_breakdown: measure it again every N steps (0: only after the first chunk)."
+    )
     keep_best: str = _setting(
         "",
         "Keep the checkpoint with the best value of this eval metric in "
@@ -278,6 +287,7 @@ def _check_values(c: Config) -> None:
         "checkpoint_every_steps",
         "log_every_steps",
         "histogram_every_steps",
+        "time_breakdown_every_steps",
         "early_stopping_patience",
         "early_stopping_min_delta",
         "warmup_steps",

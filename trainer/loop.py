@@ -41,6 +41,7 @@ from trainer import (
 from trainer import step as step_lib
 from trainer.backends import create_backend
 from trainer.backends.base import Backend
+from trainer.breakdown import Breakdown
 from trainer.config import Config, validated
 from trainer.evaluation import Evaluator
 from trainer.inputs import InputSpec
@@ -73,6 +74,7 @@ class _Run:
     evaluate: Evaluator
     stop: StopRequest
     votes: StopVotes
+    breakdown: Breakdown | None
 
 
 def train_and_evaluate(config: Config) -> dict:
@@ -151,6 +153,21 @@ def _train_and_finish(config, plan, machine, backend, state, metadata, stop) -> 
     summaries = Summaries(config.workdir, enabled=backend.is_chief)
     meter = Meter(step_lib.TRAIN_METRICS, plan.global_batch)
     evaluate = Evaluator(plan, backend, state, inputs, loops, summaries, checkpointer, meter)
+    breakdown = None
+    if config.time_breakdown:
+        breakdown = Breakdown(
+            config,
+            state,
+            backend,
+            loops,
+            meter,
+            summaries,
+            # A second iterator of the same pipeline: the training one is never advanced.
+            lambda seed: iter(
+                backend.distribute(inputs.training(plan.train_split, seed), plan.per_worker_batch)
+            ),
+            plan.per_worker_batch,
+        )
     run = _Run(
         config,
         plan,
@@ -164,6 +181,7 @@ def _train_and_finish(config, plan, machine, backend, state, metadata, stop) -> 
         evaluate,
         stop,
         votes,
+        breakdown,
     )
     if start_step == 0:
         _write_run_start(run)
@@ -211,7 +229,7 @@ def _train(run: _Run, loops: step_lib.Loops, iterator, start_step: int) -> int:
         config.stall_timeout_s,
         first_beat_timeout_s=config.stall_timeout_s + _FIRST_CHUNK_GRACE_S,
     )
-    actions = _periodic_actions(run, progress)
+    actions = _periodic_actions(run, progress, start_step)
     current = start_step
     with contextlib.ExitStack() as cleanup:
         cleanup.enter_context(watchdog)
@@ -273,7 +291,7 @@ def _agree_to_go_on(run: _Run, step: int, where: str) -> None:
         raise Interrupted(signum, f"(sent to {who}) {where} at step {step}; resumes from {latest}")
 
 
-def _periodic_actions(run: _Run, progress: console.Progress):
+def _periodic_actions(run: _Run, progress: console.Progress, start_step: int):
     """The one list of what runs between chunks, in the order it runs at a shared step."""
     config, plan, summaries, meter = run.config, run.plan, run.summaries, run.meter
     total = plan.total_steps
@@ -314,7 +332,7 @@ def _periodic_actions(run: _Run, progress: console.Progress):
             periodic.Action("profile_start", periodic.At((first,)), start),
             periodic.Action("profile_stop", periodic.At((last,)), stop),
         ]
-    actions += [
+    later = [
         periodic.Action("eval", periodic.Every(config.eval_every_steps), evaluate),
         periodic.Action(
             "checkpoint",
@@ -322,7 +340,11 @@ def _periodic_actions(run: _Run, progress: console.Progress):
             _any_step(run.checkpointer.save),
         ),
     ]
-    return actions
+    if run.breakdown:  # Before eval and checkpoint, which then see that it changed nothing.
+        actions.append(
+            run.breakdown.action(start_step, total, config.steps_per_loop, actions + later)
+        )
+    return actions + later
 
 
 def _any_step(fn: Callable[[], object]) -> Callable[[int], None]:
@@ -370,9 +392,10 @@ def _finish(run: _Run, final_step: int, start_step: int) -> dict:
     final_eval = run.evaluate(final_step)
     # Every worker logs it, after every replica of every worker was checked to have the same.
     logging.info("weights fingerprint %s", replicas.check_identical(backend, state.model))
+    timing = run.breakdown.summary(final_step) if run.breakdown else {}
     run.summaries.close()
     _agree_to_go_on(run, final_step, "after the final evaluation")
-    summary = _summary(run, final_step, start_step, final_eval)
+    summary = {**_summary(run, final_step, start_step, final_eval), **timing}
     if config.export and backend.is_chief:
         summary.update(_export(run))
     # The other workers wait here for the chief's export.

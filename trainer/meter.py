@@ -63,6 +63,16 @@ class Meter:
         return window
 
     @property
+    def steady_steps(self) -> int:
+        """Steps of the chunks after the first one."""
+        return self._steady_steps
+
+    @property
+    def step_ms(self) -> float:
+        """Steady-state ms per step (all chunks when there was only one), from the chunk times."""
+        return 1000.0 * self._global_batch / max(self.images_per_sec, 1e-9)
+
+    @property
     def images_per_sec(self) -> float:
         """Steady-state throughput of the run (all chunks when there was only one)."""
         if self._steady_seconds:

@@ -48,7 +48,21 @@ class At:
         return min((s for s in self.steps if s > step), default=None)
 
 
-Schedule = Every | At
+@dataclasses.dataclass(frozen=True)
+class AnyOf:
+    """Due whenever one of `schedules` is (once per step, however many are)."""
+
+    schedules: tuple[Every | At, ...]
+
+    def due(self, step: int) -> bool:
+        return any(s.due(step) for s in self.schedules)
+
+    def next_after(self, step: int) -> int | None:
+        found = [s.next_after(step) for s in self.schedules]
+        return min((n for n in found if n is not None), default=None)
+
+
+Schedule = Every | At | AnyOf
 
 
 @dataclasses.dataclass(frozen=True)
