@@ -17,6 +17,8 @@ two all-reduces and fits `t = S / B + 2 * alpha` (`launch.plan.fit_ring`: the ri
 (`bus_gbps`, Gb/s) and per-hop latency alpha (`alpha_us`) that `launch.plan --allreduce_gbps=B
 --allreduce_alpha_us=alpha` takes to predict a two-process run here; `plan_prediction` is that
 prediction, with the one-thread process as one "GPU", against the measured two-process images/s.
+`plan_from_run` is `launch.plan --from_run`'s: each two-process run's own time breakdown
+(compute, optimizer, gradient bytes; summary.json) with the same fit, against its measured step.
 `--sweep_only` skips the training runs (a minute instead of several). Prints one JSON line, with
 the `machine` it ran on; a set-up that cannot run here (e.g. Horovod not installed) gets null
 figures and its error under `errors`.
@@ -220,13 +222,33 @@ def _predict(one_thread_rate, gradient_bytes, sweep, measured):
     }
 
 
+def _predict_from_run(run, sweep):
+    """launch.plan --from_run: the two-process run's own compute and optimizer times with the
+    sweep's ring fit, against the run's measured step (`launch.plan.compare_run`)."""
+    if not (run and sweep and sweep.get("bus_gbps")):
+        return None
+    inputs = plan.Inputs(
+        ms_per_image=run["time_breakdown.compute_ms"] / run["per_replica_batch"],
+        gradient_bytes=run["gradient_bytes"],
+        per_gpu_batch=int(run["per_replica_batch"]),
+        optimizer_ms=run["time_breakdown.optimizer_ms"],
+        gpus_per_node=2,
+        allreduce_gbps=sweep["bus_gbps"],
+        allreduce_alpha_us=max(sweep["alpha_us"], 0.0),
+        allreduce_base_us=0.0,
+        fusion_mb=1024.0,
+        input_images_per_sec_per_node=run["time_breakdown.input_images_per_sec"] or None,
+    )
+    return plan.compare_run(inputs, run)
+
+
 def main(argv):
     del argv
     if FLAGS.probe:
         _probe(FLAGS.strategy)
         return
     trainer = [sys.executable, "-m", "trainer"]
-    results, errors = {}, {}
+    results, errors, breakdowns = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         runs = (
             {}
@@ -246,6 +268,10 @@ def main(argv):
             try:
                 _run(command + _trainer_flags(workdir), env)
                 results[name] = _images_per_sec(workdir)
+                try:  # The run's own time breakdown, as `launch.plan --from_run` reads it.
+                    breakdowns[name] = plan.read_run(workdir)
+                except plan.PlanError as e:
+                    errors.setdefault(name, str(e))
             except SetupFailed as e:
                 results[name], errors[name] = None, str(e)
         probe = [
@@ -324,6 +350,10 @@ def main(argv):
                 "gradient_bytes": gradient_bytes,
                 # launch.plan with the sweep's fit and the 1-thread process as one "GPU".
                 "plan_prediction": predictions,
+                # launch.plan --from_run: the same fit with each run's own time breakdown.
+                "plan_from_run": {
+                    k: _predict_from_run(breakdowns.get(k), sweeps.get(k)) for k in probes
+                },
                 "errors": errors,
                 "machine": hardware.read_machine().as_json(),
             }

@@ -118,13 +118,23 @@ class Breakdown:
         if not self._built:
             self._build()
         built = time.perf_counter()
+        # A barrier before each piece: the processes time it together, sharing the machine and
+        # the network as they do in the step, and leave together, so that the next chunk's time
+        # (the meter's step time) holds no wait for a slower peer's measurement.
+        sync = self._backend.barrier
+        sync()
         input_rate = self._time_input()
         # Each timed call also pays a call and a host read that a step inside the compiled loop
         # does not: an empty call with the same arguments measures it, taken off each piece.
+        sync()
         call_ms = _median_ms(lambda: self._empty(*self._tiled_grads))
+        sync()
         compute_ms = _median_ms(lambda: self._compute(*self._fixed_batch)[1]) - call_ms
+        sync()
         allreduce_ms = _median_ms(lambda: self._allreduce(*self._tiled_grads)) - call_ms
+        sync()
         optimizer_ms = _median_ms(lambda: self._optimizer_update(*self._tiled_grads)) - call_ms
+        sync()
         done = time.perf_counter()
         first, cost_ms = built - started > 0.001, 1000 * (done - started)
         self.latest = {
