@@ -79,7 +79,9 @@ Reads WORKDIR/summary.json, which must hold:
 - `time_breakdown.allreduce_ms`: the gradient all-reduce of one step, ms (compared, not used);
 - `time_breakdown.step_ms`: the whole step, ms (compared, not used);
 - `time_breakdown.input_images_per_sec`: what the input pipeline alone delivers on the run's
-  machine, images/s, taken as the per-node input limit (a node like the run's machine);
+  machine, images/s, taken as the per-node input limit (a node like the run's machine); the run
+  measures its chief's own pipeline, per worker, while every worker measures at once, so with
+  several workers on a node this is conservative;
 - `per_replica_batch`, `num_replicas`;
 - `gradient_bytes`: the bytes of one set of gradients at the all-reduce's dtype.
 
