@@ -14,18 +14,7 @@ import shutil
 
 import numpy as np
 import pytest
-from trainer_harness import FAST_FLAGS, run_module, run_trainer
-
-
-def _one_error_line(result, code, *words):
-    assert result.returncode == code, (result.returncode, result.stderr[-3000:])
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    for word in words:
-        assert word in errors[0], errors[0]
-    return errors[0]
-
+from trainer_harness import FAST_FLAGS, one_error_line, run_module, run_trainer
 
 # --- 1. prepare, verify and the trainer stay inside the dataset directory ----------------------
 
@@ -60,14 +49,14 @@ def test_a_shard_entry_outside_the_dataset_deletes_nothing(
     before = tree_snapshot(out)
     for extra in ((), ("--overwrite",)):
         result = run_module("datasets.prepare", *prepare_args, "--num_shards=2", *extra)
-        _one_error_line(result, 1, metadata, repr(entry), "expected a plain file name")
+        one_error_line(result, 1, metadata, repr(entry), "expected a plain file name")
         assert "ready" not in result.stderr + result.stdout
     verified = run_module("datasets.verify", f"--data_dir={out}", timeout=120)
-    _one_error_line(verified, 2, metadata, repr(entry))
+    one_error_line(verified, 2, metadata, repr(entry))
     trained = run_trainer(
         *FAST_FLAGS, f"--data_dir={out}", f"--workdir={tmp_path / 'run'}", check=False, timeout=120
     )
-    _one_error_line(trained, 2, metadata, repr(entry))
+    one_error_line(trained, 2, metadata, repr(entry))
     assert decoy.read_bytes() == b"somebody else's file\n"
     assert tree_snapshot(out) == before
 
@@ -91,7 +80,7 @@ def test_a_shard_that_is_a_symlink_outside_the_dataset_is_not_deleted(
     idx_writer(str(other / "train-labels-idx1-ubyte.gz"), np.arange(40) % 2)
     args = ("--source=idx", f"--input={other}", f"--output_dir={out}", "--overwrite")
     result = run_module("datasets.prepare", *args)
-    _one_error_line(result, 1, os.path.basename(shard), "symlink", str(victim))
+    one_error_line(result, 1, os.path.basename(shard), "symlink", str(victim))
     assert os.path.islink(shard) and victim.read_bytes() == b"not prepare's\n"
 
 
@@ -105,7 +94,7 @@ def test_an_idx_file_with_a_wrong_rank_in_its_magic_number_says_so(tmp_path, idx
     result = run_module(
         "datasets.prepare", "--source=idx", f"--input={folder}", f"--output_dir={tmp_path / 'o'}"
     )
-    _one_error_line(
+    one_error_line(
         result, 1, images, "magic number 0x00000804", "rank-3 array of shape (20, 28, 28)",
         "expected 0x00000803",
     )  # fmt: skip
@@ -177,7 +166,7 @@ def test_init_checkpoint_of_another_model_is_refused_naming_the_variable(softmax
         *FAST_FLAGS, f"--workdir={tmp_path / 'run'}", "--train_steps=10",
         f"--init_checkpoint={workdir}/checkpoints", check=False, timeout=120,
     )  # fmt: skip
-    _one_error_line(
+    one_error_line(
         result, 2, f"--init_checkpoint={workdir}/checkpoints", "holds none of the model's 10",
         "'conv2d/kernel'",
     )  # fmt: skip
@@ -195,7 +184,7 @@ def test_init_checkpoint_with_another_class_count_needs_the_partial_flag(tmp_pat
     run_trainer(*FAST_FLAGS, data, f"--workdir={source}", "--eval_split=train", "--train_steps=10")
     flags = (*FAST_FLAGS, "--train_steps=10", f"--init_checkpoint={source}/checkpoints")
     refused = run_trainer(*flags, f"--workdir={tmp_path / 'a'}", check=False, timeout=120)
-    _one_error_line(
+    one_error_line(
         refused, 2, f"--init_checkpoint={source}/checkpoints",
         "'logits/kernel' has shape [64, 3] there, [64, 10] here", "--init_checkpoint_partial",
     )  # fmt: skip
@@ -210,7 +199,7 @@ def test_resuming_with_another_global_batch_size_is_refused_before_writing(softm
         *FAST_FLAGS, "--model=softmax", f"--workdir={workdir}", "--train_steps=10",
         "--global_batch_size=32", check=False, timeout=120,
     )  # fmt: skip
-    _one_error_line(
+    one_error_line(
         result, 2, f"--workdir={workdir}", "global_batch=64", "global_batch=32",
         "--global_batch_size=64 resumes it",
     )  # fmt: skip
@@ -229,7 +218,7 @@ def test_a_model_that_cannot_train_is_one_line_before_training(models_file, tmp_
         *FAST_FLAGS, f"--model={models_file}:{model}", f"--workdir={tmp_path / 'run'}",
         check=False, timeout=120,
     )  # fmt: skip
-    _one_error_line(result, 2, f"--model={models_file}:{model}", *words)
+    one_error_line(result, 2, f"--model={models_file}:{model}", *words)
     assert "step " not in result.stderr
 
 
@@ -246,7 +235,7 @@ def test_an_export_that_cannot_be_loaded_back_is_refused(models_file, tmp_path, 
         *FAST_FLAGS, f"--model={models_file}:{model}", f"--workdir={workdir}",
         "--train_steps=10", "--export=true", check=False, timeout=300,
     )  # fmt: skip
-    _one_error_line(result, 1, f"{workdir}/export/model.keras: cannot be loaded back", *words)
+    one_error_line(result, 1, f"{workdir}/export/model.keras: cannot be loaded back", *words)
     assert not os.path.exists(workdir / "export") and not os.path.exists(workdir / "summary.json")
     assert not [n for n in os.listdir(workdir) if n.startswith(".export")]
     if model != "lambda_layer":
@@ -282,7 +271,7 @@ def test_no_space_for_the_export_keeps_the_previous_one(tmp_path, tmpfs, tree_sn
         with open(f"{disk}/filler", "wb") as f:
             f.write(b"\0" * (free - 48 * 1024))
         result = run_trainer(*flags, check=False, timeout=300)
-        _one_error_line(
+        one_error_line(
             result, 1, f"{workdir}/export: could not write the export", "No space left on device",
             "the previous export is intact",
         )  # fmt: skip
@@ -302,7 +291,7 @@ def test_predict_with_fewer_class_names_than_outputs_is_one_line(softmax_run, tm
     image = tmp_path / "seven.png"
     image.write_bytes(tf.io.encode_png(np.zeros((28, 28, 1), np.uint8)).numpy())
     result = run_module("trainer.predict", f"--model_dir={export}", str(image), timeout=120)
-    _one_error_line(
+    one_error_line(
         result, 2, os.path.join(export, "export.json"), "class_names lists 5 classes",
         "outputs 10",
     )  # fmt: skip
@@ -325,7 +314,7 @@ def test_a_corrupt_record_read_by_the_step_0_input_preview_is_exit_3(tmp_path, s
         *FAST_FLAGS, f"--data_dir={data}", f"--workdir={tmp_path / 'run'}", "--train_steps=10",
         check=False, timeout=300,
     )  # fmt: skip
-    _one_error_line(result, 3, "corrupt at byte", "(record 5: ", "datasets.prepare --overwrite")
+    one_error_line(result, 3, "corrupt at byte", "(record 5: ", "datasets.prepare --overwrite")
 
 
 def test_an_image_shape_of_the_same_byte_count_is_refused_before_training(tmp_path, sample_dir):
@@ -339,5 +328,5 @@ def test_an_image_shape_of_the_same_byte_count_is_refused_before_training(tmp_pa
         *FAST_FLAGS, f"--data_dir={data}", f"--workdir={tmp_path / 'run'}", check=False,
         timeout=120,
     )  # fmt: skip
-    _one_error_line(result, 2, path, "image_shape [14, 56, 1]", "says its image is [28, 28, 1]")
+    one_error_line(result, 2, path, "image_shape [14, 56, 1]", "says its image is [28, 28, 1]")
     assert not os.path.exists(tmp_path / "run" / "config.json")

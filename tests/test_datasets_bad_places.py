@@ -7,7 +7,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from trainer_harness import run_module
+from trainer_harness import one_error_line, run_module
 
 from datasets import writer
 from datasets.errors import DataError
@@ -20,12 +20,7 @@ def _cli(*args):
 
 
 def _one_error_line(result, *words):
-    assert result.returncode == 1, (result.returncode, result.stderr[-3000:])
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    for word in words:
-        assert word in errors[0], errors[0]
-    return errors[0]
+    return one_error_line(result, 1, *words)
 
 
 @pytest.fixture

@@ -20,22 +20,13 @@ import tensorflow as tf
 from trainer_harness import (
     FAST_FLAGS,
     REPO,
+    one_error_line,
     run_trainer,
     run_until_then_sigterm,
     summary,
     trainer_command,
     trainer_env,
 )
-
-
-def _one_error_line(result, code, *words):
-    assert result.returncode == code, (result.returncode, result.stderr[-3000:])
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    for word in words:
-        assert word in errors[0], errors[0]
-    return errors[0]
 
 
 def _snapshot(directory):
@@ -62,7 +53,7 @@ def test_workdir_that_is_a_file_or_under_one_is_refused_before_tensorflow(tmp_pa
     ):
         started = time.monotonic()
         result = run_trainer(f"--workdir={workdir}", check=False, timeout=60)
-        _one_error_line(result, 2, f"--workdir={workdir}", *words)
+        one_error_line(result, 2, f"--workdir={workdir}", *words)
         assert time.monotonic() - started < 20  # no TensorFlow start-up
     assert a_file.read_text() == "not a directory"
 
@@ -70,7 +61,7 @@ def test_workdir_that_is_a_file_or_under_one_is_refused_before_tensorflow(tmp_pa
 def test_read_only_workdir_is_refused(tmp_path, tmpfs):
     with tmpfs(tmp_path / "ro", "1m", read_only=True) as read_only:
         result = run_trainer(f"--workdir={read_only}/run", check=False, timeout=60)
-        _one_error_line(result, 2, f"--workdir={read_only}/run", "is not writable")
+        one_error_line(result, 2, f"--workdir={read_only}/run", "is not writable")
 
 
 def test_a_second_run_on_the_same_workdir_refuses_naming_the_first(tmp_path):
@@ -88,7 +79,7 @@ def test_a_second_run_on_the_same_workdir_refuses_naming_the_first(tmp_path):
             if "step 10/" in line:
                 break
         second = run_trainer(*FAST_FLAGS, f"--workdir={workdir}", check=False, timeout=120)
-        _one_error_line(second, 2, f"--workdir={workdir}", "in use", f"pid {first.pid}")
+        one_error_line(second, 2, f"--workdir={workdir}", "in use", f"pid {first.pid}")
         assert first.poll() is None, "the first run must go on"
     finally:
         first.kill()
@@ -111,7 +102,7 @@ def test_another_model_on_a_trained_workdir_is_refused_before_anything_is_writte
     result = run_trainer(
         *FAST_FLAGS, f"--workdir={finished_run}", "--model=lenet", check=False, timeout=120
     )
-    _one_error_line(result, 2, f"--workdir={finished_run}", "model=tutorial_cnn", "model=lenet")
+    one_error_line(result, 2, f"--workdir={finished_run}", "model=tutorial_cnn", "model=lenet")
     assert _snapshot(finished_run) == before
     assert sorted(os.listdir(os.path.join(finished_run, "checkpoints"))) == checkpoints
 
@@ -139,7 +130,7 @@ def test_full_disk_during_a_checkpoint_save_keeps_the_earlier_ones(tmp_path, tmp
             check=False,
             timeout=300,
         )
-        line = _one_error_line(result, 1, f"{workdir}/checkpoints", "No space left on device")
+        line = one_error_line(result, 1, f"{workdir}/checkpoints", "No space left on device")
         newest = tf.train.latest_checkpoint(f"{workdir}/checkpoints")
         assert newest and f"still {newest}" in line
         assert not [p for p in os.listdir(f"{workdir}/checkpoints") if "_temp" in p]
@@ -184,7 +175,7 @@ def test_fewer_classes_in_metadata_than_labels_in_the_shards_is_one_line(tmp_pat
         check=False,
         timeout=120,
     )
-    _one_error_line(result, 2, str(data / "metadata.json"), "5 classes", "label value")
+    one_error_line(result, 2, str(data / "metadata.json"), "5 classes", "label value")
 
 
 def test_train_only_dataset_says_how_to_choose_an_eval_split(tmp_path, sample_dir):
@@ -198,7 +189,7 @@ def test_train_only_dataset_says_how_to_choose_an_eval_split(tmp_path, sample_di
     result = run_trainer(
         f"--data_dir={data}", f"--workdir={tmp_path / 'run'}", check=False, timeout=120
     )
-    _one_error_line(result, 2, "--eval_split", "--eval_split=train", "--validation_fraction")
+    one_error_line(result, 2, "--eval_split", "--eval_split=train", "--validation_fraction")
 
 
 # --- damaged shards ---------------------------------------------------------------------------
@@ -242,7 +233,7 @@ def test_flipped_bytes_in_a_training_shard_name_the_shard_and_offset_and_keep_th
         f.seek(offset + 100)
         f.write(b"\xff\xfe")
     result = run_trainer(*flags, "--train_steps=400", check=False, timeout=600)
-    line = _one_error_line(result, 3, f"{shard}: corrupt at byte {offset} (record 500: ")
+    line = one_error_line(result, 3, f"{shard}: corrupt at byte {offset} (record 500: ")
     assert "checksum" in line and "datasets.prepare --overwrite" in line
     assert tf.train.latest_checkpoint(f"{workdir}/checkpoints") == newest
     tf.train.load_checkpoint(newest)
@@ -263,7 +254,7 @@ def test_a_training_shard_cut_mid_record_names_the_shard_and_offset(tmp_path, sa
         check=False,
         timeout=300,
     )
-    _one_error_line(result, 3, f"{shard}: corrupt at byte {offset} (record 321: truncated")
+    one_error_line(result, 3, f"{shard}: corrupt at byte {offset} (record 321: truncated")
     warnings = [line for line in result.stderr.splitlines() if "records no shard sizes" in line]
     assert len(warnings) == 1, result.stderr[-3000:]
 
@@ -275,13 +266,13 @@ def test_a_test_shard_cut_short_fails_the_evaluation_without_an_accuracy(tmp_pat
     open(shard, "r+b").truncate(offset + 30)
     flags = (*FAST_FLAGS, f"--data_dir={data}", "--train_steps=10")
     result = run_trainer(*flags, f"--workdir={tmp_path / 'a'}", check=False, timeout=300)
-    _one_error_line(result, 3, f"{shard}: corrupt at byte {offset} (record 100: truncated")
+    one_error_line(result, 3, f"{shard}: corrupt at byte {offset} (record 100: truncated")
     assert "accuracy" not in result.stdout and not os.path.exists(tmp_path / "a" / "summary.json")
     # Cut exactly at a record boundary the reader sees a shorter, valid file: the example count
     # is what tells.
     open(shard, "r+b").truncate(offset)
     result = run_trainer(*flags, f"--workdir={tmp_path / 'b'}", check=False, timeout=300)
-    _one_error_line(result, 2, "split 'test' yielded 1850 examples", "promises 2000")
+    one_error_line(result, 2, "split 'test' yielded 1850 examples", "promises 2000")
     assert "accuracy" not in result.stdout and not os.path.exists(tmp_path / "b" / "summary.json")
 
 
@@ -298,7 +289,7 @@ def test_a_shard_cut_at_a_record_boundary_is_refused_before_training(tmp_path, s
         check=False,
         timeout=120,
     )
-    _one_error_line(result, 2, f"{shard}: {cut} bytes", f"lists {expected}")
+    one_error_line(result, 2, f"{shard}: {cut} bytes", f"lists {expected}")
     assert "step " not in result.stderr  # not a step trained
     assert not os.path.exists(tmp_path / "run" / "config.json")
 
@@ -318,5 +309,5 @@ def test_an_image_shape_that_does_not_match_the_records_is_refused_before_traini
         check=False,
         timeout=120,
     )
-    _one_error_line(result, 2, path, "image_shape [32, 32, 1] means 1024 bytes", "holds 784")
+    one_error_line(result, 2, path, "image_shape [32, 32, 1] means 1024 bytes", "holds 784")
     assert not os.path.exists(tmp_path / "run" / "config.json")

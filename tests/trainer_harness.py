@@ -222,3 +222,15 @@ def assert_time_breakdown(s: dict, per_worker_batch: int) -> None:
     assert set(bound["shares"]) == {"input", "compute", "allreduce", "optimizer"}
     assert bound["shares"]["compute"] == round(breakdown["compute_ms"] / breakdown["step_ms"], 4)
     assert bound["sentence"].startswith(f"{bound['verdict']}-bound: "), bound
+
+
+def one_error_line(result, code: int, *words: str) -> str:
+    """Asserts `result` exited `code` with exactly one `error:` line holding every word and no
+    traceback; returns the line."""
+    assert result.returncode == code, (result.returncode, result.stderr[-3000:])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    for word in words:
+        assert word in errors[0], errors[0]
+    return errors[0]
