@@ -341,9 +341,14 @@ def _periodic_actions(run: _Run, progress: console.Progress, start_step: int):
         ),
     ]
     if run.breakdown:  # Before eval and checkpoint, which then see that it changed nothing.
-        actions.append(
-            run.breakdown.action(start_step, total, config.steps_per_loop, actions + later)
-        )
+        timing = run.breakdown.action(start_step, total, config.steps_per_loop, actions + later)
+
+        def measure(step):
+            # Its own iterator reads the training split too: a corrupt record is one line.
+            with errors.reading_split(run.inputs.metadata, plan.data_dir, plan.train_split):
+                timing.run(step)
+
+        actions.append(dataclasses.replace(timing, run=measure))
     return actions + later
 
 
