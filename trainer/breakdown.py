@@ -48,11 +48,11 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import optimizers, periodic, replicas
-from trainer.backends.base import Backend
+from trainer import periodic, replicas
+from trainer.backends.base import Backend, tf_variable
 from trainer.config import Config
 from trainer.meter import Meter
-from trainer.state import TrainState
+from trainer.state import TrainState, build_run_optimizer
 from trainer.step import Loops
 from trainer.summaries import Summaries
 
@@ -217,7 +217,9 @@ class Breakdown:
         backend, grads_of = self._backend, self._loops.grads
         model = self._state.model
         # What a training-mode call updates; each replica restores its own copy.
-        touched = [_tf(v) for v in replicas.statistics(model) + replicas.random_states(model)]
+        touched = [
+            tf_variable(v) for v in replicas.statistics(model) + replicas.random_states(model)
+        ]
 
         def replica_fn(images, labels):
             saved = [tf.identity(v) for v in touched]
@@ -266,14 +268,8 @@ class Breakdown:
                 keras.Variable(v.numpy(), dtype=v.dtype, name=f"breakdown_{i}")
                 for i, v in enumerate(state.model.trainable_variables)
             ]
-            throwaway = optimizers.build_optimizer(
-                config.optimizer,
-                state.schedule,
-                momentum=config.momentum,
-                weight_decay=config.weight_decay,
-                clip_grad_norm=config.clip_grad_norm,
-                loss_scaling=state.uses_loss_scaling,
-                ema_decay=config.ema_decay,
+            throwaway = build_run_optimizer(
+                config, state.schedule, loss_scaling=state.uses_loss_scaling
             )
             throwaway.build(copies)
 
@@ -281,7 +277,7 @@ class Breakdown:
             grads = [tf.reshape(tf.identity(f), s) for f, s in zip(flat, shapes)]
             throwaway.apply(grads, copies)
             # Read after the update (automatic control dependencies order the two).
-            return _depends_on([_tf(c).read_value() for c in copies])
+            return _depends_on([tf_variable(c).read_value() for c in copies])
 
         @tf.function(autograph=False)
         def update(*flat):
@@ -364,8 +360,3 @@ def _median_ms(call) -> float:
 def _depends_on(tensors) -> tf.Tensor:
     """A float32 scalar that needs every tensor of `tensors` (one element of each)."""
     return tf.add_n([tf.reduce_sum(tf.cast(tf.reshape(t, [-1])[:1], tf.float32)) for t in tensors])
-
-
-def _tf(variable):
-    """The tf.Variable (a distributed one under a strategy) under a Keras 3 variable."""
-    return variable.value if isinstance(variable, keras.Variable) else variable

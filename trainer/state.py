@@ -14,7 +14,7 @@ import keras
 import tensorflow as tf
 
 from trainer import models, optimizers
-from trainer.backends.base import Backend
+from trainer.backends.base import Backend, tf_variable
 from trainer.best import BestTracker
 from trainer.config import Config
 from trainer.plan import Plan
@@ -64,7 +64,10 @@ class TrainState:
 
     @functools.cached_property
     def _swap_averages(self):
-        pairs = [(_tf(v), _tf(a)) for v, a in zip(self.model.trainable_variables, self.averages)]
+        pairs = [
+            (tf_variable(v), tf_variable(a))
+            for v, a in zip(self.model.trainable_variables, self.averages)
+        ]
 
         @tf.function
         def swap():
@@ -79,6 +82,19 @@ class TrainState:
                 swap()
 
         return swap_in_scope
+
+
+def build_run_optimizer(config: Config, schedule, *, loss_scaling: bool):
+    """The run's optimizer from its flags (unbuilt: no slots yet)."""
+    return optimizers.build_optimizer(
+        config.optimizer,
+        schedule,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        clip_grad_norm=config.clip_grad_norm,
+        loss_scaling=loss_scaling,
+        ema_decay=config.ema_decay,
+    )
 
 
 def create_train_state(config: Config, plan: Plan, backend: Backend) -> TrainState:
@@ -98,15 +114,7 @@ def create_train_state(config: Config, plan: Plan, backend: Backend) -> TrainSta
             config.lr_step_boundaries,
             config.lr_step_factor,
         )
-        optimizer = optimizers.build_optimizer(
-            config.optimizer,
-            schedule,
-            momentum=config.momentum,
-            weight_decay=config.weight_decay,
-            clip_grad_norm=config.clip_grad_norm,
-            loss_scaling=plan.precision == "fp16",
-            ema_decay=config.ema_decay,
-        )
+        optimizer = build_run_optimizer(config, schedule, loss_scaling=plan.precision == "fp16")
         # Slots now, inside the scope, so they are mirrored like the weights.
         optimizer.build(model.trainable_variables)
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
@@ -114,8 +122,3 @@ def create_train_state(config: Config, plan: Plan, backend: Backend) -> TrainSta
             config.keep_best, config.early_stopping_min_delta, config.early_stopping_patience
         )
     return TrainState(model, optimizer, schedule, step, best, backend)
-
-
-def _tf(variable):
-    """The tf.Variable under a Keras 3 variable (assign on it works in any strategy context)."""
-    return variable.value if isinstance(variable, keras.Variable) else variable

@@ -13,6 +13,7 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -21,6 +22,12 @@ from trainer.threads import ThreadPools
 
 # dataset_fn(worker_index, num_workers, per_worker_batch_size) -> tf.data.Dataset of this worker.
 DatasetFn = Callable[[int, int, int], tf.data.Dataset]
+
+
+def tf_variable(variable):
+    """The tf.Variable (a distributed one under a strategy) under a Keras 3 variable: Horovod's
+    collectives and a strategy's per-replica reads need it; assign on it works in any context."""
+    return variable.value if isinstance(variable, keras.Variable) else variable
 
 
 class Backend(abc.ABC):

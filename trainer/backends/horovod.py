@@ -7,11 +7,10 @@ underlying tf.Variables.
 
 from __future__ import annotations
 
-import keras
 import tensorflow as tf
 
 from trainer.backends import compression
-from trainer.backends.base import Backend
+from trainer.backends.base import Backend, tf_variable
 
 
 class HorovodBackend(Backend):
@@ -66,7 +65,7 @@ class HorovodBackend(Backend):
     def average_over_replicas(self, variables):
         if self.num_replicas == 1 or not variables:
             return
-        tf_variables = [_tf(v) for v in variables]
+        tf_variables = [tf_variable(v) for v in variables]
         means = self._hvd.grouped_allreduce(
             [tf.identity(v) for v in tf_variables], op=self._hvd.Average, name="convoy_average"
         )
@@ -74,13 +73,9 @@ class HorovodBackend(Backend):
             variable.assign(mean)
 
     def offset_seed_per_replica(self, variables, stride):
-        for variable in (_tf(v) for v in variables):
+        for variable in (tf_variable(v) for v in variables):
             variable.assign_add(tf.constant([self.worker_index * stride, 0], variable.dtype))
 
     def broadcast_initial_state(self, variables):
         # Keras 3 variables wrap a tf.Variable in `.value`; Horovod needs the tf.Variable itself.
-        self._hvd.broadcast_variables([_tf(v) for v in variables], root_rank=0)
-
-
-def _tf(variable):
-    return variable.value if isinstance(variable, keras.Variable) else variable
+        self._hvd.broadcast_variables([tf_variable(v) for v in variables], root_rank=0)

@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import os
 
-import keras
 import tensorflow as tf
 
 from trainer import peers
 from trainer.backends import compression
-from trainer.backends.base import Backend
+from trainer.backends.base import Backend, tf_variable
 
 
 class _StrategyBackend(Backend):
@@ -60,7 +59,7 @@ class _StrategyBackend(Backend):
         )
 
     def local_values(self, variables):
-        per_variable = [self.strategy.experimental_local_results(_tf(v)) for v in variables]
+        per_variable = [self.strategy.experimental_local_results(tf_variable(v)) for v in variables]
         return [[c.numpy() for c in replica] for replica in zip(*per_variable)]
 
     def average_over_replicas(self, variables):
@@ -76,7 +75,7 @@ class _StrategyBackend(Backend):
         cache = self.__dict__.setdefault("_replica_updates", {})
         key = (kind, stride, tuple(id(v) for v in variables))
         if key not in cache:
-            tf_variables = [_tf(v) for v in variables]
+            tf_variables = [tf_variable(v) for v in variables]
 
             def average():
                 context = tf.distribute.get_replica_context()
@@ -96,11 +95,6 @@ class _StrategyBackend(Backend):
             replica_fn = average if kind == "average" else offset
             cache[key] = tf.function(lambda: self.strategy.run(replica_fn), autograph=False)
         return cache[key]
-
-
-def _tf(variable):
-    """The tf.Variable (a distributed one under a strategy) under a Keras 3 variable."""
-    return variable.value if isinstance(variable, keras.Variable) else variable
 
 
 class OneDeviceBackend(_StrategyBackend):
