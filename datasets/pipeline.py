@@ -466,10 +466,20 @@ def _served(
             service_job,
             len(metadata.splits[split].shards),
         )
-    epoch = service_epoch(metadata, data_dir, split, target, batch_size, augment, shuffle_buffer)
-    served = epoch.apply(
+    served = served_epoch(
+        service_epoch(metadata, data_dir, split, target, batch_size, augment, shuffle_buffer),
+        data_service,
+        service_job,
+    )
+    return served.repeat().rebatch(batch_size, drop_remainder=True)
+
+
+def served_epoch(epoch: tf.data.Dataset, data_service: str, service_job: str) -> tf.data.Dataset:
+    """`epoch` (a `service_epoch`) run by the tf.data service at `data_service`, in the
+    distributed_epoch job `service_job`: each iteration of the result, in every process that
+    names the same job, is one new pass over the split shared by all of them."""
+    return epoch.apply(
         tf.data.experimental.service.distribute(
             processing_mode="distributed_epoch", service=data_service, job_name=service_job
         )
     )
-    return served.repeat().rebatch(batch_size, drop_remainder=True)
