@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 
-from absl import app, flags
+from absl import flags
 
 from trainer.exit_codes import EXIT_USAGE
 from trainer.peers import PeerError
@@ -103,67 +103,85 @@ def run_job_name(run_id: int, purpose: str) -> str:
 
 # --- the servers ------------------------------------------------------------------------------
 
-FLAGS = flags.FLAGS
-flags.DEFINE_integer("port", 0, "Port to listen on (0: any free port, printed when up).")
-flags.DEFINE_string(
-    "work_dir",
-    "",
-    "dispatcher: directory for the fault-tolerant journal (a volume that outlives the process).",
-)
-flags.DEFINE_integer(
-    "worker_timeout_ms",
-    DEFAULT_WORKER_TIMEOUT_MS,
-    "dispatcher: drop a worker silent for this long (new epochs get no task on it).",
-)
-flags.DEFINE_string("dispatcher", "", "worker: the dispatcher's HOST:PORT.")
-flags.DEFINE_string(
-    "worker_address",
-    "",
-    "worker: HOST the trainers reach this worker at (default: localhost; on Kubernetes the "
-    "pod's IP); the port is appended.",
-)
-flags.DEFINE_integer(
-    "heartbeat_ms", DEFAULT_HEARTBEAT_MS, "worker: how often it reports to the dispatcher."
-)
-
 _ROLES = ("dispatcher", "worker")
 
 
-def _usage_error(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(EXIT_USAGE)
+class UsageError(ValueError):
+    """A bad server command line; the message is one line naming the flag."""
 
 
-def _parse(argv: list[str]) -> list[str]:
+def _flag_values() -> flags.FlagValues:
+    # Its own FlagValues, not absl's global one: a program that imports this module for the
+    # trainer's side keeps its own flag names free.
+    fv = flags.FlagValues()
+    flags.DEFINE_integer(
+        "port", 0, "Port to listen on (0: any free port, printed when up).", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "work_dir",
+        "",
+        "dispatcher: directory for the fault-tolerant journal (a volume that outlives the "
+        "process).",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "worker_timeout_ms",
+        DEFAULT_WORKER_TIMEOUT_MS,
+        "dispatcher: drop a worker silent for this long (new epochs get no task on it).",
+        flag_values=fv,
+    )
+    flags.DEFINE_string("dispatcher", "", "worker: the dispatcher's HOST:PORT.", flag_values=fv)
+    flags.DEFINE_string(
+        "worker_address",
+        "",
+        "worker: HOST the trainers reach this worker at (default: localhost; on Kubernetes the "
+        "pod's IP); the port is appended.",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "heartbeat_ms",
+        DEFAULT_HEARTBEAT_MS,
+        "worker: how often it reports to the dispatcher.",
+        flag_values=fv,
+    )
+    return fv
+
+
+def parse(argv: list[str]) -> tuple[str, flags.FlagValues]:
+    """`[program, role, --flags...]` -> (role, flag values); UsageError naming the flag."""
+    fv = _flag_values()
     try:
-        rest = FLAGS(argv)
+        rest = fv(argv)
     except flags.Error as e:
-        _usage_error(" ".join(str(e).split()))
+        raise UsageError(" ".join(str(e).split())) from None
     if len(rest) != 2 or rest[1] not in _ROLES:
-        _usage_error(
+        raise UsageError(
             f"expected one role, dispatcher or worker (got {' '.join(rest[1:]) or 'none'}): "
             "python -m datasets.service dispatcher|worker [--flags]"
         )
-    if not 0 <= FLAGS.port < 65536:
-        _usage_error(f"--port={FLAGS.port}: expected 0..65535")
+    if not 0 <= fv.port < 65536:
+        raise UsageError(f"--port={fv.port}: expected 0..65535")
     if rest[1] == "dispatcher":
-        if not FLAGS.work_dir:
-            _usage_error("--work_dir: required for the dispatcher (its fault-tolerant journal)")
-        if os.path.exists(FLAGS.work_dir) and not os.path.isdir(FLAGS.work_dir):
-            _usage_error(f"--work_dir={FLAGS.work_dir}: is a file; expected a directory")
-        if FLAGS.worker_timeout_ms <= 0:
-            _usage_error(f"--worker_timeout_ms={FLAGS.worker_timeout_ms}: expected > 0")
+        if not fv.work_dir:
+            raise UsageError("--work_dir: required for the dispatcher (its fault-tolerant journal)")
+        if os.path.exists(fv.work_dir) and not os.path.isdir(fv.work_dir):
+            raise UsageError(f"--work_dir={fv.work_dir}: is a file; expected a directory")
+        if fv.worker_timeout_ms <= 0:
+            raise UsageError(f"--worker_timeout_ms={fv.worker_timeout_ms}: expected > 0")
     else:
         try:
-            split_address(f"grpc://{FLAGS.dispatcher}")
+            split_address(f"grpc://{fv.dispatcher}")
         except ValueError:
-            _usage_error(f"--dispatcher={FLAGS.dispatcher}: expected HOST:PORT of the dispatcher")
-        if FLAGS.heartbeat_ms <= 0:
-            _usage_error(f"--heartbeat_ms={FLAGS.heartbeat_ms}: expected > 0")
-    return rest
+            raise UsageError(
+                f"--dispatcher={fv.dispatcher}: expected HOST:PORT of the dispatcher"
+            ) from None
+        if fv.heartbeat_ms <= 0:
+            raise UsageError(f"--heartbeat_ms={fv.heartbeat_ms}: expected > 0")
+    return rest[1], fv
 
 
-def _serve(role: str) -> None:
+def serve(role: str, fv: flags.FlagValues) -> None:
+    """Runs the server until SIGTERM or SIGINT, then ends the process with 0."""
     stop = threading.Event()
     received = []
 
@@ -179,34 +197,34 @@ def _serve(role: str) -> None:
 
     service = tf.data.experimental.service
     if role == "dispatcher":
-        os.makedirs(FLAGS.work_dir, exist_ok=True)
+        os.makedirs(fv.work_dir, exist_ok=True)
         server = service.DispatchServer(
             service.DispatcherConfig(
-                port=FLAGS.port,
-                work_dir=FLAGS.work_dir,
+                port=fv.port,
+                work_dir=fv.work_dir,
                 fault_tolerant_mode=True,
-                worker_timeout_ms=FLAGS.worker_timeout_ms,
+                worker_timeout_ms=fv.worker_timeout_ms,
             )
         )
         port = int(server.target.rsplit(":", 1)[1])
         print(
             f"tf.data service dispatcher listening on port {port} (journal in "
-            f"{FLAGS.work_dir}); trainers use --data_service=grpc://{socket.gethostname()}:{port}",
+            f"{fv.work_dir}); trainers use --data_service=grpc://{socket.gethostname()}:{port}",
             flush=True,
         )
     else:
-        host = FLAGS.worker_address or "localhost"
+        host = fv.worker_address or "localhost"
         server = service.WorkerServer(
             service.WorkerConfig(
-                dispatcher_address=FLAGS.dispatcher,
+                dispatcher_address=fv.dispatcher,
                 worker_address=f"{host}:%port%",
-                port=FLAGS.port,
-                heartbeat_interval_ms=FLAGS.heartbeat_ms,
+                port=fv.port,
+                heartbeat_interval_ms=fv.heartbeat_ms,
             )
         )
         print(
             f"tf.data service worker listening on port {server._address.rsplit(':', 1)[1]}, "
-            f"registered with the dispatcher at {FLAGS.dispatcher}",
+            f"registered with the dispatcher at {fv.dispatcher}",
             flush=True,
         )
     # join() blocks in C++ where no signal handler runs; wait in Python instead.
@@ -221,9 +239,15 @@ def _serve(role: str) -> None:
     os._exit(0)
 
 
-def main(argv: list[str]) -> None:
-    _serve(argv[1])
+def main(argv: list[str]) -> int:
+    try:
+        role, fv = parse(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    serve(role, fv)
+    return 0
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse)
+    sys.exit(main(sys.argv))

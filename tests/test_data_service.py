@@ -180,7 +180,6 @@ def test_two_processes_share_each_epoch_every_example_once(servers, indexed, tmp
             ],
             cwd=REPO,
             env=trainer_env(ONE_THREAD),
-            capture_output=False,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
