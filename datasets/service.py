@@ -32,8 +32,13 @@ import time
 
 from absl import flags
 
-from trainer.exit_codes import EXIT_USAGE
-from trainer.peers import PeerError
+# Bad flags, as trainer/exit_codes.py has it (datasets imports nothing of the trainer).
+EXIT_USAGE = 2
+
+
+class Unreachable(RuntimeError):
+    """No dispatcher answered at the address in time: it is not up (yet), or gone."""
+
 
 # How often the dispatcher's address is tried while waiting for it.
 _POLL_S = 0.5
@@ -58,7 +63,7 @@ def split_address(address: str) -> tuple[str, int]:
 def check_reachable(address: str, timeout_s: float, flag: str = "--data_service") -> None:
     """Returns once the dispatcher at `address` accepts TCP connections.
 
-    Raises ValueError when HOST does not resolve (a typo: permanent), PeerError when nothing
+    Raises ValueError when HOST does not resolve (a typo: permanent), Unreachable when nothing
     answers within `timeout_s` (a dispatcher not up yet, or gone: retryable).
     """
     host, port = split_address(address)
@@ -84,7 +89,7 @@ def check_reachable(address: str, timeout_s: float, flag: str = "--data_service"
                 except OSError as e:
                     last = e.strerror or str(e)
         if time.monotonic() > deadline:
-            raise PeerError(
+            raise Unreachable(
                 f"{flag}={address}: no tf.data service dispatcher answered within "
                 f"{timeout_s:g} s ({last}; --peer_join_timeout_s); start it with `python -m "
                 "datasets.service dispatcher`, then run again"

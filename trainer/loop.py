@@ -132,11 +132,14 @@ def _check_data_service(config: Config) -> None:
     """Bounded wait for the dispatcher (TensorFlow's client would retry it for an hour)."""
     from datasets import service
     from trainer.config import ConfigError
+    from trainer.peers import PeerError
 
     try:
         service.check_reachable(config.data_service, config.peer_join_timeout_s)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    except service.Unreachable as e:
+        raise PeerError(str(e)) from None  # retryable, like a peer that did not come
     logging.info("tf.data service dispatcher at %s is up", config.data_service)
 
 
