@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -236,9 +237,25 @@ def test_a_data_worker_killed_mid_run_ends_the_trainer_within_the_bound(sample_d
         assert len(errors) == 1 and own.address in errors[0], text[-4000:]
         assert "data worker lost mid-epoch" in errors[0] and "Traceback" not in text
         assert took < 20 + 60, took  # the bound, plus the epoch that was still being served
-        assert os.path.exists(f"{tmp_path}/run/checkpoints/checkpoint")
-        # The dispatcher and the other worker were not affected: they stop cleanly.
         assert own.workers[1].wait(timeout=10) == -signal.SIGKILL
+        # The same command again (fewer steps, to end soon) resumes from the last checkpoint on
+        # the worker that is left, in a new job: the stuck one of the first attempt is not joined.
+        with open(f"{tmp_path}/run/checkpoints/checkpoint") as f:
+            saved = int(re.search(r"ckpt-(\d+)", f.readline()).group(1))
+        assert saved >= 20
+        rerun = run_trainer(
+            *FAST_FLAGS,
+            f"--data_dir={sample_dir}",
+            f"--workdir={tmp_path}/run",
+            f"--data_service={own.address}",
+            f"--train_steps={saved + 30}",
+            "--time_breakdown=false",
+            timeout=300,
+        )
+        resumed = summary(f"{tmp_path}/run")
+        assert resumed["resumed_from_step"] == saved, rerun.stderr[-3000:]
+        assert resumed["final_step"] == saved + 30
+        # The dispatcher and the other worker were not affected: they stop cleanly.
         for p in (own.dispatcher, own.workers[0]):
             assert p.poll() is None
             code, out = own.stop(p)
