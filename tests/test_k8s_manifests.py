@@ -2049,7 +2049,16 @@ def test_readme_examples_exist():
         "my-runs/trainjob-horovod-32gpu",
         "my-runs/queued-multiworker",
         "my-runs/own-model",
+        "my-runs/single-gpu-served",
     } <= dirs
+
+
+def test_readme_example_serves_the_single_gpu_job_from_the_data_service(tmp_path):
+    (run,) = check_rendered(render_example("my-runs/single-gpu-served", tmp_path), tmp_path)
+    svc = one(render("data-service"), "Service")
+    assert run[2].data_service == (
+        f"grpc://{svc['metadata']['name']}:{svc['spec']['ports'][0]['port']}"
+    )
 
 
 def check_rendered(objs: list[dict], tmp_path) -> list:
