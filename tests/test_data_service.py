@@ -307,3 +307,24 @@ def test_bad_data_service_addresses_are_one_line_in_bounded_time(sample_dir, tmp
 )
 def test_server_flags_are_checked_in_one_line(args, words):
     one_error_line(run_module("datasets.service", *args, timeout=60), 2, *words)
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (("--data_service=grpc://host",), ("--data_service=grpc://host", "grpc://HOST:PORT")),
+        (("--data_service=http://host:5050",), ("expected grpc://HOST:PORT",)),
+        (("--data_service=grpc://host:0",), ("port 1..65535",)),
+        (("--data_service=grpc://h:5050", "--deterministic"), ("--deterministic", "order")),
+        (("--data_service=grpc://h:5050", "--synthetic_data"), ("--synthetic_data",)),
+    ],
+)
+def test_data_service_flags_are_checked_before_tensorflow(flags, words):
+    from trainer.config import ConfigError
+    from trainer.flags import config_from_argv
+
+    with pytest.raises(ConfigError) as e:
+        config_from_argv(["trainer", *flags], check_paths=False)
+    for word in words:
+        assert word in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)
