@@ -40,6 +40,8 @@ class Unreachable(RuntimeError):
     """No dispatcher answered at the address in time: it is not up (yet), or gone."""
 
 
+# How long a stopping server waits for its gRPC calls in flight.
+_STOP_GRACE_S = 5.0
 # How often the dispatcher's address is tried while waiting for it.
 _POLL_S = 0.5
 # A worker that has not sent a heartbeat for this long is dropped by the dispatcher: new
@@ -237,7 +239,11 @@ def serve(role: str, fv: flags.FlagValues) -> None:
         pass
     name = signal.Signals(received[0]).name if received else "a request"
     print(f"tf.data service {role} stopping ({name})", flush=True)
-    server._stop()
+    # A graceful gRPC shutdown waits for calls in flight; nothing is lost without it (the
+    # dispatcher journals before it answers), so it gets a few seconds, no more.
+    stopping = threading.Thread(target=server._stop, daemon=True)
+    stopping.start()
+    stopping.join(_STOP_GRACE_S)
     sys.stdout.flush()
     # TensorFlow's gRPC threads can keep the interpreter alive for many seconds after the
     # servers stop (tensorflow#56490): nothing is left to write.
