@@ -16,6 +16,7 @@ EPYC with AVX512_BF16 under load 5-7 from other jobs), time the first chunk of e
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import tensorflow as tf
 
@@ -33,11 +34,14 @@ class Loops:
 
     `train(iterator, num_steps) -> (sums, first non-finite step or -1, stop_votes)` runs all
     num_steps steps (no host sync inside); `stop_votes`, summed over replicas, says who asked the
-    run to stop; `evaluate(iterator, num_batches) -> sums`.
+    run to stop; `evaluate(iterator, num_batches) -> sums`. `grads(images, labels) -> (loss,
+    grads, correct)` is one replica's forward/backward as the train step calls it: the part XLA
+    compiles (a plain Python function with --sync_batchnorm, which is never compiled).
     """
 
     train: tf.types.experimental.GenericFunction
     evaluate: tf.types.experimental.GenericFunction
+    grads: Callable
 
 
 def sparse_cross_entropy(labels, logits, num_classes: int, label_smoothing: float = 0.0):
@@ -213,7 +217,7 @@ def build_loops(
             sums = {k: sums[k] + out[k] for k in sums}
         return sums
 
-    return Loops(train=train_loop, evaluate=eval_loop)
+    return Loops(train=train_loop, evaluate=eval_loop, grads=grads_fn)
 
 
 def _after_previous_step(previous_step_outputs):
