@@ -199,7 +199,7 @@ done
 # install script's re-check on this build key. tests/test_xla_gpu_lowering.py lowers every
 # built-in model's replica step for the GPU here (it is skipped on the CPU wheel).
 subset=(tests/test_xla_gpu_lowering.py tests/test_trainer_units.py tests/test_datasets_pipeline.py
-  tests/test_replicas.py tests/test_launch_horovod.py tests/test_fp16.py)
+  tests/test_replicas.py tests/test_launch_horovod.py tests/test_fp16.py tests/test_gpu_build_recipe.py)
 log "CPU test subset: ${subset[*]} ..."
 if ! nice -n 10 "$PY" -m pytest -v -p no:cacheprovider -rfE "${subset[@]}" >"$LOGS/cpu-tests.log" 2>&1; then
   tail -n 30 "$LOGS/cpu-tests.log" >&2
