@@ -195,11 +195,13 @@ if [[ $GPU_OPS == NCCL ]]; then
     HOROVOD_BUILD_CUDA_CC_LIST=$(IFS=,; echo "${ccs[*]}")
   fi
   export HOROVOD_BUILD_CUDA_CC_LIST
+  cmake_defs=()  # extra -D options for Horovod's CMake configure step (see the wrapper below)
   # TensorFlow's CUDA wheels bring NCCL as the nvidia-nccl-cu12 pip package, which ships only
   # libnccl.so.2. Horovod's FindNCCL wants libnccl.so (or the static lib), so unless the caller
-  # points at an NCCL already, build a tiny NCCL home of symlinks and link NCCL dynamically, with
-  # the package's lib directory as the op library's runpath (the image also registers it with
-  # ldconfig, for processes whose environment the image does not set).
+  # points at an NCCL already, build a tiny NCCL home of symlinks and link NCCL dynamically. The
+  # op library finds libnccl.so.2 through its runpath: the package's lib directory relative to the
+  # library itself ($ORIGIN, so a cached wheel works in any venv), then the home's (the image also
+  # registers the package's lib directory with ldconfig).
   if [[ -z ${HOROVOD_NCCL_HOME:-}${HOROVOD_NCCL_INCLUDE:-}${HOROVOD_NCCL_LIB:-} ]]; then
     nccl_pkg=$("$PYTHON" -c 'import nvidia.nccl; print(list(nvidia.nccl.__path__)[0])' 2>/dev/null || true)
     if [[ -n $nccl_pkg && -f $nccl_pkg/include/nccl.h ]]; then
@@ -207,9 +209,11 @@ if [[ $GPU_OPS == NCCL ]]; then
       mkdir -p "$nccl_home/lib"
       ln -sfn "$nccl_pkg/include" "$nccl_home/include"
       ln -sf "$nccl_pkg/lib/libnccl.so.2" "$nccl_home/lib/libnccl.so"
+      ln -sf "$nccl_pkg/lib/libnccl.so.2" "$nccl_home/lib/libnccl.so.2"
       export HOROVOD_NCCL_HOME="$nccl_home" HOROVOD_NCCL_INCLUDE="$nccl_home/include"
       export HOROVOD_NCCL_LIB="$nccl_home/lib" HOROVOD_NCCL_LINK=SHARED
-      export LDFLAGS="-Wl,-rpath,$nccl_pkg/lib${LDFLAGS:+ $LDFLAGS}"
+      # shellcheck disable=SC2016 # $ORIGIN is for the dynamic loader, not for the shell
+      cmake_defs+=('-DCMAKE_BUILD_RPATH=$ORIGIN/../../nvidia/nccl/lib')
     fi
   fi
   # Horovod 0.28.1's TensorFlow GPU ops get an op's CUDA stream from
@@ -217,9 +221,8 @@ if [[ $GPU_OPS == NCCL ]]; then
   # 2.21's StreamExecutor no longer has that function (no header declares it, no library exports
   # it), so the op library would compile and then fail to load with an undefined symbol. It is
   # defined here the way StreamExecutor now hands out the handle, compiled against the installed
-  # TensorFlow's headers, and linked into Horovod's shared libraries through a cmake wrapper
-  # (Horovod's HOROVOD_CMAKE) that adds it to CMAKE_SHARED_LINKER_FLAGS: LDFLAGS would also reach
-  # CMake's compiler checks, whose test programs cannot link it.
+  # TensorFlow's headers, and linked into Horovod's shared libraries through CMAKE_SHARED_LINKER_FLAGS
+  # (LDFLAGS would also reach CMake's compiler checks, whose test programs cannot link it).
   if ! grep -rqs AsGpuStreamValue "$TF_INCLUDE/xla/stream_executor" \
     "$TF_INCLUDE/tensorflow/compiler/xla/stream_executor"; then
     shim_dir="$STATE_DIR/stream-compat"
@@ -241,18 +244,25 @@ EOF
     # -DNDEBUG drops the DCHECKs of inline TensorFlow code, which would need absl symbols.
     g++ -O2 -DNDEBUG -w -fPIC "${tf_cflags[@]}" -c "$shim_dir/as_gpu_stream_value.cc" -o "$shim_dir/as_gpu_stream_value.o" \
       || die "could not compile the AsGpuStreamValue shim against TensorFlow $TF_VERSION's headers"
-    real_cmake=$(command -v "${HOROVOD_CMAKE:-cmake}") || die "cmake not found"
-    cat >"$shim_dir/cmake" <<EOF
-#!/bin/sh
-# Written by convoy's launch/install_horovod.sh: the configure step gets the shim object.
-case "\${1:-}" in
-  -*|"") exec "$real_cmake" "\$@" ;;
-  *) exec "$real_cmake" "\$@" "-DCMAKE_SHARED_LINKER_FLAGS=$shim_dir/as_gpu_stream_value.o" ;;
-esac
-EOF
-    chmod +x "$shim_dir/cmake"
-    export HOROVOD_CMAKE="$shim_dir/cmake"
+    cmake_defs+=("-DCMAKE_SHARED_LINKER_FLAGS=$shim_dir/as_gpu_stream_value.o")
     log "TensorFlow $TF_VERSION has no stream_executor::gpu::AsGpuStreamValue: linking $shim_dir/as_gpu_stream_value.o"
+  fi
+  # Horovod's setup.py runs "$HOROVOD_CMAKE" (default cmake) to configure and to build; a wrapper
+  # adds the options above to the configure call only.
+  if ((${#cmake_defs[@]})); then
+    real_cmake=$(command -v "${HOROVOD_CMAKE:-cmake}") || die "cmake not found"
+    mkdir -p "$STATE_DIR/cmake-wrapper"
+    {
+      echo '#!/usr/bin/env bash'
+      echo "# Written by convoy's launch/install_horovod.sh: configure with the options it needs."
+      # shellcheck disable=SC2016 # the wrapper's own "$@" and $1
+      echo 'case "${1:-}" in'
+      printf '  -*|"") exec %q "$@" ;;\n' "$real_cmake"
+      printf '  *) exec %q "$@"%s ;;\n' "$real_cmake" "$(printf ' %q' "${cmake_defs[@]}")"
+      echo 'esac'
+    } >"$STATE_DIR/cmake-wrapper/cmake"
+    chmod +x "$STATE_DIR/cmake-wrapper/cmake"
+    export HOROVOD_CMAKE="$STATE_DIR/cmake-wrapper/cmake"
   fi
   log "CUDA TensorFlow: HOROVOD_GPU_OPERATIONS=NCCL, nvcc $NVCC_VERSION, CUDA archs $HOROVOD_BUILD_CUDA_CC_LIST (NCCL home: ${HOROVOD_NCCL_HOME:-system default})"
 else
