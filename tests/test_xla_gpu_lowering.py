@@ -129,7 +129,9 @@ def freeze(fn, *args):
         mock.patch.object(keras.Variable, "assign_add", unwritten),
         mock.patch.object(keras.Variable, "assign_sub", unwritten),
     ):
-        graph_fn = convert_variables_to_constants_v2(fn.get_concrete_function(*args))
+        # A new tf.function of the same Python function: `fn`'s own trace is cached, writes and all.
+        retraced = tf.function(fn.python_function, autograph=False)
+        graph_fn = convert_variables_to_constants_v2(retraced.get_concrete_function(*args))
     return tf.function(lambda *a: graph_fn(*a), jit_compile=True)
 
 
