@@ -208,5 +208,8 @@ fi
 tests_line=$(grep -Eo '[0-9]+ passed[^=]*' "$LOGS/cpu-tests.log" | tail -n 1 | sed 's/ in [0-9.]*s.*//; s/ *$//')
 lowered=$(grep -c 'test_xla_gpu_lowering.py::test_replica_step_lowers_for_gpu.* PASSED' "$LOGS/cpu-tests.log" || true)
 
+# The architectures are logged only when the script builds; a reused wheel has the recorded ones.
 archs=$(sed -n 's/.*CUDA archs \([0-9,]*\).*/\1/p' "$LOGS/install-horovod.log" | tail -n 1)
+if [[ -n $archs ]]; then echo "$archs" >"$WORK/horovod-build-archs"; fi
+[[ -n $archs || ! -f $WORK/horovod-build-archs ]] || archs=$(cat "$WORK/horovod-build-archs")
 echo "gpu-build-check: ok — tensorflow $TF_VERSION (CUDA build, cuda $CUDA_VERSION, cudnn $CUDNN_VERSION), nccl $NCCL_VERSION; horovod $HOROVOD_VERSION [X] NCCL [X] TensorFlow (nvcc $CHECK_NVCC_VERSION, archs ${archs:-?}); GPU host sources vs CUDA $CUDART_VERSION headers: ${#host_sources[@]} compiled; XLA GPU lowering (HLO): ${lowered} model/precision steps; ${build_note}; CPU subset: ${tests_line:-?}; total $((SECONDS - start_s)) s"
