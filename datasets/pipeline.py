@@ -40,10 +40,6 @@ from datasets.metadata import DatasetMetadata
 from datasets.sharding import Sharding, sharding
 
 AUTOTUNE = tf.data.AUTOTUNE
-_FEATURES = {
-    "image": tf.io.FixedLenFeature([], tf.string),
-    "label": tf.io.FixedLenFeature([], tf.int64),
-}
 # Files read at once per worker: enough to mix shards and keep both cores busy.
 _CYCLE_LENGTH = 8
 # Records handed over at once by a parallel file reader.
@@ -85,6 +81,24 @@ def _log_once(shares: Sharding, data_dir: str) -> None:
         logging.warning("%s", shares.describe())
 
 
+def features(metadata: DatasetMetadata) -> dict:
+    """The parse spec of the dataset's records: convoy's own `image`/`label`, or the keys an
+    in-place dataset (`prepare --source=tfrecord --in_place`) records in metadata.json."""
+    return {
+        metadata.image_key: tf.io.FixedLenFeature([], tf.string),
+        metadata.label_key: tf.io.FixedLenFeature([], tf.int64),
+    }
+
+
+def _parsed(metadata: DatasetMetadata, parsed: dict) -> tuple[tf.Tensor, tf.Tensor]:
+    """(image bytes, int32 class ids) of parsed records; the label offset of a foreign layout
+    (TF-Slim's ImageNet counts from 1) is removed here, once."""
+    labels = parsed[metadata.label_key]
+    if metadata.label_offset:
+        labels = labels - metadata.label_offset
+    return parsed[metadata.image_key], tf.cast(labels, tf.int32)
+
+
 def _target(metadata: DatasetMetadata, image_size, channels) -> tuple[int, int, int]:
     if image_size is None:
         if metadata.image_shape is None:
@@ -114,25 +128,27 @@ def _decode_raw_batch(metadata: DatasetMetadata, target):
     h, w, c = metadata.image_shape
 
     def decode(serialized):
-        parsed = tf.io.parse_example(serialized, _FEATURES)
-        images = tf.reshape(tf.io.decode_raw(parsed["image"], tf.uint8), [-1, h, w, c])
+        encoded, labels = _parsed(metadata, tf.io.parse_example(serialized, features(metadata)))
+        images = tf.reshape(tf.io.decode_raw(encoded, tf.uint8), [-1, h, w, c])
         images.set_shape(
             [serialized.shape[0], h, w, c]
         )  # keep a static batch size when there is one
-        return _to_model_input(images, *target), tf.cast(parsed["label"], tf.int32)
+        return _to_model_input(images, *target), labels
 
     return decode
 
 
-def _decode_encoded_example(target):
+def _decode_encoded_example(metadata: DatasetMetadata, target):
     height, width, channels = target
 
     def decode(serialized):
-        parsed = tf.io.parse_single_example(serialized, _FEATURES)
-        image = resize_lib.decode(parsed["image"], channels)
+        encoded, label = _parsed(
+            metadata, tf.io.parse_single_example(serialized, features(metadata))
+        )
+        image = resize_lib.decode(encoded, channels)
         image = _to_model_input(image[tf.newaxis], height, width, channels)[0]
         image.set_shape([height, width, channels])  # resize is skipped when sizes match
-        return image, tf.cast(parsed["label"], tf.int32)
+        return image, label
 
     return decode
 
@@ -155,7 +171,7 @@ def _batches(
             lambda serialized: finish(*decode(serialized)), num_parallel_calls=AUTOTUNE
         )
     return (
-        records.map(_decode_encoded_example(target), num_parallel_calls=AUTOTUNE)
+        records.map(_decode_encoded_example(metadata, target), num_parallel_calls=AUTOTUNE)
         .batch(batch_size, drop_remainder=drop_remainder)
         .map(finish, num_parallel_calls=AUTOTUNE)
     )
