@@ -34,6 +34,7 @@ import tensorflow as tf
 from absl import logging
 
 from datasets import augment as augment_lib
+from datasets import crop as crop_lib
 from datasets import resize as resize_lib
 from datasets.augment import AugmentConfig
 from datasets.metadata import DatasetMetadata
@@ -153,6 +154,45 @@ def _decode_encoded_example(metadata: DatasetMetadata, target):
     return decode
 
 
+def _decode_native(metadata: DatasetMetadata, channels: int):
+    """serialized -> (uint8 [h, w, channels] at the image's own size, int32 label)."""
+
+    def decode(serialized):
+        encoded, label = _parsed(
+            metadata, tf.io.parse_single_example(serialized, features(metadata))
+        )
+        if metadata.encoding == "raw":
+            image = tf.reshape(tf.io.decode_raw(encoded, tf.uint8), metadata.image_shape)
+            have = metadata.image_shape[-1]
+            if have != channels:
+                image = _to_model_input(image[tf.newaxis], *metadata.image_shape[:2], channels)[0]
+        else:
+            image = resize_lib.decode(encoded, channels)
+        return image, label
+
+    return decode
+
+
+def _cropped_batches(records, metadata, target, batch_size, drop_remainder, finish, crop):
+    """Like `_batches`, one example at a time: `crop(image, index)` takes each image at its own
+    size (and the example's position in the stream, which seeds a random crop) to the target."""
+    height, width, channels = target
+    decode = _decode_native(metadata, channels)
+
+    def one(index, serialized):
+        image, label = decode(serialized)
+        image = crop(image, index)
+        image.set_shape([height, width, channels])
+        return image, label
+
+    return (
+        records.enumerate()
+        .map(one, num_parallel_calls=AUTOTUNE)
+        .batch(batch_size, drop_remainder=drop_remainder)
+        .map(finish, num_parallel_calls=AUTOTUNE)
+    )
+
+
 def _batches(
     records: tf.data.Dataset,
     metadata: DatasetMetadata,
@@ -160,11 +200,15 @@ def _batches(
     batch_size: int,
     drop_remainder: bool,
     finish,
+    crop=None,
 ) -> tf.data.Dataset:
     """Serialized records -> finish(uint8 images [B, H, W, C], int32 labels [B]).
 
     `finish` (normalize, pad, ...) runs in the same map as the decode: one stage fewer per batch.
+    With `crop` (see `_cropped_batches`) every image is decoded, cropped and resized on its own.
     """
+    if crop is not None:
+        return _cropped_batches(records, metadata, target, batch_size, drop_remainder, finish, crop)
     if metadata.encoding == "raw":
         decode = _decode_raw_batch(metadata, target)
         return records.batch(batch_size, drop_remainder=drop_remainder).map(
@@ -235,6 +279,8 @@ def input_fn(
     image_size=None,
     channels=None,
     augment: AugmentConfig | None = None,
+    random_resized_crop: bool = False,
+    central_crop: float = 0.0,
     seed: int = 0,
     shuffle_buffer: int = 10_000,
     num_batches: int | None = None,
@@ -248,6 +294,8 @@ def input_fn(
     weights float32 [B]), each example once,
     padding weighted 0, exactly `num_batches` batches when given. `threads`: the size of the
     pipeline's own thread pool (0: tf.data's shared one, a thread per core of the host).
+    `random_resized_crop` (training) and `central_crop` (evaluation: the fraction of the shorter
+    side, 0 for none) crop every image at its own size before the resize (`datasets.crop`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: expected a positive per-replica batch size")
@@ -280,11 +328,21 @@ def input_fn(
             augment or AugmentConfig(),
             seed,
             shuffle_buffer,
+            random_resized_crop,
         )
         if num_batches is not None:
             ds = ds.take(num_batches)
     else:
-        ds = _eval(share, metadata, target, batch_size, worker_index, num_workers, num_batches)
+        ds = _eval(
+            share,
+            metadata,
+            target,
+            batch_size,
+            worker_index,
+            num_workers,
+            num_batches,
+            central_crop,
+        )
     return _with_options(ds.prefetch(AUTOTUNE), threads)
 
 
@@ -297,8 +355,42 @@ class _Share:
     num_examples: int
 
 
+def _random_crop(target, seed: int, worker_index: int):
+    """The training crop: keyed by the example's position in this worker's stream."""
+    # Its own seed stream, apart from the augmentation's (keyed by the batch counter).
+    base = tf.random.experimental.stateless_fold_in(
+        tf.constant([seed, worker_index], tf.int64), 0x63726F70
+    )
+
+    def crop(image, index):
+        key = tf.random.experimental.stateless_fold_in(base, index)
+        return crop_lib.random_resized_crop(image, target[:2], key)
+
+    return crop
+
+
+def _central_crop(target, fraction: float):
+    height, width, channels = target
+
+    def crop(image, index):
+        del index
+        cropped = crop_lib.central_crop(image, fraction)
+        return resize_lib.resize_uint8(cropped[tf.newaxis], (height, width))[0]
+
+    return crop
+
+
 def _train(
-    share, metadata, target, batch_size, worker_index, num_workers, augment, seed, shuffle_buffer
+    share,
+    metadata,
+    target,
+    batch_size,
+    worker_index,
+    num_workers,
+    augment,
+    seed,
+    shuffle_buffer,
+    random_resized_crop=False,
 ):
     worker_seed = seed * 1_000_003 + worker_index  # workers shuffle and augment differently
     files = tf.data.Dataset.from_tensor_slices(share.files)
@@ -316,13 +408,18 @@ def _train(
     # encoded images (and in every iterator checkpoint, which holds the buffer) it costs memory.
     buffer = max(1, min(shuffle_buffer, share.num_examples))
     records = records.shuffle(buffer, seed=worker_seed, reshuffle_each_iteration=True).repeat()
-    if not augment.enabled:
-        return _batches(
-            records, metadata, target, batch_size, True, lambda images, labels: (images, labels)
-        )
+    crop = _random_crop(target, seed, worker_index) if random_resized_crop else None
     ds = _batches(
-        records, metadata, target, batch_size, True, lambda images, labels: (images, labels)
+        records,
+        metadata,
+        target,
+        batch_size,
+        True,
+        lambda images, labels: (images, labels),
+        crop,
     )
+    if not augment.enabled:
+        return ds
     # The batch counter keys the stateless random ops, so a restored iterator augments identically.
     base = tf.constant([seed, worker_index], tf.int64)
     return ds.enumerate().map(
@@ -336,7 +433,9 @@ def _train(
     )
 
 
-def _eval(share, metadata, target, batch_size, worker_index, num_workers, num_batches):
+def _eval(
+    share, metadata, target, batch_size, worker_index, num_workers, num_batches, central_crop=0.0
+):
     records = tf.data.TFRecordDataset(share.files)
     if share.by_record:
         records = records.shard(num_workers, worker_index)
@@ -362,7 +461,8 @@ def _eval(share, metadata, target, batch_size, worker_index, num_workers, num_ba
             tf.ensure_shape(weights, [batch_size]),
         )
 
-    ds = _batches(records, metadata, target, batch_size, False, pad)
+    crop = _central_crop(target, central_crop) if central_crop else None
+    ds = _batches(records, metadata, target, batch_size, False, pad, crop)
     # Padding without end, then exactly `total` batches: a shard cut short at a record boundary
     # (fewer records than metadata.json promises) still gives every worker the same number of
     # batches, so the evaluation ends and its example count can tell (trainer/evaluation.py).
