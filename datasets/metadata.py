@@ -82,7 +82,7 @@ class DatasetMetadata:
 
     format_version: int
     name: str
-    source: str  # idx | csv | image_folder | tfds | npz | arrays (datasets.write_arrays)
+    source: str  # idx | csv | image_folder | tfds | npz | tfrecord | arrays (write_arrays)
     encoding: str  # "raw": uint8 H*W*C bytes; "encoded": the source's JPEG/PNG bytes as they were
     image_shape: tuple[int, int, int] | None  # (H, W, C); None when encoded sizes vary
     channels: int

@@ -489,7 +489,8 @@ def define_flags() -> None:
         "idx: folder of IDX files or IMAGES,LABELS; csv: a CSV file or a "
         "folder with *train*/*test*.csv; image_folder: folder of class folders (or of "
         "train/validation/test); tfds: the dataset name (or use --tfds_name); npz: a "
-        "numpy.savez file with x_train, y_train[, x_test, y_test].",
+        "numpy.savez file with x_train, y_train[, x_test, y_test]; tfrecord: comma-separated globs "
+        "of TFRecord files (TF-Slim / Model Garden ImageNet layout by default).",
     )
     flags.DEFINE_string("output_dir", None, "Where shards and metadata.json go.")
     flags.DEFINE_integer(

@@ -205,8 +205,11 @@ def test_preset_is_the_standard_recipe():
 
 
 def test_preset_trains_200_steps_and_the_loss_falls(tmp_path):
-    """The preset's recipe, but at 32x32 (ResNet-50's smallest input) and batch 8 instead of
-    224x224 and 256: ResNet-50 at 224 runs a few images/s on two CPU cores."""
+    """The preset's recipe and the real ResNet-50, but at 32x32 (its smallest input) and batch 8
+    instead of 224x224 and 256: at 224 it runs a few images/s on two CPU cores. Even so a step
+    costs ~0.3-0.7 s here (the update of 25.6M weights alone ~0.2 s), so this test takes 2-4
+    minutes on a shared 2-core machine. Batch 4 was tried: BatchNorm's statistics over 4 images
+    are too noisy for the loss to fall in 200 steps."""
     directory = str(tmp_path / "imagenet")
     imagenet_layout.write(directory, train_files=2, per_file=32, validation=12)
     prepared = run_module(
@@ -221,8 +224,8 @@ def test_preset_trains_200_steps_and_the_loss_falls(tmp_path):
         "--global_batch_size=8",
         "--train_steps=200",
         "--precision=fp32",
-        "--steps_per_loop=50",
-        "--log_every_steps=50",
+        "--steps_per_loop=100",
+        "--log_every_steps=100",
         "--eval_every_steps=0",
         "--checkpoint_every_steps=0",
         "--notime_breakdown",
@@ -231,7 +234,8 @@ def test_preset_trains_200_steps_and_the_loss_falls(tmp_path):
         timeout=900,
     )
     losses = [float(x) for x in re.findall(r"step \d+/200\s+loss ([0-9.]+)", result.stderr)]
-    assert len(losses) == 4, result.stderr[-3000:]
-    # 5 warmup epochs are 40 steps here, then cosine from the peak rate 0.1 x 8/256.
+    assert len(losses) == 2, result.stderr[-3000:]
+    # The mean training loss of steps 101-200 against that of steps 1-100. 5 warmup epochs
+    # are 40 steps here, then cosine from the peak rate 0.1 x 8/256.
     assert losses[-1] < 0.7 * losses[0], losses
     assert os.path.exists(os.path.join(workdir, "summary.json"))
