@@ -239,3 +239,20 @@ def test_preset_trains_200_steps_and_the_loss_falls(tmp_path):
     # are 40 steps here, then cosine from the peak rate 0.1 x 8/256.
     assert losses[-1] < 0.7 * losses[0], losses
     assert os.path.exists(os.path.join(workdir, "summary.json"))
+
+
+def test_export_takes_the_evaluation_central_crop(tmp_path):
+    """The SavedModel's preprocess crops as the evaluation did, then resizes (same pixels)."""
+    from trainer import export, models
+
+    model = models.build_model("softmax", (16, 16, 3), 3, "fp32")
+    paths = export.export_model(
+        model, "softmax", (16, 16, 3), ["a", "b", "c"], str(tmp_path / "export"), central_crop=0.5
+    )
+    loaded = tf.saved_model.load(paths["saved_model"])
+    image = tf.constant(_coordinates(60, 40)[np.newaxis])
+    got = loaded.preprocess(image).numpy()
+    want = resize_uint8(crop.central_crop(image, 0.5), (16, 16)).numpy()
+    np.testing.assert_array_equal(got, want)
+    with open(paths["info"]) as f:
+        assert "central 0.5 crop" in f.read()
