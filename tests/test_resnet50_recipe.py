@@ -256,3 +256,30 @@ def test_export_takes_the_evaluation_central_crop(tmp_path):
     np.testing.assert_array_equal(got, want)
     with open(paths["info"]) as f:
         assert "central 0.5 crop" in f.read()
+
+
+def test_raw_records_are_cropped_one_by_one_too(tmp_path):
+    """Raw (prepared, fixed-size) records go through the same per-example crop path."""
+    from datasets import embedded
+
+    data_dir = embedded.sample_data_dir(str(tmp_path / "mnist"))
+    metadata = DatasetMetadata.load(data_dir)
+    train = input_fn(
+        metadata,
+        data_dir,
+        "train",
+        16,
+        training=True,
+        image_size=(20, 20),
+        random_resized_crop=True,
+    )
+    images, labels = next(train.as_numpy_iterator())
+    assert images.shape == (16, 20, 20, 1) and images.dtype == np.uint8 and labels.shape == (16,)
+    evaluation = input_fn(
+        metadata, data_dir, "test", 16, training=False, image_size=(28, 28), central_crop=0.5
+    )
+    cropped, _, _ = next(evaluation.as_numpy_iterator())
+    plain, _, _ = next(input_fn(metadata, data_dir, "test", 16, training=False).as_numpy_iterator())
+    # The centre 14x14 of each digit (half of the shorter side), resized back to 28x28.
+    want = resize_uint8(tf.constant(plain[:, 7:21, 7:21]), (28, 28)).numpy()
+    np.testing.assert_array_equal(cropped, want)
