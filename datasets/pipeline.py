@@ -174,14 +174,22 @@ def _decode_native(metadata: DatasetMetadata, channels: int):
 
 
 def _cropped_batches(records, metadata, target, batch_size, drop_remainder, finish, crop):
-    """Like `_batches`, one example at a time: `crop(image, index)` takes each image at its own
-    size (and the example's position in the stream, which seeds a random crop) to the target."""
+    """Like `_batches`, one example at a time: `crop.image(image, index)` takes each image at its
+    own size (and the example's position in the stream, which seeds a random crop) to the
+    target; for encoded records `crop.encoded(bytes, index)`, when there is one, decodes and
+    crops in one (only the window of a JPEG is decoded)."""
     height, width, channels = target
     decode = _decode_native(metadata, channels)
 
     def one(index, serialized):
-        image, label = decode(serialized)
-        image = crop(image, index)
+        if metadata.encoding == "encoded" and crop.encoded is not None:
+            encoded, label = _parsed(
+                metadata, tf.io.parse_single_example(serialized, features(metadata))
+            )
+            image = crop.encoded(encoded, index)
+        else:
+            image, label = decode(serialized)
+            image = crop.image(image, index)
         image.set_shape([height, width, channels])
         return image, label
 
@@ -355,21 +363,33 @@ class _Share:
     num_examples: int
 
 
-def _random_crop(target, seed: int, worker_index: int):
+@dataclasses.dataclass(frozen=True)
+class _Crop:
+    """How `_cropped_batches` crops: from a decoded image, and (optionally) from the bytes."""
+
+    image: object  # fn(uint8 [h, w, c], index) -> uint8 [H, W, c]
+    encoded: object = None  # fn(encoded bytes, index) -> uint8 [H, W, c]
+
+
+def _random_crop(target, seed: int, worker_index: int) -> _Crop:
     """The training crop: keyed by the example's position in this worker's stream."""
     # Its own seed stream, apart from the augmentation's (keyed by the batch counter).
     base = tf.random.experimental.stateless_fold_in(
         tf.constant([seed, worker_index], tf.int64), 0x63726F70
     )
 
-    def crop(image, index):
-        key = tf.random.experimental.stateless_fold_in(base, index)
-        return crop_lib.random_resized_crop(image, target[:2], key)
+    def key(index):
+        return tf.random.experimental.stateless_fold_in(base, index)
 
-    return crop
+    return _Crop(
+        image=lambda image, index: crop_lib.random_resized_crop(image, target[:2], key(index)),
+        encoded=lambda encoded, index: crop_lib.random_resized_crop_encoded(
+            encoded, target[2], target[:2], key(index)
+        ),
+    )
 
 
-def _central_crop(target, fraction: float):
+def _central_crop(target, fraction: float) -> _Crop:
     height, width, channels = target
 
     def crop(image, index):
@@ -377,7 +397,7 @@ def _central_crop(target, fraction: float):
         cropped = crop_lib.central_crop(image, fraction)
         return resize_lib.resize_uint8(cropped[tf.newaxis], (height, width))[0]
 
-    return crop
+    return _Crop(image=crop)
 
 
 def _train(
