@@ -52,7 +52,8 @@ print(",".join(sorted({c.split("_")[1] for c in ccs}, key=int)))
 EOF
 ) || die "could not run $PYTHON"
 [[ $facts == ERROR* ]] && die "${facts#ERROR } (install tensorflow first, e.g. pip install -e '.[cpu]')"
-{ read -r PREFIX; read -r PY_VERSION; read -r TF_VERSION; read -r TF_CUDA; read -r PY_INCLUDE; read -r SCRIPTS_DIR; read -r TF_INCLUDE; read -r TF_CUDA_CCS; } <<<"$facts"
+# The last fact is empty on the CPU wheel, and $(...) drops its line: that read then fails.
+{ read -r PREFIX; read -r PY_VERSION; read -r TF_VERSION; read -r TF_CUDA; read -r PY_INCLUDE; read -r SCRIPTS_DIR; read -r TF_INCLUDE; read -r TF_CUDA_CCS || true; } <<<"$facts"
 [[ -n $SCRIPTS_DIR ]] || die "could not query $PYTHON (got: $facts)"
 
 # NCCL only when TensorFlow itself is a CUDA build: a machine can have nvcc/libcudart installed
