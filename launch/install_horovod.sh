@@ -23,6 +23,8 @@ readonly HOROVOD_VERSION=0.28.1
 
 log() { echo "install_horovod: $*" >&2; }
 die() { echo "install_horovod: ERROR: $*" >&2; exit 1; }
+# A command failing under set -e outside die() still says where, instead of exiting silently.
+trap 'echo "install_horovod: ERROR: line $LINENO failed: $BASH_COMMAND" >&2' ERR
 
 start_s=$SECONDS
 
