@@ -73,6 +73,7 @@ class InputSpec:
             split,
             training=True,
             augment=self.augment,
+            random_resized_crop=self.config.random_resized_crop,
             seed=seed,
             shuffle_buffer=shuffle_buffer or self.config.shuffle_buffer,
             synthetic=self.config.synthetic_data,
@@ -81,4 +82,9 @@ class InputSpec:
 
     def evaluation(self, split: str, num_batches: int) -> DatasetFn:
         """Every example of `split` once, padded (weight 0) to exactly `num_batches` per worker."""
-        return self._dataset_fn(split, training=False, num_batches=num_batches)
+        return self._dataset_fn(
+            split,
+            training=False,
+            num_batches=num_batches,
+            central_crop=self.config.eval_central_crop,
+        )

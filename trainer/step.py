@@ -37,9 +37,9 @@ class Loops:
     run to stop; `evaluate(iterator, num_batches) -> sums`.
 
     `grads(images, labels) -> (loss, grads, correct)` is the train step's own forward+backward of
-    one replica's batch (its micro-batches summed), `grads_fn` under XLA when the step is; called
-    in the replica context (`Backend.run`), it applies nothing. The time breakdown
-    (trainer/breakdown.py) times it.
+    one replica's batch (its micro-batches summed; `grads_fn` itself, the part XLA compiles, when
+    there is one micro-batch); called in the replica context (`Backend.run`), it applies nothing.
+    The time breakdown (trainer/breakdown.py) times it; tests/test_xla_gpu_lowering.py lowers it.
     """
 
     train: tf.types.experimental.GenericFunction
@@ -112,9 +112,7 @@ def build_loops(
         grads_fn = tf.function(grads_fn, jit_compile=xla, autograph=False)
 
     def accumulated_grads(images, labels):
-        """grads_fn summed over this replica's micro-batches (the batch itself when K is 1)."""
-        if grad_accum_steps == 1:
-            return grads_fn(images, labels)
+        """grads_fn summed over this replica's micro-batches (K > 1)."""
         images = tf.reshape(images, [grad_accum_steps, -1, *images.shape[1:]])
         labels = tf.reshape(labels, [grad_accum_steps, -1])
 
@@ -130,8 +128,11 @@ def build_loops(
         )
         return loss, grads, correct
 
+    # One micro-batch: grads_fn itself, so that what XLA compiles can be traced on its own.
+    replica_grads = grads_fn if grad_accum_steps == 1 else accumulated_grads
+
     def replica_train_step(images, labels):
-        loss, grads, correct = accumulated_grads(images, labels)
+        loss, grads, correct = replica_grads(images, labels)
         grads = backend.reduce_gradients(grads)
         skipped = tf.constant(0.0)
         if loss_scaling:
@@ -220,7 +221,7 @@ def build_loops(
             sums = {k: sums[k] + out[k] for k in sums}
         return sums
 
-    return Loops(train=train_loop, evaluate=eval_loop, grads=accumulated_grads)
+    return Loops(train=train_loop, evaluate=eval_loop, grads=replica_grads)
 
 
 def _after_previous_step(previous_step_outputs):
