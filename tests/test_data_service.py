@@ -42,6 +42,7 @@ class Servers:
     """A dispatcher and `workers` workers, each its own `python -m datasets.service` process."""
 
     def __init__(self, work_dir: str, workers: int = 2):
+        self.work_dir = work_dir
         self.port, *self.worker_ports = pick_free_ports(1 + workers)
         self.address = f"grpc://127.0.0.1:{self.port}"
         self.dispatcher = self._start("dispatcher", f"--port={self.port}", f"--work_dir={work_dir}")
@@ -61,14 +62,18 @@ class Servers:
         return [self.dispatcher, *self.workers]
 
     def _start(self, role, *flags):
-        return subprocess.Popen(
-            [sys.executable, "-m", "datasets.service", role, *flags],
-            cwd=REPO,
-            env=trainer_env(ONE_THREAD),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        # TensorFlow's logs to a file: a pipe nobody reads fills up and blocks the server.
+        os.makedirs(self.work_dir, exist_ok=True)
+        log = open(os.path.join(self.work_dir, f"{role}-{time.monotonic_ns()}.log"), "w")
+        with log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "datasets.service", role, *flags],
+                cwd=REPO,
+                env=trainer_env(ONE_THREAD),
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+            )
 
     @staticmethod
     def _wait_up(process) -> str:
