@@ -16,6 +16,11 @@ Eval: no shuffle, augmentation or repeat; every example of the split is read exa
 all workers, batches are padded to full size with weight-0 examples, and with `num_batches` every
 worker yields exactly that many batches, so all workers and replicas run the same number of steps.
 
+With a tf.data service (`data_service=grpc://...`, training only; `datasets.service` runs its
+servers), the training pipeline above, up to the batches, runs on the service's workers over all
+the split's files, which the dispatcher hands out (distributed_epoch): the trainers neither shard
+nor read training files themselves, and share each epoch, every example once across all of them.
+
 Sharding (`datasets.sharding`): each example of a split belongs to exactly one worker's share,
 and one epoch of a worker's training input is its share, each example once, in a new order every
 epoch. By file when the split's shard count is a multiple of the worker count (each worker reads
@@ -294,6 +299,8 @@ def input_fn(
     num_batches: int | None = None,
     synthetic: bool = False,
     threads: int = 0,
+    data_service: str = "",
+    service_job: str = "",
 ) -> tf.data.Dataset:
     """This worker's batches of `split`; `batch_size` is per replica.
 
@@ -304,6 +311,9 @@ def input_fn(
     pipeline's own thread pool (0: tf.data's shared one, a thread per core of the host).
     `random_resized_crop` (training) and `central_crop` (evaluation: the fraction of the shorter
     side, 0 for none) crop every image at its own size before the resize (`datasets.crop`).
+    `data_service` (training only): grpc://HOST:PORT of a tf.data service dispatcher whose
+    workers run the pipeline (see `_served`); the processes that pass the same `service_job`
+    share its epochs.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: expected a positive per-replica batch size")
@@ -317,6 +327,22 @@ def input_fn(
             f"worker_index={worker_index}, num_workers={num_workers}: "
             "expected 0 <= worker_index < num_workers"
         )
+    if training and data_service:
+        ds = _served(
+            metadata,
+            data_dir,
+            split,
+            target,
+            batch_size,
+            augment or AugmentConfig(),
+            shuffle_buffer,
+            data_service,
+            service_job,
+            random_resized_crop,
+        )
+        if num_batches is not None:
+            ds = ds.take(num_batches)
+        return _with_options(ds.prefetch(AUTOTUNE), threads)
     shares = sharding(metadata, split, num_workers)
     _log_once(shares, data_dir)
     paths = metadata.shard_paths(data_dir, split)
@@ -494,3 +520,129 @@ def _eval(
         )
     ).repeat()
     return ds.concatenate(padding).take(total)
+
+
+def service_epoch(
+    metadata: DatasetMetadata,
+    data_dir: str,
+    split: str,
+    target,
+    batch_size: int,
+    augment: AugmentConfig,
+    shuffle_buffer: int,
+    random_resized_crop: bool = False,
+) -> tf.data.Dataset:
+    """One pass over every shard of `split` as the tf.data service's workers run it.
+
+    Batches of up to `batch_size` (the last one of each worker's share may be short, so that no
+    example is dropped), shuffled, decoded and augmented on the worker. Its source is the list of
+    files, which the dispatcher hands out one by one (distributed_epoch), so each worker reads the
+    files it is given: the trainers do no sharding of their own.
+
+    Built without a global seed: the service deserializes it afresh for every epoch, and seeded
+    shuffles would then give every epoch the same order; unseeded, each epoch draws new seeds (the
+    order under the service is not reproducible in any case: it depends on which worker serves
+    first).
+    """
+    with _no_global_seed():
+        files = tf.data.Dataset.from_tensor_slices(metadata.shard_paths(data_dir, split))
+        files = files.shuffle(len(metadata.splits[split].shards))
+        records = _read_files(files, _CYCLE_LENGTH)
+        buffer = max(1, min(shuffle_buffer, metadata.splits[split].num_examples))
+        records = records.shuffle(buffer)
+
+        def finish(images, labels):
+            if not augment.enabled:
+                return images, labels
+            seed = tf.random.uniform([2], maxval=tf.int64.max, dtype=tf.int64)
+            return augment_lib.apply(normalize(images), augment, seed), labels
+
+        crop = None
+        if random_resized_crop:
+
+            def key(index):
+                del index  # a fresh draw per example: no seed would survive the service
+                return tf.random.uniform([2], maxval=tf.int64.max, dtype=tf.int64)
+
+            crop = _Crop(
+                image=lambda image, index: crop_lib.random_resized_crop(
+                    image, target[:2], key(index)
+                ),
+                encoded=lambda encoded, index: crop_lib.random_resized_crop_encoded(
+                    encoded, target[2], target[:2], key(index)
+                ),
+            )
+        return _batches(records, metadata, target, batch_size, False, finish, crop)
+
+
+class _no_global_seed:
+    """Builds a dataset with TensorFlow's global seed unset, then restores it."""
+
+    def __enter__(self):
+        from tensorflow.python.eager import context
+
+        self._graph_seed = context.global_seed()
+        tf.random.set_seed(None)
+
+    def __exit__(self, *exc_info):
+        tf.random.set_seed(self._graph_seed)
+
+
+def _served(
+    metadata,
+    data_dir,
+    split,
+    target,
+    batch_size,
+    augment,
+    shuffle_buffer,
+    data_service,
+    service_job,
+    random_resized_crop=False,
+):
+    """Endless per-replica batches of `split` served by the tf.data service at `data_service`.
+
+    Every trainer process that uses the same `service_job` joins one `distributed_epoch` job:
+    each repetition (the `repeat` here, on the trainer) is one new iteration of the job, one pass
+    over the split whose examples go to whichever trainer asks first, each exactly once. The
+    batches are cut again to exactly `batch_size` on the trainer, across the short ones.
+    """
+    key = (data_dir, split, data_service)
+    if key not in _described:
+        _described.add(key)
+        logging.info(
+            "split '%s' of %s: served by the tf.data service at %s (job %s, distributed_epoch: "
+            "its workers divide the %d files among themselves, every example once per epoch "
+            "across all training processes)",
+            split,
+            metadata.name,
+            data_service,
+            service_job,
+            len(metadata.splits[split].shards),
+        )
+    served = served_epoch(
+        service_epoch(
+            metadata,
+            data_dir,
+            split,
+            target,
+            batch_size,
+            augment,
+            shuffle_buffer,
+            random_resized_crop,
+        ),
+        data_service,
+        service_job,
+    )
+    return served.repeat().rebatch(batch_size, drop_remainder=True)
+
+
+def served_epoch(epoch: tf.data.Dataset, data_service: str, service_job: str) -> tf.data.Dataset:
+    """`epoch` (a `service_epoch`) run by the tf.data service at `data_service`, in the
+    distributed_epoch job `service_job`: each iteration of the result, in every process that
+    names the same job, is one new pass over the split shared by all of them."""
+    return epoch.apply(
+        tf.data.experimental.service.distribute(
+            processing_mode="distributed_epoch", service=data_service, job_name=service_job
+        )
+    )

@@ -277,7 +277,7 @@ def test_non_root_user_matches_the_manifests():
     home = re.search(r"--home-dir (\S+)", useradd).group(1)
     # Every pod runs as the image's user, and mpi-operator mounts the keys into its ~/.ssh.
     specs = manifest_pod_specs()
-    assert len(specs) == 10
+    assert len(specs) == 12  # test_k8s_manifests' pods, the data service's two included
     for spec in specs:
         sc = spec["securityContext"]
         assert sc["runAsUser"] == uid and sc["runAsGroup"] == uid and sc["runAsNonRoot"] is True

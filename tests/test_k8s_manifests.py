@@ -25,6 +25,7 @@ wheel, else the one on PATH), and then:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import os
@@ -43,6 +44,7 @@ from kubernetes_validate import utils as kv
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from datasets import service as data_service  # noqa: E402  (TensorFlow-free until it serves)
 from launch import horovod as hvd_launch  # noqa: E402
 from launch import jobset as jobset_launch  # noqa: E402
 from trainer import exit_codes  # noqa: E402  (TensorFlow-free: the exit-code contract)
@@ -59,6 +61,7 @@ OVERLAYS = (
     "single-gpu",
     "prepare-data",
     "tensorboard",
+    "data-service",
 )
 # Objects applied with `kubectl apply -f`, outside any kustomization.
 STANDALONE = ("prepare-data/upload-pod.yaml",)
@@ -771,8 +774,8 @@ def parse_quantity(q) -> float:
 def test_pods_are_hardened():
     pods = all_pods()
     # MPIJob launcher + worker, TFJob worker, TrainingRuntimes: MPI launcher + node, multi-worker
-    # node; 2 Jobs, TensorBoard, upload pod.
-    assert len(pods) == 10
+    # node; 2 Jobs, TensorBoard, upload pod, the data service's dispatcher and worker.
+    assert len(pods) == 12
     for where, _, tmpl, _ in pods:
         spec = tmpl["spec"]
         assert spec.get("automountServiceAccountToken") is False, where
@@ -815,7 +818,7 @@ def test_containers_are_hardened():
             assert sc.get("readOnlyRootFilesystem") is True, at
             tmp = volume_for(spec, c, "/tmp")
             assert tmp and tmp[0]["mountPath"] == "/tmp" and "emptyDir" in tmp[1], at
-    assert count == 10
+    assert count == 12
 
 
 def test_containers_have_requests_and_limits():
@@ -1785,6 +1788,75 @@ def test_mpijob_layout():
     assert ssh_port == 2222
 
 
+def data_service_servers() -> dict:
+    """{role: (Deployment, container, parsed flags)} of the data-service overlay's servers,
+    their command lines through datasets.service's own parser."""
+    servers = {}
+    for dep in (o for o in render("data-service") if o["kind"] == "Deployment"):
+        (c,) = dep["spec"]["template"]["spec"]["containers"]
+        argv = c["command"] + c["args"]
+        i = argv.index("datasets.service")
+        assert argv[:2] == ["convoy-run", "--"] and argv[i - 1] == "-m", argv
+        role, values = data_service.parse(["datasets.service", *argv[i + 1 :]])
+        servers[role] = (dep, c, values)
+    return servers
+
+
+def test_data_service_layout():
+    objs = render("data-service")
+    servers = data_service_servers()
+    assert set(servers) == {"dispatcher", "worker"}
+    dispatcher, dc, dflags = servers["dispatcher"]
+    # One dispatcher, the one writer of its journal, which is on its own claim (not /tmp).
+    assert dispatcher["spec"]["replicas"] == 1
+    assert dispatcher["spec"]["strategy"]["type"] == "Recreate"
+    dpod = dispatcher["spec"]["template"]["spec"]
+    state = volume_for(dpod, dc, dflags.work_dir)
+    assert state and claim_of(state[1]) and not state[0].get("readOnly"), dflags.work_dir
+    claim = find(objs, "PersistentVolumeClaim", claim_of(state[1]))
+    assert claim and claim_of(state[1]) not in (DATA_CLAIM, RUNS_CLAIM)
+    assert {p["name"]: p["containerPort"] for p in dc["ports"]} == {"grpc": dflags.port}
+    # The Service reaches the dispatcher's port, and the workers name that Service.
+    svc = one(objs, "Service")
+    labels = dispatcher["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= labels.items()
+    (port,) = svc["spec"]["ports"]
+    assert port["targetPort"] == "grpc"
+    worker, wc, wflags = servers["worker"]
+    assert wflags.dispatcher == f"{svc['metadata']['name']}:{port['port']}"
+    assert worker["spec"]["replicas"] >= 2
+    # Each worker registers its pod IP, where the trainers read from it.
+    assert wflags.worker_address == "$(POD_IP)"
+    env = {e["name"]: e for e in wc["env"]}
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert {p["name"]: p["containerPort"] for p in wc["ports"]} == {"grpc": wflags.port}
+    # The workers open the training files under the trainers' own paths: the prepared dataset
+    # of the shared flags is on the data claim, read-only, in the worker pods too.
+    flags_file = one(objs, "ConfigMap")["data"]["trainer.flags"]
+    data_dir = re.search(r"^--data_dir=(\S+)$", flags_file, re.M).group(1)
+    data = volume_for(worker["spec"]["template"]["spec"], wc, data_dir)
+    assert data and claim_of(data[1]) == DATA_CLAIM and data[0].get("readOnly") is True
+
+
+def test_the_trainers_component_points_every_trainer_overlay_at_the_service(tmp_path):
+    svc = one(render("data-service"), "Service")
+    address = f"grpc://{svc['metadata']['name']}:{svc['spec']['ports'][0]['port']}"
+    (tmp_path / "k8s").symlink_to(K8S)
+    for name in TRAINER_OVERLAYS:
+        mine = tmp_path / "mine" / name
+        mine.mkdir(parents=True)
+        (mine / "kustomization.yaml").write_text(
+            f"resources: [../../k8s/{name}]\ncomponents: [../../k8s/data-service/trainers]\n"
+        )
+        with_service = parsed_trainer_runs(render_dir(str(mine)), tmp_path)
+        without = parsed_trainer_runs(render(name), tmp_path)
+        assert len(with_service) == len(without) == 1, name
+        config, plain = with_service[0][2], without[0][2]
+        assert config.data_service == address, name
+        # Nothing else changed: the same run, its training input from the service.
+        assert dataclasses.replace(config, data_service="") == plain, name
+
+
 def test_tfjob_layout():
     tfjob = one(render("tfjob-multiworker"), "TFJob")
     replicas = tfjob["spec"]["tfReplicaSpecs"]
@@ -1977,7 +2049,16 @@ def test_readme_examples_exist():
         "my-runs/trainjob-horovod-32gpu",
         "my-runs/queued-multiworker",
         "my-runs/own-model",
+        "my-runs/single-gpu-served",
     } <= dirs
+
+
+def test_readme_example_serves_the_single_gpu_job_from_the_data_service(tmp_path):
+    (run,) = check_rendered(render_example("my-runs/single-gpu-served", tmp_path), tmp_path)
+    svc = one(render("data-service"), "Service")
+    assert run[2].data_service == (
+        f"grpc://{svc['metadata']['name']}:{svc['spec']['ports'][0]['port']}"
+    )
 
 
 def check_rendered(objs: list[dict], tmp_path) -> list:

@@ -56,6 +56,21 @@ def test_stall_after_beats_dumps_stacks_and_exits_non_zero_within_timeout():
     assert elapsed < 30
 
 
+def test_a_stall_after_the_first_beat_gets_timeout_s_not_the_first_beats_allowance():
+    proc, elapsed = _run("""
+        import threading, time
+        from trainer.watchdog import StallWatchdog
+
+        with StallWatchdog(timeout_s=1.0, first_beat_timeout_s=600) as wd:
+            time.sleep(0.2)
+            wd.beat(1)  # the first chunk (tracing) is done; from here 1 s is the bound
+            threading.Event().wait()
+    """)
+    assert proc.returncode == STALL_EXIT_CODE, proc.stderr
+    assert "after step 1" in proc.stderr
+    assert elapsed < 30
+
+
 def test_regular_beats_keep_the_process_alive_and_stop_disarms():
     proc, _ = _run("""
         import time

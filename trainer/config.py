@@ -76,6 +76,12 @@ class Config:
     synthetic_data: bool = _setting(
         False, "Feed random tensors of the dataset's shape (measures compute alone)."
     )
+    data_service: str = _setting(
+        "",
+        "grpc://HOST:PORT of a tf.data service dispatcher (`python -m datasets.service`): the "
+        "training input runs on its workers, every example once per epoch across all training "
+        "processes (distributed_epoch); evaluation stays local. Empty: the local pipeline.",
+    )
     # Output.
     workdir: str = _setting(
         "",
@@ -138,7 +144,7 @@ class Config:
     stall_timeout_s: float = _setting(
         0.0,
         "Exit 138 (retryable), dumping stacks, when no training progress is made for this long "
-        "(0: off).",
+        "(0: off; with --data_service 300 s, as a data worker lost mid-epoch stalls the input).",
     )
     peer_join_timeout_s: float = _setting(
         120.0,
@@ -360,6 +366,8 @@ def _check_values(c: Config) -> None:
             f"--profile_steps={c.profile_steps[0]},{c.profile_steps[1]}: expected "
             "A,B with 0 <= A < B"
         )
+    if c.data_service:
+        _check_data_service(c)
     if c.image_size and min(c.image_size) <= 0:
         raise ConfigError(f"--image_size={c.image_size}: expected positive HEIGHT,WIDTH")
     if c.sync_batchnorm and c.xla == "on":
@@ -400,6 +408,33 @@ def _check_values(c: Config) -> None:
         raise ConfigError(
             "--report draws with matplotlib, which is not installed (pip install matplotlib; "
             "installing convoy with pip brings it)"
+        )
+
+
+def _check_data_service(c: Config) -> None:
+    prefix, _, rest = c.data_service.partition("://")
+    host, sep, port = rest.rpartition(":")
+    if (
+        prefix != "grpc"
+        or not sep
+        or not host
+        or "/" in host
+        or not port.isdigit()
+        or not 0 < int(port) < 65536
+    ):
+        raise ConfigError(
+            f"--data_service={c.data_service}: expected grpc://HOST:PORT of the tf.data service "
+            "dispatcher (port 1..65535)"
+        )
+    if c.deterministic:
+        raise ConfigError(
+            "--deterministic with --data_service: the service's workers hand out batches in the "
+            "order they finish them, which no seed fixes; use one of the two"
+        )
+    if c.synthetic_data:
+        raise ConfigError(
+            "--synthetic_data with --data_service: synthetic batches need no input service; use "
+            "one of the two"
         )
 
 

@@ -2,7 +2,9 @@
 
 `InputSpec` turns the plan and config into the `dataset_fn(worker_index, num_workers, batch)`
 callables the backends distribute (training, evaluation) and the sample batch TensorBoard shows,
-so the keyword arguments of `datasets.pipeline.input_fn` are written in one place.
+so the keyword arguments of `datasets.pipeline.input_fn` are written in one place. With
+--data_service the training input (and the time breakdown's) comes from the tf.data service;
+evaluation and the sample batch always read locally.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ class InputSpec:
     plan: Plan
     metadata: DatasetMetadata
     threads: int = 0  # each pipeline's thread pool (trainer/threads.py); 0: tf.data's default
+    # With --data_service: the run attempt's id, agreed by all its processes (datasets.service).
+    service_run_id: int = 0
 
     @property
     def augment(self) -> AugmentConfig:
@@ -48,8 +52,23 @@ class InputSpec:
 
         return dataset_fn
 
-    def training(self, split: str, seed: int, shuffle_buffer: int | None = None) -> DatasetFn:
-        """Shuffled, augmented, endless batches of `split`, in an order fixed by `seed`."""
+    def training(
+        self, split: str, seed: int, shuffle_buffer: int | None = None, *, job: str | None = None
+    ) -> DatasetFn:
+        """Shuffled, augmented, endless batches of `split`, in an order fixed by `seed`.
+
+        `job`: with --data_service, the batches come from the service's job of that purpose
+        (`train`, `breakdown`; the processes of the run share each), in an order no seed fixes;
+        None reads locally (the TensorBoard sample batch).
+        """
+        served = {}
+        if job is not None and self.config.data_service:
+            from datasets.service import run_job_name
+
+            served = {
+                "data_service": self.config.data_service,
+                "service_job": run_job_name(self.service_run_id, job),
+            }
         return self._dataset_fn(
             split,
             training=True,
@@ -58,6 +77,7 @@ class InputSpec:
             seed=seed,
             shuffle_buffer=shuffle_buffer or self.config.shuffle_buffer,
             synthetic=self.config.synthetic_data,
+            **served,
         )
 
     def evaluation(self, split: str, num_batches: int) -> DatasetFn:

@@ -18,10 +18,13 @@ import contextlib
 import dataclasses
 import json
 import os
+import random
+import sys
 import time
 from collections.abc import Callable
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -56,6 +59,9 @@ from trainer.watchdog import StallWatchdog
 # The first chunk also traces (and on GPUs XLA-compiles) the step: the watchdog allows it this
 # much longer than --stall_timeout_s.
 _FIRST_CHUNK_GRACE_S = 600
+# --stall_timeout_s when it is 0 (off) and the training input comes from a tf.data service: a
+# data worker lost mid-epoch leaves the epoch unfinished and the trainer waiting for ever.
+SERVICE_STALL_TIMEOUT_S = 300.0
 
 
 @dataclasses.dataclass
@@ -98,6 +104,8 @@ def _run(config: Config, stop: StopRequest) -> dict:
         )
     stop.reinstall_handlers()  # TensorFlow's coordination service may have replaced them.
     stop.phase = "before training started"
+    if config.data_service:
+        _check_data_service(config)
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -120,6 +128,28 @@ def _run(config: Config, stop: StopRequest) -> dict:
         return _train_and_finish(config, plan, machine, backend, state, metadata, stop)
 
 
+def _check_data_service(config: Config) -> None:
+    """Bounded wait for the dispatcher (TensorFlow's client would retry it for an hour)."""
+    from datasets import service
+    from trainer.config import ConfigError
+    from trainer.peers import PeerError
+
+    try:
+        service.check_reachable(config.data_service, config.peer_join_timeout_s)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    except service.Unreachable as e:
+        raise PeerError(str(e)) from None  # retryable, like a peer that did not come
+    logging.info("tf.data service dispatcher at %s is up", config.data_service)
+
+
+def _service_run_id(backend: Backend) -> int:
+    """A number drawn by the chief that every process of this run attempt agrees on: the
+    attempt's tf.data service job names. Exact in the float32 vote (below 2**24)."""
+    drawn = random.SystemRandom().randrange(1, 2**24) if backend.is_chief else 0
+    return int(round(float(backend.agree(np.array([drawn], np.float32))[0])))
+
+
 def _prepare_workdir(config: Config, plan: Plan, backend: Backend) -> None:
     """Refuses a workdir of another model or dataset, then (chief) clears unfinished saves and
     writes config.json and plan.json. Nothing is written before the check."""
@@ -133,7 +163,13 @@ def _prepare_workdir(config: Config, plan: Plan, backend: Backend) -> None:
 
 
 def _train_and_finish(config, plan, machine, backend, state, metadata, stop) -> dict:
-    inputs = InputSpec(config, plan, metadata, threads=backend.threads.tf_data)
+    inputs = InputSpec(
+        config,
+        plan,
+        metadata,
+        threads=backend.threads.tf_data,
+        service_run_id=_service_run_id(backend) if config.data_service else 0,
+    )
     checkpointer, train_iterator, start_step = _restore(config, plan, backend, state, inputs)
     votes = StopVotes(backend.num_workers, backend.worker_index)
     # Outside the strategy's scope: one plain variable per process, not a mirrored one.
@@ -163,8 +199,12 @@ def _train_and_finish(config, plan, machine, backend, state, metadata, stop) -> 
             meter,
             summaries,
             # A second iterator of the same pipeline: the training one is never advanced.
+            # Under --data_service its own job: it takes no examples from the training one.
             lambda seed: iter(
-                backend.distribute(inputs.training(plan.train_split, seed), plan.per_worker_batch)
+                backend.distribute(
+                    inputs.training(plan.train_split, seed, job="breakdown"),
+                    plan.per_worker_batch,
+                )
             ),
             plan.per_worker_batch,
         )
@@ -197,14 +237,16 @@ def _restore(config, plan, backend, state, inputs):
     Returns (checkpointer, train iterator, start step). A single worker's input position goes into
     the checkpoint; with several workers each has its own position that no single checkpoint
     holds, so a resumed run reseeds its input order from the restored step instead of replaying
-    the epoch from the start.
+    the epoch from the start. The same under --data_service, whose iterators live in the service
+    and cannot be checkpointed: a resumed run starts a new job (a new epoch) at the restored step.
     """
 
     def train_iterator(seed):
-        dataset_fn = inputs.training(plan.train_split, seed)
+        dataset_fn = inputs.training(plan.train_split, seed, job="train")
         return iter(backend.distribute(dataset_fn, plan.per_worker_batch))
 
-    iterator = train_iterator(config.seed) if backend.input_state_is_local else None
+    local = backend.input_state_is_local and not config.data_service
+    iterator = train_iterator(config.seed) if local else None
     checkpointer = checkpoints.Checkpointer(
         config.workdir, state, backend, keep=config.keep_checkpoints, input_iterator=iterator
     )
@@ -225,10 +267,24 @@ def _train(run: _Run, loops: step_lib.Loops, iterator, start_step: int) -> int:
     """
     config, plan, backend = run.config, run.plan, run.backend
     progress = console.Progress(plan.total_steps, is_chief=backend.is_chief)
-    watchdog = StallWatchdog(
-        config.stall_timeout_s,
-        first_beat_timeout_s=config.stall_timeout_s + _FIRST_CHUNK_GRACE_S,
-    )
+    stall_s = config.stall_timeout_s
+    on_stall = None
+    if config.data_service:
+        stall_s = stall_s or SERVICE_STALL_TIMEOUT_S
+
+        def on_stall(step, idle_s):
+            # The likeliest cause, named: the stack dump above shows where the step waited.
+            where = "before the first step" if step is None else f"after step {step}"
+            print(
+                f"error: no training batch for {idle_s:.0f} s {where} (--stall_timeout_s="
+                f"{stall_s:g}); the input comes from the tf.data service at "
+                f"{config.data_service}, where a data worker lost mid-epoch leaves the epoch "
+                "unfinished; restart the run to resume from the last checkpoint",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    watchdog = StallWatchdog(stall_s, on_stall, first_beat_timeout_s=stall_s + _FIRST_CHUNK_GRACE_S)
     actions = _periodic_actions(run, progress, start_step)
     current = start_step
     with contextlib.ExitStack() as cleanup:
@@ -444,6 +500,7 @@ def _summary(run: _Run, final_step: int, start_step: int, final_eval: dict) -> d
         "sync_batchnorm": config.sync_batchnorm,
         "ema_decay": config.ema_decay,
         "data_dir": plan.data_dir,
+        "data_service": config.data_service,
         "workdir": config.workdir,
         "resumed_from_step": start_step,
         "is_chief": run.backend.is_chief,

@@ -116,7 +116,9 @@ class StallWatchdog:
             if remaining <= 0:
                 self._stall(step, time.monotonic() - last)
                 return
-            if self._stopped.wait(remaining):
+            # Never longer than `timeout_s`: the first beat's longer allowance must not carry
+            # over to the steps after it.
+            if self._stopped.wait(min(remaining, self.timeout_s)):
                 return
 
     def _write(self, text: str) -> None:
