@@ -63,6 +63,14 @@ class Config:
     random_shift: float = _setting(0.0, "Augment: random shift, as a fraction of the image size.")
     random_rotation: float = _setting(0.0, "Augment: random rotation, maximum degrees.")
     random_zoom: float = _setting(0.0, "Augment: random zoom, maximum fraction.")
+    augment_on: str = _setting(
+        "auto",
+        "Where the --random_* augmentation runs. host: in the tf.data pipeline, on float pixels; "
+        "device: inside the train step on each replica's device (the pipeline ships uint8), "
+        "keyed by (--seed, step, replica), outside XLA. auto: device when training on GPUs, "
+        "else host.",
+        choices_=choices.AUGMENT_ON,
+    )
     synthetic_data: bool = _setting(
         False, "Feed random tensors of the dataset's shape (measures compute alone)."
     )
