@@ -203,6 +203,21 @@ def test_device_resume_matches_the_uninterrupted_run(device_run, twin_mnist, tmp
     assert max_weight_difference(checkpoint_weights(resumed), checkpoint_weights(device_run)) == 0
 
 
+def test_a_host_run_resumes_with_device_augmentation(twin_mnist, tmp_path):
+    """The two modes' pipelines differ, so the input position is not carried over (as after a
+    change of topology); weights, optimizer and step are."""
+    workdir = str(tmp_path / "switch")
+    run_trainer(
+        *_device_flags(twin_mnist, workdir, "--augment_on=host", "--train_steps=4"),
+        env=ONE_THREAD,
+    )
+    assert summary(workdir)["augment_on"] == "host"
+    run = run_trainer(*_device_flags(twin_mnist, workdir), env=ONE_THREAD)
+    assert "resumed from" in run.stderr and "at step 4" in run.stderr
+    s = summary(workdir)
+    assert (s["augment_on"], s["resumed_from_step"], s["final_step"]) == ("device", 4, 8)
+
+
 def test_device_on_two_mirrored_replicas_matches_one_device(device_run, twin_mnist, tmp_path):
     workdir = str(tmp_path / "mirrored")
     run = run_trainer(

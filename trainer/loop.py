@@ -208,7 +208,14 @@ def _restore(config, plan, backend, state, inputs):
 
     iterator = train_iterator(config.seed) if backend.input_state_is_local else None
     checkpointer = checkpoints.Checkpointer(
-        config.workdir, state, backend, keep=config.keep_checkpoints, input_iterator=iterator
+        config.workdir,
+        state,
+        backend,
+        keep=config.keep_checkpoints,
+        input_iterator=iterator,
+        # Device augmentation's pipeline is another dataset than the host one's (uint8 out, no
+        # augmentation stage): a run resumed in the other mode starts the input order afresh.
+        input_variant="_device_augment" if inputs.device_augment.enabled else "",
     )
     logging.info(
         "%s", checkpointer.restore(config.init_checkpoint, partial=config.init_checkpoint_partial)
