@@ -169,14 +169,15 @@ def build_loops(
 
     def replica_grads(images, labels):
         """accumulated_grads of the replica's batch, augmented first with --augment_on=device."""
-        images = augment_on_device(
-            images,
-            device_augment,
-            seed,
-            step.read_value(),  # Before this step's increment: step k draws with key k.
-            backend.replica_id(),
-            backend.num_replicas,
-        )
+        if device_augment.enabled:  # Else not even the step is read.
+            images = augment_on_device(
+                images,
+                device_augment,
+                seed,
+                step.read_value(),  # Before this step's increment: step k draws with key k.
+                backend.replica_id(),
+                backend.num_replicas,
+            )
         return accumulated_grads(images, labels)
 
     def replica_train_step(images, labels):
