@@ -19,6 +19,9 @@ FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
 SPLITS = ("train", "validation", "test")
 ENCODINGS = ("raw", "encoded")
+# The feature keys of convoy's own records (datasets.writer).
+IMAGE_KEY = "image"
+LABEL_KEY = "label"
 
 
 def shard_file_name(split: str, index: int, num_shards: int) -> str:
@@ -79,7 +82,7 @@ class DatasetMetadata:
 
     format_version: int
     name: str
-    source: str  # idx | csv | image_folder | tfds | npz | arrays (datasets.write_arrays)
+    source: str  # idx | csv | image_folder | tfds | npz | tfrecord | arrays (write_arrays)
     encoding: str  # "raw": uint8 H*W*C bytes; "encoded": the source's JPEG/PNG bytes as they were
     image_shape: tuple[int, int, int] | None  # (H, W, C); None when encoded sizes vary
     channels: int
@@ -94,6 +97,23 @@ class DatasetMetadata:
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Files left out by --skip_bad_images: [{"path": ..., "reason": ...}].
     skipped: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    # Records in someone else's layout (`prepare --source=tfrecord --in_place`): {"image_key",
+    # "label_key", "label_offset"}; the class id is the stored label minus the offset. None:
+    # convoy's own `image`/`label` records, class ids as stored. Left out of the JSON when None,
+    # so the metadata.json of every other dataset stays byte for byte what it was.
+    record_format: dict[str, Any] | None = None
+
+    @property
+    def image_key(self) -> str:
+        return (self.record_format or {}).get("image_key", IMAGE_KEY)
+
+    @property
+    def label_key(self) -> str:
+        return (self.record_format or {}).get("label_key", LABEL_KEY)
+
+    @property
+    def label_offset(self) -> int:
+        return int((self.record_format or {}).get("label_offset", 0))
 
     def num_examples(self, split: str) -> int:
         return self._split(split).num_examples
@@ -110,7 +130,10 @@ class DatasetMetadata:
         return self.splits[split]
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+        fields = dataclasses.asdict(self)
+        if fields["record_format"] is None:
+            del fields["record_format"]
+        return json.dumps(fields, indent=2) + "\n"
 
     def save(self, data_dir: str) -> None:
         # Temp name + rename: a reader sees the old file or the new one, never half of one.
@@ -227,6 +250,7 @@ class DatasetMetadata:
                 dtype=str(raw.get("dtype", "uint8")),
                 options=dict(raw.get("options", {})),
                 skipped=list(raw.get("skipped", [])),
+                record_format=_record_format(raw.get("record_format"), path),
             )
         except KeyError as e:
             raise DataError(
@@ -240,6 +264,11 @@ class DatasetMetadata:
         return metadata
 
     def _check(self, path: str) -> None:
+        if self.record_format is not None and self.encoding != "encoded":
+            raise DataError(
+                f"{path}: record_format with encoding '{self.encoding}'; expected 'encoded' "
+                "(records in another layout hold JPEG/PNG bytes)"
+            )
         for split, info in self.splits.items():
             for shard in info.shards:
                 why = unsafe_shard_name(shard.file)
@@ -266,3 +295,23 @@ class DatasetMetadata:
                     f"{path}: split '{name}' shards hold {total} examples; expected "
                     f"num_examples = {info.num_examples}"
                 )
+
+
+def _record_format(raw: Any, path: str) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    if (
+        not isinstance(raw, dict)
+        or not all(isinstance(raw.get(k), str) and raw.get(k) for k in ("image_key", "label_key"))
+        or not isinstance(raw.get("label_offset"), int)
+        or isinstance(raw.get("label_offset"), bool)
+    ):
+        raise DataError(
+            f'{path}: record_format {raw!r}; expected {{"image_key": str, "label_key": str, '
+            '"label_offset": int}'
+        )
+    return {
+        "image_key": raw["image_key"],
+        "label_key": raw["label_key"],
+        "label_offset": raw["label_offset"],
+    }

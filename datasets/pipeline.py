@@ -36,16 +36,13 @@ import tensorflow as tf
 from absl import logging
 
 from datasets import augment as augment_lib
+from datasets import crop as crop_lib
 from datasets import resize as resize_lib
 from datasets.augment import AugmentConfig
 from datasets.metadata import DatasetMetadata
 from datasets.sharding import Sharding, sharding
 
 AUTOTUNE = tf.data.AUTOTUNE
-_FEATURES = {
-    "image": tf.io.FixedLenFeature([], tf.string),
-    "label": tf.io.FixedLenFeature([], tf.int64),
-}
 # Files read at once per worker: enough to mix shards and keep both cores busy.
 _CYCLE_LENGTH = 8
 # Records handed over at once by a parallel file reader.
@@ -87,6 +84,24 @@ def _log_once(shares: Sharding, data_dir: str) -> None:
         logging.warning("%s", shares.describe())
 
 
+def features(metadata: DatasetMetadata) -> dict:
+    """The parse spec of the dataset's records: convoy's own `image`/`label`, or the keys an
+    in-place dataset (`prepare --source=tfrecord --in_place`) records in metadata.json."""
+    return {
+        metadata.image_key: tf.io.FixedLenFeature([], tf.string),
+        metadata.label_key: tf.io.FixedLenFeature([], tf.int64),
+    }
+
+
+def _parsed(metadata: DatasetMetadata, parsed: dict) -> tuple[tf.Tensor, tf.Tensor]:
+    """(image bytes, int32 class ids) of parsed records; the label offset of a foreign layout
+    (TF-Slim's ImageNet counts from 1) is removed here, once."""
+    labels = parsed[metadata.label_key]
+    if metadata.label_offset:
+        labels = labels - metadata.label_offset
+    return parsed[metadata.image_key], tf.cast(labels, tf.int32)
+
+
 def _target(metadata: DatasetMetadata, image_size, channels) -> tuple[int, int, int]:
     if image_size is None:
         if metadata.image_shape is None:
@@ -116,27 +131,76 @@ def _decode_raw_batch(metadata: DatasetMetadata, target):
     h, w, c = metadata.image_shape
 
     def decode(serialized):
-        parsed = tf.io.parse_example(serialized, _FEATURES)
-        images = tf.reshape(tf.io.decode_raw(parsed["image"], tf.uint8), [-1, h, w, c])
+        encoded, labels = _parsed(metadata, tf.io.parse_example(serialized, features(metadata)))
+        images = tf.reshape(tf.io.decode_raw(encoded, tf.uint8), [-1, h, w, c])
         images.set_shape(
             [serialized.shape[0], h, w, c]
         )  # keep a static batch size when there is one
-        return _to_model_input(images, *target), tf.cast(parsed["label"], tf.int32)
+        return _to_model_input(images, *target), labels
 
     return decode
 
 
-def _decode_encoded_example(target):
+def _decode_encoded_example(metadata: DatasetMetadata, target):
     height, width, channels = target
 
     def decode(serialized):
-        parsed = tf.io.parse_single_example(serialized, _FEATURES)
-        image = resize_lib.decode(parsed["image"], channels)
+        encoded, label = _parsed(
+            metadata, tf.io.parse_single_example(serialized, features(metadata))
+        )
+        image = resize_lib.decode(encoded, channels)
         image = _to_model_input(image[tf.newaxis], height, width, channels)[0]
         image.set_shape([height, width, channels])  # resize is skipped when sizes match
-        return image, tf.cast(parsed["label"], tf.int32)
+        return image, label
 
     return decode
+
+
+def _decode_native(metadata: DatasetMetadata, channels: int):
+    """serialized -> (uint8 [h, w, channels] at the image's own size, int32 label)."""
+
+    def decode(serialized):
+        encoded, label = _parsed(
+            metadata, tf.io.parse_single_example(serialized, features(metadata))
+        )
+        if metadata.encoding == "raw":
+            image = tf.reshape(tf.io.decode_raw(encoded, tf.uint8), metadata.image_shape)
+            have = metadata.image_shape[-1]
+            if have != channels:
+                image = _to_model_input(image[tf.newaxis], *metadata.image_shape[:2], channels)[0]
+        else:
+            image = resize_lib.decode(encoded, channels)
+        return image, label
+
+    return decode
+
+
+def _cropped_batches(records, metadata, target, batch_size, drop_remainder, finish, crop):
+    """Like `_batches`, one example at a time: `crop.image(image, index)` takes each image at its
+    own size (and the example's position in the stream, which seeds a random crop) to the
+    target; for encoded records `crop.encoded(bytes, index)`, when there is one, decodes and
+    crops in one (only the window of a JPEG is decoded)."""
+    height, width, channels = target
+    decode = _decode_native(metadata, channels)
+
+    def one(index, serialized):
+        if metadata.encoding == "encoded" and crop.encoded is not None:
+            encoded, label = _parsed(
+                metadata, tf.io.parse_single_example(serialized, features(metadata))
+            )
+            image = crop.encoded(encoded, index)
+        else:
+            image, label = decode(serialized)
+            image = crop.image(image, index)
+        image.set_shape([height, width, channels])
+        return image, label
+
+    return (
+        records.enumerate()
+        .map(one, num_parallel_calls=AUTOTUNE)
+        .batch(batch_size, drop_remainder=drop_remainder)
+        .map(finish, num_parallel_calls=AUTOTUNE)
+    )
 
 
 def _batches(
@@ -146,18 +210,22 @@ def _batches(
     batch_size: int,
     drop_remainder: bool,
     finish,
+    crop=None,
 ) -> tf.data.Dataset:
     """Serialized records -> finish(uint8 images [B, H, W, C], int32 labels [B]).
 
     `finish` (normalize, pad, ...) runs in the same map as the decode: one stage fewer per batch.
+    With `crop` (see `_cropped_batches`) every image is decoded, cropped and resized on its own.
     """
+    if crop is not None:
+        return _cropped_batches(records, metadata, target, batch_size, drop_remainder, finish, crop)
     if metadata.encoding == "raw":
         decode = _decode_raw_batch(metadata, target)
         return records.batch(batch_size, drop_remainder=drop_remainder).map(
             lambda serialized: finish(*decode(serialized)), num_parallel_calls=AUTOTUNE
         )
     return (
-        records.map(_decode_encoded_example(target), num_parallel_calls=AUTOTUNE)
+        records.map(_decode_encoded_example(metadata, target), num_parallel_calls=AUTOTUNE)
         .batch(batch_size, drop_remainder=drop_remainder)
         .map(finish, num_parallel_calls=AUTOTUNE)
     )
@@ -221,6 +289,8 @@ def input_fn(
     image_size=None,
     channels=None,
     augment: AugmentConfig | None = None,
+    random_resized_crop: bool = False,
+    central_crop: float = 0.0,
     seed: int = 0,
     shuffle_buffer: int = 10_000,
     num_batches: int | None = None,
@@ -234,6 +304,8 @@ def input_fn(
     weights float32 [B]), each example once,
     padding weighted 0, exactly `num_batches` batches when given. `threads`: the size of the
     pipeline's own thread pool (0: tf.data's shared one, a thread per core of the host).
+    `random_resized_crop` (training) and `central_crop` (evaluation: the fraction of the shorter
+    side, 0 for none) crop every image at its own size before the resize (`datasets.crop`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: expected a positive per-replica batch size")
@@ -266,11 +338,21 @@ def input_fn(
             augment or AugmentConfig(),
             seed,
             shuffle_buffer,
+            random_resized_crop,
         )
         if num_batches is not None:
             ds = ds.take(num_batches)
     else:
-        ds = _eval(share, metadata, target, batch_size, worker_index, num_workers, num_batches)
+        ds = _eval(
+            share,
+            metadata,
+            target,
+            batch_size,
+            worker_index,
+            num_workers,
+            num_batches,
+            central_crop,
+        )
     return _with_options(ds.prefetch(AUTOTUNE), threads)
 
 
@@ -283,8 +365,54 @@ class _Share:
     num_examples: int
 
 
+@dataclasses.dataclass(frozen=True)
+class _Crop:
+    """How `_cropped_batches` crops: from a decoded image, and (optionally) from the bytes."""
+
+    image: object  # fn(uint8 [h, w, c], index) -> uint8 [H, W, c]
+    encoded: object = None  # fn(encoded bytes, index) -> uint8 [H, W, c]
+
+
+def _random_crop(target, seed: int, worker_index: int) -> _Crop:
+    """The training crop: keyed by the example's position in this worker's stream."""
+    # Its own seed stream, apart from the augmentation's (keyed by the batch counter).
+    base = tf.random.experimental.stateless_fold_in(
+        tf.constant([seed, worker_index], tf.int64), 0x63726F70
+    )
+
+    def key(index):
+        return tf.random.experimental.stateless_fold_in(base, index)
+
+    return _Crop(
+        image=lambda image, index: crop_lib.random_resized_crop(image, target[:2], key(index)),
+        encoded=lambda encoded, index: crop_lib.random_resized_crop_encoded(
+            encoded, target[2], target[:2], key(index)
+        ),
+    )
+
+
+def _central_crop(target, fraction: float) -> _Crop:
+    height, width, channels = target
+
+    def crop(image, index):
+        del index
+        cropped = crop_lib.central_crop(image, fraction)
+        return resize_lib.resize_uint8(cropped[tf.newaxis], (height, width))[0]
+
+    return _Crop(image=crop)
+
+
 def _train(
-    share, metadata, target, batch_size, worker_index, num_workers, augment, seed, shuffle_buffer
+    share,
+    metadata,
+    target,
+    batch_size,
+    worker_index,
+    num_workers,
+    augment,
+    seed,
+    shuffle_buffer,
+    random_resized_crop=False,
 ):
     worker_seed = seed * 1_000_003 + worker_index  # workers shuffle and augment differently
     files = tf.data.Dataset.from_tensor_slices(share.files)
@@ -302,13 +430,18 @@ def _train(
     # encoded images (and in every iterator checkpoint, which holds the buffer) it costs memory.
     buffer = max(1, min(shuffle_buffer, share.num_examples))
     records = records.shuffle(buffer, seed=worker_seed, reshuffle_each_iteration=True).repeat()
-    if not augment.enabled:
-        return _batches(
-            records, metadata, target, batch_size, True, lambda images, labels: (images, labels)
-        )
+    crop = _random_crop(target, seed, worker_index) if random_resized_crop else None
     ds = _batches(
-        records, metadata, target, batch_size, True, lambda images, labels: (images, labels)
+        records,
+        metadata,
+        target,
+        batch_size,
+        True,
+        lambda images, labels: (images, labels),
+        crop,
     )
+    if not augment.enabled:
+        return ds
     # The batch counter keys the stateless random ops, so a restored iterator augments identically.
     base = tf.constant([seed, worker_index], tf.int64)
     return ds.enumerate().map(
@@ -322,7 +455,9 @@ def _train(
     )
 
 
-def _eval(share, metadata, target, batch_size, worker_index, num_workers, num_batches):
+def _eval(
+    share, metadata, target, batch_size, worker_index, num_workers, num_batches, central_crop=0.0
+):
     records = tf.data.TFRecordDataset(share.files)
     if share.by_record:
         records = records.shard(num_workers, worker_index)
@@ -348,7 +483,8 @@ def _eval(share, metadata, target, batch_size, worker_index, num_workers, num_ba
             tf.ensure_shape(weights, [batch_size]),
         )
 
-    ds = _batches(records, metadata, target, batch_size, False, pad)
+    crop = _central_crop(target, central_crop) if central_crop else None
+    ds = _batches(records, metadata, target, batch_size, False, pad, crop)
     # Padding without end, then exactly `total` batches: a shard cut short at a record boundary
     # (fewer records than metadata.json promises) still gives every worker the same number of
     # batches, so the evaluation ends and its example count can tell (trainer/evaluation.py).

@@ -1,8 +1,16 @@
 """Raw source -> sharded TFRecords + metadata.json: the `prepare` function and its CLI.
 
-    python -m datasets.prepare --source=idx|csv|image_folder|tfds|npz --input=... --output_dir=OUT
-        [--num_shards=16] [--validation_fraction=0] [--seed=0] [--overwrite] [--skip_bad_images]
-        [--class_names=auto] [--tfds_name=...] [--tfds_data_dir=...] [--image_size=H,W]
+    python -m datasets.prepare --source=idx|csv|image_folder|tfds|npz|tfrecord --input=...
+        --output_dir=OUT [--num_shards=16] [--validation_fraction=0] [--seed=0] [--overwrite]
+        [--skip_bad_images] [--class_names=auto] [--tfds_name=...] [--tfds_data_dir=...]
+        [--image_size=H,W]
+    python -m datasets.prepare --source=tfrecord --input='DIR/train-*,DIR/validation-*'
+        [--in_place] [--image_key=...] [--label_key=...] [--text_key=...] [--label_offset=1]
+        [--num_classes=0] [--split=NAME]
+
+`--source=tfrecord` reads TFRecord files users already have (`datasets.tfrecord_source`): it
+converts them into convoy shards like any source, or with `--in_place` writes only a
+metadata.json beside them (`prepare_in_place`), after the same checks.
 
 Order of work, chosen so that bad input never touches OUT and a re-run is cheap:
 1. check the options; checksum the source files (missing files fail here);
@@ -27,12 +35,19 @@ import zlib
 import numpy as np
 from absl import app, flags, logging
 
-from datasets import csv_pixels, idx, image_folder, npz, tfds_source, writer
+from datasets import csv_pixels, idx, image_folder, npz, tfds_source, tfrecord_source, writer
 from datasets.errors import DataError, OutputExistsError
-from datasets.metadata import FORMAT_VERSION, METADATA_FILE, DatasetMetadata, SourceFile
+from datasets.metadata import (
+    FORMAT_VERSION,
+    METADATA_FILE,
+    DatasetMetadata,
+    ShardInfo,
+    SourceFile,
+    SplitInfo,
+)
 from datasets.source_data import SourceData
 
-SOURCES = ("idx", "csv", "image_folder", "tfds", "npz")
+SOURCES = ("idx", "csv", "image_folder", "tfds", "npz", "tfrecord")
 DEFAULT_NUM_SHARDS = 16
 
 
@@ -47,6 +62,8 @@ def _source_files(
         return image_folder.source_files(input_path)
     if source == "npz":
         return npz.source_files(input_path)
+    if source == "tfrecord":
+        return tfrecord_source.source_files(input_path)
     return tfds_source.source_files(tfds_name, tfds_data_dir)
 
 
@@ -129,7 +146,7 @@ def check_num_shards(num_shards) -> None:
         )
 
 
-RESIZABLE_SOURCES = ("image_folder", "tfds")
+RESIZABLE_SOURCES = ("image_folder", "tfds", "tfrecord")
 
 
 def check_image_size(image_size, source: str) -> None:
@@ -249,13 +266,19 @@ def prepare(
     tfds_data_dir: str | None = None,
     image_size: tuple[int, int] | None = None,
     progress_interval: float = 2.0,
+    layout: tfrecord_source.Layout | None = None,
+    split: str | None = None,
+    num_classes: int = 0,
 ) -> DatasetMetadata:
     """Prepares `input_path` into `output_dir`; returns its metadata. Raises DataError on bad input.
 
     `input_path` is a path for idx/csv/image_folder/npz; for tfds it is the dataset name unless
-    `tfds_name` is given. `num_shards` applies to every split (capped at the split's size).
-    `image_size` (H, W), for image_folder and tfds: decode and resize every image once, as the
-    input pipeline would, and store raw uint8 records of that size.
+    `tfds_name` is given; for tfrecord, comma-separated globs. `num_shards` applies to every split
+    (capped at the split's size). `image_size` (H, W), for image_folder, tfds and tfrecord: decode
+    and resize every image once, as the input pipeline would, and store raw uint8 records of that
+    size. tfrecord only: `layout` (feature keys and label offset; default TF-Slim's ImageNet),
+    `split` (every file into that split instead of the split its name says), `num_classes` (0:
+    the largest class id + 1).
     """
     if source not in SOURCES:
         raise DataError(f"--source={source}: unknown source; expected one of {', '.join(SOURCES)}")
@@ -284,6 +307,9 @@ def prepare(
     }
     if image_size is not None:  # only when set, so datasets prepared without it stay up to date
         options["image_size"] = [int(image_size[0]), int(image_size[1])]
+    if source == "tfrecord":
+        layout = layout or tfrecord_source.Layout()
+        options.update(_tfrecord_options(layout, split, num_classes))
 
     start = time.monotonic()
     source_files = _source_files(source, input_path, tfds_name, tfds_data_dir)
@@ -293,14 +319,20 @@ def prepare(
         return state
     check_output_dir(output_dir)  # before the (possibly long) read
 
-    data = _read(
-        source,
-        input_path,
-        class_names=class_names,
-        skip_bad_images=skip_bad_images,
-        tfds_name=tfds_name,
-        tfds_data_dir=tfds_data_dir,
-    )
+    if source == "tfrecord":
+        scanned = tfrecord_source.scan(
+            input_path, layout, split=split, num_classes=num_classes, keep_images=True
+        )
+        data = tfrecord_source.to_source_data(scanned, layout)
+    else:
+        data = _read(
+            source,
+            input_path,
+            class_names=class_names,
+            skip_bad_images=skip_bad_images,
+            tfds_name=tfds_name,
+            tfds_data_dir=tfds_data_dir,
+        )
     if image_size is not None:
         from datasets import resize  # TensorFlow: only for this option
 
@@ -320,6 +352,118 @@ def prepare(
     )
     logging.info(
         "prepare: %s ready in %.2f s (read, check and write)", output_dir, time.monotonic() - start
+    )
+    return metadata
+
+
+def _tfrecord_options(layout, split: str | None, num_classes: int) -> dict:
+    return {**layout.options(), "split": split or None, "num_classes": num_classes}
+
+
+def prepare_in_place(
+    input_path: str,
+    *,
+    output_dir: str | None = None,
+    layout: tfrecord_source.Layout | None = None,
+    split: str | None = None,
+    num_classes: int = 0,
+    overwrite: bool = False,
+) -> DatasetMetadata:
+    """`--source=tfrecord --in_place`: checks the TFRecord files `input_path` matches and writes
+    only `metadata.json` beside them (their folder; every file must be in it), describing them
+    as they are (counts, byte sizes, image size, classes, the layout's keys and label offset).
+
+    No file is written, moved or deleted but metadata.json, which is replaced by one rename (a
+    reader sees the old or the new one), and only when it is ours from the same files and
+    options, or with `overwrite`. Raises DataError on bad input.
+    """
+    layout = layout or tfrecord_source.Layout()
+    paths = tfrecord_source.input_files(input_path)
+    folders = sorted({os.path.dirname(os.path.abspath(p)) for p in paths})
+    if len(folders) > 1:
+        raise DataError(
+            f"--input={input_path}: matches files in {len(folders)} folders ({folders[0]}, "
+            f"{folders[1]}, ...); expected one folder with --in_place (metadata.json goes beside "
+            "the files), or convert them without --in_place"
+        )
+    folder = folders[0]
+    if output_dir and os.path.abspath(output_dir) != folder:
+        raise DataError(
+            f"--output_dir={output_dir}: with --in_place metadata.json is written beside the "
+            f"files, in {folder}; expected no --output_dir (or that folder)"
+        )
+    for name in (os.path.basename(p) for p in paths):
+        if name == METADATA_FILE or name.startswith(".prepare"):
+            raise DataError(
+                f"--input={input_path}: matches {name}; expected only the TFRecord files"
+            )
+    options = {
+        "format_version": FORMAT_VERSION,
+        "source": "tfrecord",
+        "in_place": True,
+        **_tfrecord_options(layout, split, num_classes),
+    }
+    start = time.monotonic()
+    source_files = tfrecord_source.source_files(input_path)
+    state = _state(folder, source_files, options)
+    if not overwrite and isinstance(state, DatasetMetadata):
+        logging.info("prepare: %s is up to date; nothing to do", folder)
+        return state
+    if state == "other" and not overwrite:
+        raise _exists_error(folder)
+    writer.check_writable(folder)  # before the (long) read: a read-only mount fails now
+    scanned = tfrecord_source.scan(input_path, layout, split=split, num_classes=num_classes)
+    splits = {
+        name: SplitInfo(
+            num_examples=sum(s.num_examples for _, s in members),
+            shards=[
+                ShardInfo(
+                    file=os.path.basename(path),
+                    num_examples=s.num_examples,
+                    num_bytes=os.path.getsize(path),
+                )
+                for path, s in members
+            ],
+        )
+        for name, members in scanned.files.items()
+    }
+    metadata = DatasetMetadata(
+        format_version=FORMAT_VERSION,
+        name=os.path.basename(folder) or "tfrecord",
+        source="tfrecord",
+        encoding="encoded",
+        image_shape=scanned.image_shape,
+        channels=scanned.channels,
+        num_classes=scanned.num_classes,
+        class_names=scanned.class_names,
+        original_labels=[i + layout.label_offset for i in range(scanned.num_classes)],
+        splits=splits,
+        source_files=source_files,
+        seed=0,
+        options=options,
+        record_format=layout.record_format(),
+    )
+    with writer.output_lock(folder):
+        state = _state(folder, source_files, options)
+        if state == "other" and not overwrite:
+            raise _exists_error(folder)
+        try:
+            metadata.save(folder)
+        except OSError as e:
+            raise DataError(
+                f"{os.path.join(folder, METADATA_FILE)}: cannot be written ({e.strerror}); "
+                "expected a writable folder (what it held is unchanged)"
+            ) from None
+    (low_h, low_w), (high_h, high_w) = scanned.size_range
+    logging.info(
+        "prepare: described %s in place in %.2f s: images %dx%d to %dx%d, %d channels",
+        folder,
+        time.monotonic() - start,
+        low_h,
+        low_w,
+        high_h,
+        high_w,
+        scanned.channels,
     )
     return metadata
 
@@ -345,7 +489,8 @@ def define_flags() -> None:
         "idx: folder of IDX files or IMAGES,LABELS; csv: a CSV file or a "
         "folder with *train*/*test*.csv; image_folder: folder of class folders (or of "
         "train/validation/test); tfds: the dataset name (or use --tfds_name); npz: a "
-        "numpy.savez file with x_train, y_train[, x_test, y_test].",
+        "numpy.savez file with x_train, y_train[, x_test, y_test]; tfrecord: comma-separated globs "
+        "of TFRecord files (TF-Slim / Model Garden ImageNet layout by default).",
     )
     flags.DEFINE_string("output_dir", None, "Where shards and metadata.json go.")
     flags.DEFINE_integer(
@@ -380,6 +525,32 @@ def define_flags() -> None:
         "image_folder, tfds: HEIGHT,WIDTH to decode and resize every image to once, stored as "
         "raw uint8 records (as the input pipeline would resize them, but not every epoch).",
     )
+    flags.DEFINE_bool(
+        "in_place",
+        False,
+        "tfrecord: write only metadata.json beside the --input files (checked first), so that "
+        "training reads them where they are; no --output_dir.",
+    )
+    default = tfrecord_source.Layout()
+    flags.DEFINE_string("image_key", default.image_key, "tfrecord: feature of the encoded image.")
+    flags.DEFINE_string("label_key", default.label_key, "tfrecord: int64 feature of the label.")
+    flags.DEFINE_string(
+        "text_key",
+        default.text_key,
+        "tfrecord: optional bytes feature naming the class (empty: number the classes).",
+    )
+    flags.DEFINE_integer(
+        "label_offset",
+        default.label_offset,
+        "tfrecord: the label of class 0 (TF-Slim / Model Garden ImageNet count from 1).",
+    )
+    flags.DEFINE_integer("num_classes", 0, "tfrecord: class count (0: the largest class id + 1).")
+    flags.DEFINE_string(
+        "split",
+        None,
+        "tfrecord: put every --input file into this split (default: the split its name says: "
+        "train-*, validation-*, test-*).",
+    )
     flags.DEFINE_string(
         "tfds_data_dir",
         None,
@@ -391,14 +562,30 @@ def define_flags() -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    in_place = FLAGS.in_place
     if (
         FLAGS.source is None
-        or FLAGS.output_dir is None
+        or (FLAGS.output_dir is None and not in_place)
         or (FLAGS.input is None and FLAGS.tfds_name is None)
     ):
         raise app.UsageError("--source, --input (or --tfds_name) and --output_dir are required")
     try:
         image_size = parse_image_size(FLAGS.image_size)
+        layout = tfrecord_source.Layout(
+            FLAGS.image_key, FLAGS.label_key, FLAGS.text_key, FLAGS.label_offset
+        )
+        if in_place:
+            _check_in_place_flags(image_size)
+            metadata = prepare_in_place(
+                FLAGS.input,
+                output_dir=FLAGS.output_dir,
+                layout=layout,
+                split=FLAGS.split,
+                num_classes=FLAGS.num_classes,
+                overwrite=FLAGS.overwrite,
+            )
+            _print_summary(os.path.dirname(metadata_folder(FLAGS.input)), metadata)
+            return
         metadata = prepare(
             FLAGS.source,
             FLAGS.input or "",
@@ -412,16 +599,44 @@ def main(argv: list[str]) -> None:
             tfds_name=FLAGS.tfds_name,
             tfds_data_dir=FLAGS.tfds_data_dir,
             image_size=image_size,
+            layout=layout,
+            split=FLAGS.split,
+            num_classes=FLAGS.num_classes,
         )
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    _print_summary(FLAGS.output_dir, metadata)
+
+
+def metadata_folder(patterns: str) -> str:
+    """The metadata.json an in-place prepare of `patterns` writes (beside the first file)."""
+    first = tfrecord_source.input_files(patterns)[0]
+    return os.path.join(os.path.dirname(os.path.abspath(first)), METADATA_FILE)
+
+
+def _check_in_place_flags(image_size) -> None:
+    if FLAGS.source != "tfrecord":
+        raise DataError(f"--in_place: only for --source=tfrecord, not --source={FLAGS.source}")
+    if image_size is not None:
+        raise DataError(
+            "--in_place with --image_size: the files stay as they are; resize by converting "
+            "(without --in_place)"
+        )
+    if FLAGS.validation_fraction:
+        raise DataError(
+            "--in_place with --validation_fraction: the files stay as they are, so no split can "
+            "be cut from train; convert (without --in_place), or name the files of each split"
+        )
+
+
+def _print_summary(where: str, metadata: DatasetMetadata) -> None:
     splits = ", ".join(
         f"{name} {info.num_examples} in {len(info.shards)} shards"
         for name, info in metadata.splits.items()
     )
     skipped = f", skipped {len(metadata.skipped)} unreadable files" if metadata.skipped else ""
-    print(f"{FLAGS.output_dir}: {metadata.name}, {metadata.num_classes} classes, {splits}{skipped}")
+    print(f"{where}: {metadata.name}, {metadata.num_classes} classes, {splits}{skipped}")
 
 
 if __name__ == "__main__":

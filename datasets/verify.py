@@ -33,12 +33,12 @@ _PARSE_BATCH = 1024
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")
 
 
-def _features():
+def _features(metadata: DatasetMetadata):
     import tensorflow as tf
 
     return {
-        "image": tf.io.FixedLenFeature([], tf.string),
-        "label": tf.io.FixedLenFeature([], tf.int64),
+        metadata.image_key: tf.io.FixedLenFeature([], tf.string),
+        metadata.label_key: tf.io.FixedLenFeature([], tf.int64),
     }
 
 
@@ -99,11 +99,12 @@ def check_before_training(metadata: DatasetMetadata, data_dir: str) -> None:
             continue
         try:
             feature = tf.train.Example.FromString(record).features.feature
-            image = feature["image"].bytes_list.value[0]
+            image = feature[metadata.image_key].bytes_list.value[0]
         except Exception:  # protobuf's DecodeError, a missing key or an empty list alike
             raise DataError(
-                f"{path}: the first record is not a tf.train.Example with an 'image' bytes "
-                "feature; expected a shard written by `python -m datasets.prepare`"
+                f"{path}: the first record is not a tf.train.Example with an "
+                f"'{metadata.image_key}' bytes feature; expected a shard written by `python -m "
+                "datasets.prepare` (or the keys its metadata.json records)"
             ) from None
         if metadata.encoding == "raw":
             h, w, c = metadata.image_shape
@@ -167,28 +168,33 @@ def _decoded_shape(data: bytes) -> tuple[tuple[int, int, int] | None, str]:
         return None, str(e.message).strip().splitlines()[-1][:120]
 
 
-def _parse(records: list[bytes], findings: _Findings, starts) -> tuple[list, np.ndarray] | None:
-    """(image bytes per record, labels) or None after recording the first unparseable record."""
+def _parse(
+    metadata: DatasetMetadata, records: list[bytes], findings: _Findings, starts
+) -> tuple[list, np.ndarray] | None:
+    """(image bytes per record, class ids) or None after recording the first unparseable
+    record."""
     import tensorflow as tf
 
+    image_key, label_key = metadata.image_key, metadata.label_key
     images, labels = [], []
     for begin in range(0, len(records), _PARSE_BATCH):
         batch = records[begin : begin + _PARSE_BATCH]
         try:
-            parsed = tf.io.parse_example(tf.constant(batch), _features())
+            parsed = tf.io.parse_example(tf.constant(batch), _features(metadata))
         except tf.errors.InvalidArgumentError:
             for k, record in enumerate(batch):
                 try:
-                    tf.io.parse_example(tf.constant([record]), _features())
+                    tf.io.parse_example(tf.constant([record]), _features(metadata))
                 except tf.errors.InvalidArgumentError:
                     findings.add(
                         f"record {begin + k} at byte {int(starts[begin + k])} is not a "
-                        "tf.train.Example with 'image' (bytes) and 'label' (int64) features"
+                        f"tf.train.Example with '{image_key}' (bytes) and '{label_key}' (int64) "
+                        "features"
                     )
                     return None
             raise  # the batch failed but no single record does: not a data problem
-        images.extend(parsed["image"].numpy().tolist())
-        labels.append(parsed["label"].numpy())
+        images.extend(parsed[image_key].numpy().tolist())
+        labels.append(parsed[label_key].numpy() - metadata.label_offset)
     return images, (np.concatenate(labels) if labels else np.zeros(0, np.int64))
 
 
@@ -212,13 +218,21 @@ def _check_shard(metadata: DatasetMetadata, data_dir: str, shard: ShardInfo) -> 
             f"{n} records; {METADATA_FILE} lists {shard.num_examples} (cut short or "
             "extended at a record boundary?)"
         )
-    parsed = _parse([bytes(scan.record(data, i)) for i in range(n)], findings, scan.starts)
+    parsed = _parse(
+        metadata, [bytes(scan.record(data, i)) for i in range(n)], findings, scan.starts
+    )
     if parsed is None:
         return findings.finish()
     images, labels = parsed
     k = metadata.num_classes
     for i in np.flatnonzero((labels < 0) | (labels >= k)):
-        findings.record(f"with a label outside [0, {k})", i, scan.starts[i], f"label {labels[i]}")
+        low = metadata.label_offset  # the stored labels' range: class ids plus the offset
+        findings.record(
+            f"with a label outside [{low}, {low + k})",
+            i,
+            scan.starts[i],
+            f"label {labels[i] + low}",
+        )
     if metadata.encoding == "raw":
         h, w, c = metadata.image_shape
         for i, image in enumerate(images):

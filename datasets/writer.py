@@ -212,9 +212,22 @@ def _listed_entries(metadata_path: str) -> list[tuple[str, str]]:
         return []
 
 
+def _describes_files_in_place(metadata_path: str) -> bool:
+    """Whether a metadata.json describes someone else's TFRecord files where they are
+    (`prepare --source=tfrecord --in_place`): those files are never prepare's to replace."""
+    try:
+        with open(metadata_path) as f:
+            return bool(json.load(f).get("options", {}).get("in_place"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _listed_shards(metadata_path: str) -> set[str]:
     """The plain shard names a metadata.json lists (an entry with a path in it is never ours:
-    `check_listed_shards` refuses it before anything is touched)."""
+    `check_listed_shards` refuses it before anything is touched; nor are files described in
+    place)."""
+    if _describes_files_in_place(metadata_path):
+        return set()
     return {name for _, name in _listed_entries(metadata_path) if not unsafe_shard_name(name)}
 
 

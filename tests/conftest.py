@@ -16,6 +16,17 @@ import numpy as np
 import pytest
 
 
+def _cuda_build() -> bool:
+    import tensorflow as tf  # the suite imports it anyway; here once, before collection
+
+    return tf.test.is_built_with_cuda()
+
+
+# tests/cuda_build/ checks an installed CUDA stack (launch/check_gpu_build.sh runs it in its
+# venv); with tensorflow-cpu there is none to check, so it is not part of the suite there.
+collect_ignore = [] if _cuda_build() else ["cuda_build"]
+
+
 def write_idx(path: str, array: np.ndarray, *, gz: bool = True, magic: bytes | None = None) -> str:
     """Writes a uint8 IDX file (gzipped when `gz`); `magic` overrides the first 4 bytes."""
     array = np.ascontiguousarray(array, dtype=np.uint8)

@@ -147,14 +147,28 @@ def test_hadolint_reports_nothing():
     assert ignored <= {"DL3008"}, ignored
 
 
+def gpu_versions() -> dict[str, str]:
+    """launch/gpu_versions.env: the GPU stack's versions, shared with check_gpu_build.sh."""
+    out = {}
+    with open(os.path.join(REPO, "launch", "gpu_versions.env")) as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                key, value = line.split("=", 1)
+                out[key] = value.strip('"')
+    return out
+
+
 def test_base_image_and_variants():
     ins = instructions()
     args = arg_defaults(ins)
-    assert args["BASE_IMAGE"] == "tensorflow/tensorflow:2.21.0-gpu"
+    # NVIDIA's CUDA base image of the release TensorFlow's wheel was built with (gpu_versions.env).
+    base = gpu_versions()["CUDA_BASE_IMAGE"]
+    assert args["BASE_IMAGE"] == base == "nvidia/cuda:12.5.1-base-ubuntu22.04"
     assert args["VARIANT"] == "gpu"
     froms = [rest for kw, rest in ins if kw == "FROM"]
     assert froms == ["${BASE_IMAGE}"], "one stage, on the configurable base"
-    assert ins[0] == ("ARG", "BASE_IMAGE=tensorflow/tensorflow:2.21.0-gpu"), "ARG before FROM"
+    assert ins[0] == ("ARG", f"BASE_IMAGE={base}"), "ARG before FROM"
     guard = runs(ins)[0]
     assert "gpu|cpu" in guard and "exit 1" in guard, "an unknown VARIANT must fail the build"
 
@@ -174,7 +188,7 @@ def test_mpi_and_ssh_packages():
 
 def test_horovod_build_order_and_check():
     ins = instructions()
-    deps = index_of(ins, "RUN", '-m pip install ".[${VARIANT}]"')
+    deps = index_of(ins, "RUN", '-m pip install -c /tmp/cuda-pins.txt ".[${VARIANT}]"')
     script_copy = index_of(ins, "COPY", "launch/install_horovod.sh")
     horovod = index_of(ins, "RUN", "bash launch/install_horovod.sh")
     source_copy = index_of(ins, "COPY", ". /opt/convoy/src")
@@ -221,8 +235,10 @@ print("RESULTS " + json.dumps(results))
 def test_build_checks_run_against_the_real_tensorflow_and_horovod():
     """The Dockerfile's checks are code that only runs at build time; run them here, with
     VARIANT=cpu, against this environment's TensorFlow and Horovod (built the same way)."""
-    checks = [c.replace("${VARIANT}", "cpu") for c in build_checks()]
-    assert len(checks) == 4, checks  # TensorFlow, NCCL path (gpu only), Horovod, import
+    values = {**gpu_versions(), "VARIANT": "cpu"}
+    checks = [expand(c, values) for c in build_checks()]
+    # TensorFlow, CUDA/NCCL versions (gpu only), NCCL path (gpu only), Horovod, import
+    assert len(checks) == 5, checks
     tf_check = next(c for c in checks if "is_built_with_cuda" in c)
     hvd_check = next(c for c in checks if "gloo_built" in c)
     import_check = next(c for c in checks if "import trainer.config" in c)

@@ -21,6 +21,9 @@ BUILTIN_MODELS = (
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "horovod")
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "rmsprop")
 SCHEDULES = ("constant", "step", "cosine", "one_cycle")
+# decoupled: Keras's (w -= lr * wd * w, after the update); l2: wd * w added to the gradient before
+# the optimizer sees it (what Caffe, PyTorch's SGD and the ResNet recipes call weight decay).
+WEIGHT_DECAY_MODES = ("decoupled", "l2")
 # auto resolves per machine (trainer.hardware.resolve_precision) before anything is built.
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 XLA_MODES = ("auto", "on", "off")

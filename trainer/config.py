@@ -65,11 +65,22 @@ class Config:
     random_zoom: float = _setting(0.0, "Augment: random zoom, maximum fraction.")
     augment_on: str = _setting(
         "auto",
-        "Where the --random_* augmentation runs. host: in the tf.data pipeline, on float pixels; "
+        "Where --random_flip/shift/rotation/zoom run (--random_resized_crop, which changes the "
+        "image size, stays in the pipeline). host: in the tf.data pipeline, on float pixels; "
         "device: inside the train step on each replica's device (the pipeline ships uint8), "
         "keyed by (--seed, step, replica), outside XLA. auto: device when training on GPUs, "
         "else host.",
         choices_=choices.AUGMENT_ON,
+    )
+    random_resized_crop: bool = _setting(
+        False,
+        "Augment: the Inception random-resized crop (8%-100% of the area, aspect 3/4-4/3) of "
+        "each image at its own size, resized to the model's input (the ResNet recipe).",
+    )
+    eval_central_crop: float = _setting(
+        0.0,
+        "Evaluate (and export) on the centred square of this fraction of each image's shorter "
+        "side, resized to the model's input (0.875: the ResNet recipe; 0: the whole image).",
     )
     synthetic_data: bool = _setting(
         False, "Feed random tensors of the dataset's shape (measures compute alone)."
@@ -159,6 +170,11 @@ class Config:
         "cosine", "Learning-rate schedule after warmup.", choices_=choices.SCHEDULES
     )
     warmup_steps: int = _setting(0, "Linear warmup steps.")
+    warmup_epochs: float = _setting(
+        0.0,
+        "Linear warmup in epochs of the training split (the steps follow the batch size); "
+        "instead of --warmup_steps.",
+    )
     lr_step_boundaries: tuple[float, ...] = _setting(
         (),
         "step schedule: fractions of training (e.g. 0.5,0.75) where the rate is multiplied by "
@@ -169,7 +185,19 @@ class Config:
         False, "Linear scaling rule: learning_rate * global_batch / --base_batch_size."
     )
     base_batch_size: int = _setting(128, "Batch size the learning rate was tuned for.")
-    weight_decay: float = _setting(0.0, "Decoupled weight decay.")
+    weight_decay: float = _setting(0.0, "Weight decay (see --weight_decay_mode).")
+    weight_decay_mode: str = _setting(
+        "decoupled",
+        "decoupled: Keras's (w -= lr * weight_decay * w); l2: weight_decay * w added to the "
+        "gradient before the optimizer, through momentum (Caffe's, PyTorch SGD's, the ResNet "
+        "recipes').",
+        choices_=choices.WEIGHT_DECAY_MODES,
+    )
+    decay_norm_and_bias: bool = _setting(
+        True,
+        "Apply the weight decay to 1-D variables too (BatchNorm scales and offsets, biases); "
+        "--nodecay_norm_and_bias: to kernels only (the ResNet recipe).",
+    )
     label_smoothing: float = _setting(0.0, "Label smoothing.")
     clip_grad_norm: float = _setting(0.0, "Clip gradients to this global norm (0: off).")
     grad_accum_steps: int = _setting(
@@ -299,6 +327,7 @@ def _check_values(c: Config) -> None:
         "early_stopping_patience",
         "early_stopping_min_delta",
         "warmup_steps",
+        "warmup_epochs",
         "weight_decay",
         "clip_grad_norm",
         "stall_timeout_s",
@@ -316,6 +345,16 @@ def _check_values(c: Config) -> None:
         raise ConfigError(f"--epochs={c.epochs}: expected > 0 when --train_steps is 0")
     if c.learning_rate <= 0:
         raise ConfigError(f"--learning_rate={c.learning_rate}: expected > 0")
+    if c.warmup_steps and c.warmup_epochs:
+        raise ConfigError(
+            f"--warmup_steps={c.warmup_steps} with --warmup_epochs={c.warmup_epochs}: "
+            "expected one of the two"
+        )
+    if not 0.0 <= c.eval_central_crop <= 1.0:
+        raise ConfigError(
+            f"--eval_central_crop={c.eval_central_crop}: expected a fraction in (0, 1] of the "
+            "shorter side, or 0 for none"
+        )
     if not 0.0 <= c.label_smoothing < 1.0:
         raise ConfigError(f"--label_smoothing={c.label_smoothing}: expected a value in [0, 1)")
     if any(not 0.0 < b < 1.0 for b in c.lr_step_boundaries):

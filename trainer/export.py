@@ -33,6 +33,7 @@ import keras
 import tensorflow as tf
 
 # The pipeline's own conversion: reused, not reimplemented, so serving sees what training saw.
+from datasets.crop import central_crop as crop_centre
 from datasets.pipeline import _to_model_input, normalize
 from trainer import errors
 from trainer.export_info import EXPORT_INFO, FORMAT, FORMAT_VERSION, KERAS_FILE, SAVED_MODEL
@@ -46,10 +47,12 @@ def export_model(
     class_names: list[str],
     export_dir: str,
     named_as: str | None = None,
+    central_crop: float = 0.0,
 ) -> dict[str, str]:
     """Writes EXPORT_DIR/{saved_model, model.keras, export.json}, then loads both models back
     (ExportError when one cannot be); returns their paths. `named_as`: the directory the export
-    is renamed to afterwards, for the messages."""
+    is renamed to afterwards, for the messages. `central_crop`: the evaluation's crop
+    (--eval_central_crop), taken before the resize as the evaluation took it."""
     num_classes = len(class_names)
     plain = build_model(model_name, input_shape, num_classes, precision="fp32")
     plain.set_weights(model.get_weights())
@@ -68,6 +71,8 @@ def export_model(
             # The pipeline's conversion needs the channel count statically: one branch per count.
             def branch():
                 known = tf.ensure_shape(images, [None, None, None, static_channels])
+                if central_crop:
+                    known = crop_centre(known, central_crop)
                 return _to_model_input(known, height, width, channels)
 
             return branch
@@ -109,7 +114,9 @@ def export_model(
                 "serving_default": "images: uint8 [N, H, W, 1 or 3], any H and W -> "
                 "probabilities float32 [N, K], classes string [N], class_names string [N, K]",
                 "preprocess": f"images: uint8 [N, H, W, 1 or 3] -> uint8 [N, {height}, {width}, "
-                f"{channels}] (the training pipeline's resize and channel conversion)",
+                f"{channels}] (the "
+                + (f"evaluation's central {central_crop:g} crop, then the " if central_crop else "")
+                + "training pipeline's resize and channel conversion)",
                 "keras_model": f"float32 [N, {height}, {width}, {channels}] in [0, 1] -> "
                 "logits [N, K] (no resize, no softmax)",
             },

@@ -66,6 +66,8 @@ class InputSpec:
             split,
             training=True,
             augment=self.host_augment,
+            # The crop changes the image size, so it stays in the pipeline in either mode.
+            random_resized_crop=self.config.random_resized_crop,
             seed=seed,
             shuffle_buffer=shuffle_buffer or self.config.shuffle_buffer,
             synthetic=self.config.synthetic_data,
@@ -73,4 +75,9 @@ class InputSpec:
 
     def evaluation(self, split: str, num_batches: int) -> DatasetFn:
         """Every example of `split` once, padded (weight 0) to exactly `num_batches` per worker."""
-        return self._dataset_fn(split, training=False, num_batches=num_batches)
+        return self._dataset_fn(
+            split,
+            training=False,
+            num_batches=num_batches,
+            central_crop=self.config.eval_central_crop,
+        )

@@ -492,6 +492,7 @@ def _export(run: _Run) -> dict:
             run.inputs.metadata.class_names,
             temporary,
             named_as=final,
+            central_crop=config.eval_central_crop,
         )
     return {
         "export": {k: v.replace(temporary, final) for k, v in paths.items()},

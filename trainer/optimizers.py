@@ -4,6 +4,13 @@ Every optimizer is built from a subclass that does not all-reduce gradients: Ker
 optimizer sums gradients across replicas inside `apply()` whenever it runs in a replica context,
 but convoy's backends have already summed them (`Backend.reduce_gradients`), so that clipping and
 the loss-scale check see the global gradient and Horovod and tf.distribute share one step.
+
+Weight decay comes in Keras's decoupled form (`weight_decay` of the optimizer: w -= lr * wd * w)
+or as L2 in the gradient (`weight_decay_mode="l2"`: g += wd * w inside `apply()`, before
+momentum, as Caffe, PyTorch's SGD and the ResNet recipes do it; with momentum 0.9 it decays ~10x
+more than the decoupled form of the same value). Either skips the variables given as `no_decay`
+(the recipe's BatchNorm scales and offsets and biases: `norm_and_bias`), through Keras's own
+`exclude_from_weight_decay`.
 """
 
 from __future__ import annotations
@@ -22,9 +29,37 @@ class _PreReducedGradients:
         return grads_and_vars
 
 
+class _L2InGradients:
+    """Mixin: `l2 * w` added to each decayed variable's (already summed, unscaled) gradient."""
+
+    l2 = 0.0
+
+    def apply(self, grads, trainable_variables=None):
+        if self.l2 and trainable_variables is not None:
+            grads = [
+                g
+                if g is None or not self._use_weight_decay(v)
+                else g + self.l2 * tf.cast(v, g.dtype)
+                for g, v in zip(grads, trainable_variables)
+            ]
+        return super().apply(grads, trainable_variables)
+
+
 @functools.cache
 def _pre_reduced(cls: type) -> type:
-    return type(cls.__name__, (_PreReducedGradients, cls), {})
+    return type(cls.__name__, (_L2InGradients, _PreReducedGradients, cls), {})
+
+
+def norm_and_bias(variables) -> list:
+    """The 1-D variables: biases and BatchNorm's (and LayerNorm's) scales and offsets."""
+    return [v for v in variables if len(v.shape) <= 1]
+
+
+def warmup_steps(steps: int, epochs: float, num_train_examples: int, global_batch: int) -> int:
+    """--warmup_steps, or --warmup_epochs in steps of this run's global batch."""
+    if epochs:
+        return max(1, math.ceil(epochs * num_train_examples / global_batch))
+    return steps
 
 
 class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
@@ -101,11 +136,20 @@ def build_optimizer(
     clip_grad_norm: float,
     loss_scaling: bool,
     ema_decay: float = 0.0,
+    weight_decay_mode: str = "decoupled",
+    no_decay=(),
 ) -> keras.optimizers.Optimizer:
-    """The optimizer for `name`, wrapped in dynamic loss scaling when `loss_scaling` (fp16)."""
+    """The optimizer for `name`, wrapped in dynamic loss scaling when `loss_scaling` (fp16).
+
+    `weight_decay_mode`: "decoupled" (Keras's) or "l2" (in the gradient); `no_decay`: variables
+    exempt from either."""
+    if weight_decay_mode not in ("decoupled", "l2"):
+        raise ValueError(f"unknown weight decay mode {weight_decay_mode}")
+    l2 = weight_decay if weight_decay_mode == "l2" else 0.0
+    decoupled = weight_decay if weight_decay_mode == "decoupled" else 0.0
     common = {
         "learning_rate": schedule,
-        "weight_decay": weight_decay or None,
+        "weight_decay": decoupled or None,
         "global_clipnorm": clip_grad_norm or None,
         # Keras keeps the weights' moving average in the optimizer, updated after each apply(),
         # so it is checkpointed, restored and broadcast with the optimizer's other variables.
@@ -119,12 +163,15 @@ def build_optimizer(
     elif name == "adam":
         optimizer = _pre_reduced(keras.optimizers.Adam)(**common)
     elif name == "adamw":
-        common["weight_decay"] = weight_decay
+        common["weight_decay"] = decoupled
         optimizer = _pre_reduced(keras.optimizers.AdamW)(**common)
     elif name == "rmsprop":
         optimizer = _pre_reduced(keras.optimizers.RMSprop)(momentum=momentum, **common)
     else:
         raise ValueError(f"unknown optimizer {name}")
+    optimizer.l2 = float(l2)
+    if no_decay and weight_decay:
+        optimizer.exclude_from_weight_decay(var_list=list(no_decay))
     if loss_scaling:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer

@@ -84,13 +84,16 @@ class TrainState:
         return swap_in_scope
 
 
-def build_run_optimizer(config: Config, schedule, *, loss_scaling: bool):
-    """The run's optimizer from its flags (unbuilt: no slots yet)."""
+def build_run_optimizer(config: Config, schedule, *, loss_scaling: bool, variables=()):
+    """The run's optimizer from its flags (unbuilt: no slots yet). `variables`: the model's
+    trainable variables, of which --nodecay_norm_and_bias exempts the 1-D ones from decay."""
     return optimizers.build_optimizer(
         config.optimizer,
         schedule,
         momentum=config.momentum,
         weight_decay=config.weight_decay,
+        weight_decay_mode=config.weight_decay_mode,
+        no_decay=() if config.decay_norm_and_bias else optimizers.norm_and_bias(variables),
         clip_grad_norm=config.clip_grad_norm,
         loss_scaling=loss_scaling,
         ema_decay=config.ema_decay,
@@ -110,11 +113,21 @@ def create_train_state(config: Config, plan: Plan, backend: Backend) -> TrainSta
             config.lr_schedule,
             peak,
             plan.total_steps,
-            config.warmup_steps,
+            optimizers.warmup_steps(
+                config.warmup_steps,
+                config.warmup_epochs,
+                plan.num_train_examples,
+                plan.global_batch,
+            ),
             config.lr_step_boundaries,
             config.lr_step_factor,
         )
-        optimizer = build_run_optimizer(config, schedule, loss_scaling=plan.precision == "fp16")
+        optimizer = build_run_optimizer(
+            config,
+            schedule,
+            loss_scaling=plan.precision == "fp16",
+            variables=model.trainable_variables,
+        )
         # Slots now, inside the scope, so they are mirrored like the weights.
         optimizer.build(model.trainable_variables)
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")

@@ -67,10 +67,10 @@ class Loops:
     run to stop; `evaluate(iterator, num_batches) -> sums`.
 
     `grads(images, labels) -> (loss, grads, correct)` is the train step's own forward+backward of
-    one replica's batch (its micro-batches summed; device augmentation first when on),
-    `grads_fn` under XLA when the step is; called
-    in the replica context (`Backend.run`), it applies nothing. The time breakdown
-    (trainer/breakdown.py) times it.
+    one replica's batch (its micro-batches summed; `grads_fn` itself, the part XLA compiles, when
+    there is one micro-batch and no device augmentation, which runs first when on); called in the
+    replica context (`Backend.run`), it applies nothing. The time breakdown (trainer/breakdown.py)
+    times it; tests/test_xla_gpu_lowering.py lowers it.
     """
 
     train: tf.types.experimental.GenericFunction
@@ -147,9 +147,7 @@ def build_loops(
         grads_fn = tf.function(grads_fn, jit_compile=xla, autograph=False)
 
     def accumulated_grads(images, labels):
-        """grads_fn summed over this replica's micro-batches (the batch itself when K is 1)."""
-        if grad_accum_steps == 1:
-            return grads_fn(images, labels)
+        """grads_fn summed over this replica's micro-batches (K > 1)."""
         images = tf.reshape(images, [grad_accum_steps, -1, *images.shape[1:]])
         labels = tf.reshape(labels, [grad_accum_steps, -1])
 
@@ -165,11 +163,14 @@ def build_loops(
         )
         return loss, grads, correct
 
+    # One micro-batch: grads_fn itself, so that what XLA compiles can be traced on its own.
+    compiled_grads = grads_fn if grad_accum_steps == 1 else accumulated_grads
+    replica_grads = compiled_grads
     device_augment = device_augment or AugmentConfig()
+    if device_augment.enabled:
 
-    def replica_grads(images, labels):
-        """accumulated_grads of the replica's batch, augmented first with --augment_on=device."""
-        if device_augment.enabled:  # Else not even the step is read.
+        def replica_grads(images, labels):
+            """compiled_grads of the replica's batch, augmented first (--augment_on=device)."""
             images = augment_on_device(
                 images,
                 device_augment,
@@ -178,7 +179,7 @@ def build_loops(
                 backend.replica_id(),
                 backend.num_replicas,
             )
-        return accumulated_grads(images, labels)
+            return compiled_grads(images, labels)
 
     def replica_train_step(images, labels):
         loss, grads, correct = replica_grads(images, labels)

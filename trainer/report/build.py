@@ -53,6 +53,7 @@ def write_report(workdir: str, data_dir: str | None = None) -> dict:
             plan["input_shape"],
             plan["per_worker_batch"],
             NUM_MISTAKES,
+            central_crop=float(run.config.get("eval_central_crop", 0.0)),
         )
     logdir = os.path.join(workdir, "tensorboard")
     scalars = read_scalars(logdir)

@@ -145,6 +145,7 @@ def evaluate(
     input_shape,
     batch_size: int,
     num_mistakes: int,
+    central_crop: float = 0.0,
 ) -> Evaluation:
     dataset = input_fn(
         metadata,
@@ -154,6 +155,7 @@ def evaluate(
         training=False,
         image_size=tuple(input_shape[:2]),
         channels=input_shape[2],
+        central_crop=central_crop,  # the run's --eval_central_crop: as its evaluations saw them
     )
     forward = tf.function(lambda images: model(images, training=False))
     labels, predicted, losses = [], [], []
