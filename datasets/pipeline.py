@@ -8,7 +8,9 @@ reads, that is what gives ~200k MNIST images/s on two cores), augmented, prefetc
 Batches leave the pipeline as uint8 pixels, a quarter of float32's bytes to copy to the device;
 the train and eval steps normalize them inside the compiled step (`model_input`), with the same
 `normalize` the export applies. Augmented batches (augmentation runs on float pixels in tf.data)
-leave as float32 in [0, 1], which `model_input` passes through.
+leave as float32 in [0, 1], which `model_input` passes through. With `--augment_on=device` the
+trainer passes no augmentation here, the batches stay uint8, and the train step augments them
+on each replica's device (trainer/step.py).
 Encoded (JPEG/PNG) datasets are decoded and resized per example before batching, as sizes vary
 (`prepare --image_size` does that once instead; `datasets.resize` holds the one decode and resize).
 

@@ -40,6 +40,7 @@ class Checkpointer:
         *,
         keep: int,
         input_iterator=None,
+        input_variant: str = "",
     ):
         self.is_chief = backend.is_chief
         self.all_workers_save = backend.checkpoint_is_collective
@@ -56,8 +57,11 @@ class Checkpointer:
             "best": state.best,
         }
         if input_iterator is not None:
-            # Keyed by the input topology: another topology's position is not restored.
-            objects[f"input_{backend.num_workers}w{backend.num_replicas}r"] = input_iterator
+            # Keyed by the input topology, and by `input_variant` for another pipeline of the same
+            # topology (--augment_on=device ships unaugmented batches): the position of another
+            # topology or pipeline is not restored, which a restore would refuse.
+            key = f"input_{backend.num_workers}w{backend.num_replicas}r{input_variant}"
+            objects[key] = input_iterator
         self._model = state.model
         self.checkpoint = tf.train.Checkpoint(**objects)
         target = self.directory if self.is_chief else self._scratch

@@ -27,6 +27,8 @@ WEIGHT_DECAY_MODES = ("decoupled", "l2")
 # auto resolves per machine (trainer.hardware.resolve_precision) before anything is built.
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 XLA_MODES = ("auto", "on", "off")
+# Where augmentation runs; auto resolves per run (trainer.plan): device on GPUs, host on CPUs.
+AUGMENT_ON = ("auto", "host", "device")
 # Eval metrics --keep_best can watch ("" is off), and which way is better.
 KEEP_BEST_METRICS = ("", "eval/accuracy", "eval/loss")
 HIGHER_IS_BETTER = {"eval/accuracy": True, "eval/loss": False}

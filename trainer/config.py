@@ -63,6 +63,15 @@ class Config:
     random_shift: float = _setting(0.0, "Augment: random shift, as a fraction of the image size.")
     random_rotation: float = _setting(0.0, "Augment: random rotation, maximum degrees.")
     random_zoom: float = _setting(0.0, "Augment: random zoom, maximum fraction.")
+    augment_on: str = _setting(
+        "auto",
+        "Where --random_flip/shift/rotation/zoom run (--random_resized_crop, which changes the "
+        "image size, stays in the pipeline). host: in the tf.data pipeline, on float pixels; "
+        "device: inside the train step on each replica's device (the pipeline ships uint8), "
+        "keyed by (--seed, step, replica), outside XLA. auto: device when training on GPUs, "
+        "else host.",
+        choices_=choices.AUGMENT_ON,
+    )
     random_resized_crop: bool = _setting(
         False,
         "Augment: the Inception random-resized crop (8%-100% of the area, aspect 3/4-4/3) of "

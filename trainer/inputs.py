@@ -1,5 +1,7 @@
 """The run's input, specified once: which dataset, at what size, with which augmentation.
 
+With `--augment_on=device` (the plan's `augment_on`) the pipeline ships unaugmented uint8 batches
+and `device_augment` is what the train step applies instead (trainer/step.py).
 `InputSpec` turns the plan and config into the `dataset_fn(worker_index, num_workers, batch)`
 callables the backends distribute (training, evaluation) and the sample batch TensorBoard shows,
 so the keyword arguments of `datasets.pipeline.input_fn` are written in one place. With
@@ -34,6 +36,16 @@ class InputSpec:
     def augment(self) -> AugmentConfig:
         c = self.config
         return AugmentConfig(c.random_flip, c.random_shift, c.random_rotation, c.random_zoom)
+
+    @property
+    def host_augment(self) -> AugmentConfig:
+        """What the training pipeline applies: nothing when the step augments on the device."""
+        return self.augment if self.plan.augment_on == "host" else AugmentConfig()
+
+    @property
+    def device_augment(self) -> AugmentConfig:
+        """What the train step applies on each replica's device: nothing on host."""
+        return self.augment if self.plan.augment_on == "device" else AugmentConfig()
 
     def _dataset_fn(self, split: str, **options) -> DatasetFn:
         def dataset_fn(worker_index, num_workers, batch_size) -> tf.data.Dataset:
@@ -72,7 +84,8 @@ class InputSpec:
         return self._dataset_fn(
             split,
             training=True,
-            augment=self.augment,
+            augment=self.host_augment,
+            # The crop changes the image size, so it stays in the pipeline in either mode.
             random_resized_crop=self.config.random_resized_crop,
             seed=seed,
             shuffle_buffer=shuffle_buffer or self.config.shuffle_buffer,

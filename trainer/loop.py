@@ -185,6 +185,8 @@ def _train_and_finish(config, plan, machine, backend, state, metadata, stop) -> 
         confusion_matrix=True,  # TensorBoard shows it at every evaluation.
         stop_votes=vote,
         sync_batchnorm=config.sync_batchnorm,
+        device_augment=inputs.device_augment,
+        seed=config.seed,
     )
     summaries = Summaries(config.workdir, enabled=backend.is_chief)
     meter = Meter(step_lib.TRAIN_METRICS, plan.global_batch)
@@ -248,7 +250,14 @@ def _restore(config, plan, backend, state, inputs):
     local = backend.input_state_is_local and not config.data_service
     iterator = train_iterator(config.seed) if local else None
     checkpointer = checkpoints.Checkpointer(
-        config.workdir, state, backend, keep=config.keep_checkpoints, input_iterator=iterator
+        config.workdir,
+        state,
+        backend,
+        keep=config.keep_checkpoints,
+        input_iterator=iterator,
+        # Device augmentation's pipeline is another dataset than the host one's (uint8 out, no
+        # augmentation stage): a run resumed in the other mode starts the input order afresh.
+        input_variant="_device_augment" if inputs.device_augment.enabled else "",
     )
     logging.info(
         "%s", checkpointer.restore(config.init_checkpoint, partial=config.init_checkpoint_partial)
@@ -436,7 +445,15 @@ def _write_run_start(run: _Run) -> None:
     sample = run.inputs.training(plan.train_split, config.seed, shuffle_buffer=256)
     # The first read of the training split: a corrupt record here is one line, as in training.
     with errors.reading_split(run.inputs.metadata, plan.data_dir, plan.train_split):
-        run.summaries.images(0, "input/images", lambda: next(iter(sample(0, 1, 16)))[0])
+        run.summaries.images(0, "input/images", lambda: _sample_images(run, sample))
+
+
+def _sample_images(run: _Run, sample) -> tf.Tensor:
+    """16 training inputs as the model sees them, augmented (on device: by the step's function)."""
+    images = next(iter(sample(0, 1, 16)))[0]
+    return step_lib.augment_on_device(
+        images, run.inputs.device_augment, run.config.seed, 0, replica_id=0, num_replicas=1
+    )
 
 
 def _finish(run: _Run, final_step: int, start_step: int) -> dict:
@@ -497,6 +514,7 @@ def _summary(run: _Run, final_step: int, start_step: int, final_eval: dict) -> d
         "precision_reason": plan.precision_reason,
         "precision_decided_by": plan.precision_decided_by,
         "xla": plan.xla,
+        "augment_on": plan.augment_on,
         "sync_batchnorm": config.sync_batchnorm,
         "ema_decay": config.ema_decay,
         "data_dir": plan.data_dir,

@@ -1,7 +1,8 @@
 """The run's plan: everything derived from (config, topology, dataset) before a variable exists.
 
 `resolve_plan` is pure: no TensorFlow state, no files, no logging. It decides the splits, the
-input shape, the batch sizes at every level, the step count, XLA and precision (from the machine
+input shape, the batch sizes at every level, the step count, XLA, where augmentation runs and
+precision (from the machine
 facts the caller read once, `trainer.hardware.Machine`), and fails fast (ConfigError) when they
 do not fit together. The loop, the summary and the tests all read the
 same frozen `Plan`, so a number is computed in exactly one place.
@@ -52,6 +53,8 @@ class Plan:
     precision_reason: str
     precision_warning: str  # empty unless the precision is known to be slow on this machine
     precision_decided_by: str = "this process"  # or "worker K", "every process"
+    # Where the --random_* augmentation runs: host (tf.data) or device (the train step).
+    augment_on: str = "host"
 
     def describe(self) -> str:
         """Three log lines: the batch arithmetic, model input and steps, the precision and why."""
@@ -67,7 +70,7 @@ class Plan:
             )
             + "\n"
             f"{'x'.join(map(str, self.input_shape))} inputs, {self.num_classes} classes; "
-            f"{self.total_steps} steps; xla {self.xla}\n"
+            f"{self.total_steps} steps; xla {self.xla}; augmentation on {self.augment_on}\n"
             f"precision {self.precision} ({self.precision_reason}; decided by "
             f"{self.precision_decided_by})"
         )
@@ -135,6 +138,11 @@ def resolve_plan(
         "auto": topology.uses_gpu and not config.deterministic and not config.sync_batchnorm,
     }
     precision = precision or local_precision(config, topology, machine)
+    # auto: on GPUs the host's few cores per GPU cannot resample images as fast as the GPU
+    # trains; on a CPU both run on the same cores, and host mode overlaps with the step.
+    augment_on = config.augment_on
+    if augment_on == "auto":
+        augment_on = "device" if topology.uses_gpu else "host"
     return Plan(
         data_dir=data_dir,
         train_split=config.train_split,
@@ -157,6 +165,7 @@ def resolve_plan(
         precision_reason=precision.reason,
         precision_warning=precision.warning,
         precision_decided_by=precision.decided_by,
+        augment_on=augment_on,
     )
 
 

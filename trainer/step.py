@@ -5,6 +5,13 @@ XLA kernel on CPU builds, so the all-reduce and the optimizer update run outside
 run inside one tf.function (`Loops.train`) so Python is entered once per `steps_per_loop` steps;
 metrics come back summed over replicas only when the loop returns (no host sync per step).
 
+With `--augment_on=device` the batch arrives unaugmented (uint8) and each replica augments its
+own share in the train step, on its device, before `grads_fn` (`augment_on_device`): the
+projective-transform resampling has no XLA kernel, so it stays outside the compiled part. The
+draws are keyed by (seed, global step) and taken for the global batch, each replica applying its
+rows: reproducible, exact on resume (the step is restored with the weights), different on every
+replica, and the same augmented global batch however many replicas share it.
+
 Only the two loops are AutoGraph-converted (their `tf.range` loops and the early stop need it).
 Everything a step calls has no tensor-dependent Python control flow and is traced as plain
 Python (`autograph=False`, `do_not_convert`), as Keras traces its own train step. Converting it
@@ -20,12 +27,35 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
+from datasets import augment as augment_lib
+from datasets.augment import AugmentConfig
 from datasets.pipeline import model_input
 from trainer.backends.base import Backend
 from trainer.state import TrainState
 
 TRAIN_METRICS = ("loss", "correct", "count", "skipped")
 EVAL_METRICS = ("loss_sum", "correct", "count")
+# Second seed word of the device augmentation's key: its own stream, apart from the host
+# pipeline's ([seed, worker_index], datasets/pipeline.py).
+_DEVICE_AUGMENT_STREAM = 0x0A06
+
+
+def augment_on_device(images, config: AugmentConfig, seed: int, step, replica_id, num_replicas):
+    """--augment_on=device: one replica's share of the global batch, normalized and augmented.
+
+    `images` are the replica's uint8 [b, H, W, C]; the parameters are drawn for all
+    num_replicas x b images of the global batch from (seed, step) and this replica's rows
+    (replica_id x b onwards) applied, so the result is that of augmenting the global batch at
+    once. Returns float32 in [0, 1]; unchanged input when `config` enables nothing.
+    """
+    if not config.enabled:
+        return images
+    key = tf.random.experimental.stateless_fold_in(
+        tf.constant([seed, _DEVICE_AUGMENT_STREAM], tf.int64), tf.cast(step, tf.int64)
+    )
+    return augment_lib.apply_to_share(
+        model_input(images), config, key, tf.cast(replica_id, tf.int32), num_replicas
+    )
 
 
 @dataclasses.dataclass
@@ -38,8 +68,9 @@ class Loops:
 
     `grads(images, labels) -> (loss, grads, correct)` is the train step's own forward+backward of
     one replica's batch (its micro-batches summed; `grads_fn` itself, the part XLA compiles, when
-    there is one micro-batch); called in the replica context (`Backend.run`), it applies nothing.
-    The time breakdown (trainer/breakdown.py) times it; tests/test_xla_gpu_lowering.py lowers it.
+    there is one micro-batch and no device augmentation, which runs first when on); called in the
+    replica context (`Backend.run`), it applies nothing. The time breakdown (trainer/breakdown.py)
+    times it; tests/test_xla_gpu_lowering.py lowers it.
     """
 
     train: tf.types.experimental.GenericFunction
@@ -69,6 +100,8 @@ def build_loops(
     confusion_matrix: bool = False,
     stop_votes: tf.Variable | None = None,
     sync_batchnorm: bool = False,
+    device_augment: AugmentConfig | None = None,
+    seed: int = 0,
 ) -> Loops:
     """Builds the train and eval loops for `state` under `backend`.
 
@@ -84,7 +117,9 @@ def build_loops(
     at the same step. Default: a constant no-vote. With `sync_batchnorm` the model all-reduces
     its batch statistics (`models.synchronize_batch_norm`): a synchronisation point tf.distribute
     allows only in the replica function itself, so the forward/backward is not a tf.function of
-    its own (nor XLA-compiled) then.
+    its own (nor XLA-compiled) then. `device_augment`: what each replica applies to its share
+    of the batch before the forward pass, keyed by (`seed`, step) (`augment_on_device`); the
+    input pipeline then ships the batches unaugmented.
     """
     model, optimizer, step = state.model, state.optimizer, state.step
     loss_scaling = state.uses_loss_scaling
@@ -129,7 +164,22 @@ def build_loops(
         return loss, grads, correct
 
     # One micro-batch: grads_fn itself, so that what XLA compiles can be traced on its own.
-    replica_grads = grads_fn if grad_accum_steps == 1 else accumulated_grads
+    compiled_grads = grads_fn if grad_accum_steps == 1 else accumulated_grads
+    replica_grads = compiled_grads
+    device_augment = device_augment or AugmentConfig()
+    if device_augment.enabled:
+
+        def replica_grads(images, labels):
+            """compiled_grads of the replica's batch, augmented first (--augment_on=device)."""
+            images = augment_on_device(
+                images,
+                device_augment,
+                seed,
+                step.read_value(),  # Before this step's increment: step k draws with key k.
+                backend.replica_id(),
+                backend.num_replicas,
+            )
+            return compiled_grads(images, labels)
 
     def replica_train_step(images, labels):
         loss, grads, correct = replica_grads(images, labels)

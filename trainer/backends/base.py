@@ -81,6 +81,12 @@ class Backend(abc.ABC):
     def run(self, fn: Callable, *args) -> Any:
         """Runs fn on every local replica (inside a tf.function), each on its slice of the args."""
 
+    def replica_id(self) -> tf.Tensor:
+        """The global id (0 .. num_replicas - 1) of the replica running; in the replica context.
+
+        This default fits backends with one replica per worker (the worker's index)."""
+        return tf.constant(self.worker_index, tf.int32)
+
     @abc.abstractmethod
     def reduce_sum(self, values: Any) -> Any:
         """Sums a structure of tensors over all replicas; called in the replica context."""

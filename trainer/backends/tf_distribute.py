@@ -42,6 +42,10 @@ class _StrategyBackend(Backend):
             args = self.strategy.experimental_distribute_values_from_function(replica_slice)
         return self.strategy.run(fn, args=args)
 
+    def replica_id(self):
+        # Counts across workers under MultiWorkerMirrored (worker-major).
+        return tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group, tf.int32)
+
     def reduce_sum(self, values):
         return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, values)
 
