@@ -98,11 +98,12 @@ flags.DEFINE_float(
     "max_epochs", 0.0, "Cap every contender at this many epochs (0: as published; smoke runs)."
 )
 flags.DEFINE_integer("seed", 0, "Seed for every contender.")
-flags.DEFINE_enum(
+CONVOY_PRECISIONS = ("preset", "auto", "fp32", "bf16")
+flags.DEFINE_string(
     "convoy_precision",
     "preset",
-    ["preset", "auto", "fp32", "bf16"],
-    "convoy's --precision (preset: the preset's own). The Keras recipes always run fp32.",
+    f"convoy's --precision, one of {', '.join(CONVOY_PRECISIONS)} (preset: the preset's own). "
+    "The Keras recipes always run fp32.",
 )
 flags.DEFINE_string("run_contender", "", "Internal: run this Keras recipe in this process.")
 flags.DEFINE_string("result_file", "", "Internal: where --run_contender writes its result.")
@@ -412,6 +413,13 @@ def _check_contenders() -> None:
         print(
             f"error: --contenders={','.join(FLAGS.contenders)}: expected names from "
             f"{', '.join(known)}",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    if FLAGS.convoy_precision not in CONVOY_PRECISIONS:
+        print(
+            f"error: --convoy_precision={FLAGS.convoy_precision}: expected one of "
+            f"{', '.join(CONVOY_PRECISIONS)}",
             file=sys.stderr,
         )
         sys.exit(2)
