@@ -33,7 +33,8 @@ training clock, evaluates, and restarts it.
 
 Prints one JSON line: per contender the seconds to each target (null: never reached), final
 accuracy and the evaluations; convoy's speed-up over the fastest Keras recipe at each target
-(the issue's target: >= 3x); and the `machine` it ran on. A contender that cannot run gets an
+(the issue's target: >= 3x); the seed, `--convoy_precision` and `ONEDNN_MAX_CPU_ISA` (set it to
+AVX2 for both sides to stand in for an AVX2-only CPU); and the `machine` it ran on. A contender that cannot run gets an
 `error` instead of figures. Data: `--data_dir` (a prepared MNIST), else ../shared/data/mnist
 prepared into a temporary directory when it exists, else the embedded sample (noted in the JSON:
 its 2,000-image test split does not measure 99.2%). `--max_epochs` caps every contender (smoke
