@@ -2,7 +2,8 @@
 
     python benchmarks/time_to_accuracy.py [--data_dir=OUT | --data_dir=sample]
         [--contenders=convoy_mnist_fast,keras_functional_convnet,keras_tf_tutorial_cnn]
-        [--eval_every=0.25] [--max_epochs=0]
+        [--eval_every=0.25] [--max_epochs=0] [--seed=0]
+        [--convoy_precision=preset|auto|fp32|bf16]
 
 On one machine, in one run, one contender after another (each in its own process), every
 contender is evaluated on the full test split every `--eval_every` epochs (converted to steps of
@@ -11,7 +12,9 @@ its own batch size) and at its end; the clock counts training only, never these 
 - `convoy_mnist_fast`: `python -m trainer --flagfile=trainer/configs/mnist_fast.cfg` with
   `--eval_every_steps`; times and accuracies come from summary.json's `eval_history`, whose
   `train_seconds` is the trainer's own training clock (compiled chunks only, evaluation excluded).
-  Its precision is the preset's (`auto`: bf16 on a CPU with native bf16, else fp32).
+  Its precision is the preset's (`auto`: bf16 on a CPU with native bf16, else fp32) unless
+  `--convoy_precision` names one: `--convoy_precision=fp32` compares like with like (the Keras
+  recipes run fp32) on any machine.
 - `keras_functional_convnet`: the functional-API MNIST convnet of F. Chollet, "Deep Learning with
   Python", 2nd ed., listing 8.1: 3x3 conv 32 -> pool 2 -> conv 64 -> pool 2 -> conv 128 ->
   flatten -> dense softmax; RMSprop, sparse categorical cross-entropy, `fit(epochs=5,
@@ -30,7 +33,8 @@ training clock, evaluates, and restarts it.
 
 Prints one JSON line: per contender the seconds to each target (null: never reached), final
 accuracy and the evaluations; convoy's speed-up over the fastest Keras recipe at each target
-(the issue's target: >= 3x); and the `machine` it ran on. A contender that cannot run gets an
+(the issue's target: >= 3x); the seed, `--convoy_precision` and `ONEDNN_MAX_CPU_ISA` (set it to
+AVX2 for both sides to stand in for an AVX2-only CPU); and the `machine` it ran on. A contender that cannot run gets an
 `error` instead of figures. Data: `--data_dir` (a prepared MNIST), else ../shared/data/mnist
 prepared into a temporary directory when it exists, else the embedded sample (noted in the JSON:
 its 2,000-image test split does not measure 99.2%). `--max_epochs` caps every contender (smoke
@@ -95,6 +99,13 @@ flags.DEFINE_float(
     "max_epochs", 0.0, "Cap every contender at this many epochs (0: as published; smoke runs)."
 )
 flags.DEFINE_integer("seed", 0, "Seed for every contender.")
+CONVOY_PRECISIONS = ("preset", "auto", "fp32", "bf16")
+flags.DEFINE_string(
+    "convoy_precision",
+    "preset",
+    f"convoy's --precision, one of {', '.join(CONVOY_PRECISIONS)} (preset: the preset's own). "
+    "The Keras recipes always run fp32.",
+)
 flags.DEFINE_string("run_contender", "", "Internal: run this Keras recipe in this process.")
 flags.DEFINE_string("result_file", "", "Internal: where --run_contender writes its result.")
 FLAGS = flags.FLAGS
@@ -294,6 +305,8 @@ def _convoy(data_dir: str, num_train: int, tmp: str) -> dict:
     ]
     if FLAGS.max_epochs:
         command.append(f"--train_steps={_steps(FLAGS.max_epochs, num_train, batch)}")
+    if FLAGS.convoy_precision != "preset":
+        command.append(f"--precision={FLAGS.convoy_precision}")  # later flags win
     result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True)
     if result.returncode != 0:
         return {"error": failure_line(result)}
@@ -404,6 +417,13 @@ def _check_contenders() -> None:
             file=sys.stderr,
         )
         sys.exit(2)
+    if FLAGS.convoy_precision not in CONVOY_PRECISIONS:
+        print(
+            f"error: --convoy_precision={FLAGS.convoy_precision}: expected one of "
+            f"{', '.join(CONVOY_PRECISIONS)}",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     if FLAGS.eval_every <= 0 or FLAGS.max_epochs < 0:
         print("error: --eval_every must be > 0 and --max_epochs >= 0", file=sys.stderr)
         sys.exit(2)
@@ -468,6 +488,9 @@ def main(argv):
                 "data": source,
                 "examples": counts,
                 "eval_every_epochs": FLAGS.eval_every,
+                "seed": FLAGS.seed,
+                "convoy_precision_flag": FLAGS.convoy_precision,
+                "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
                 "targets": [f"{t:.3f}" for t in targets],
                 "note": note,
                 "contenders": results,

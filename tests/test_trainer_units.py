@@ -129,7 +129,7 @@ def test_log_every_steps_zero_means_only_at_the_end():
 
 def test_preset_loads_from_the_package_and_later_flags_win():
     c = config_from_argv(["trainer", "--preset=mnist_fast", "--epochs=1"], check_paths=False)
-    assert c.model == "tutorial_cnn" and c.lr_schedule == "one_cycle" and c.epochs == 1
+    assert c.model == "fast_bn_cnn" and c.lr_schedule == "one_cycle" and c.epochs == 1
 
 
 def test_help_lists_every_trainer_flag_by_group_and_the_presets():

@@ -13,6 +13,7 @@ BUILTIN_MODELS = (
     "lenet",
     "tutorial_cnn",
     "small_convnet",
+    "fast_bn_cnn",
     "sign_cnn",
     "cats_dogs_cnn",
     "cats_dogs_cnn4",
