@@ -282,7 +282,9 @@ def test_concurrent_prepares_of_one_dir_agree(tmp_path, small_idx):
 
 def test_progress_lines_report_rate_and_eta(tmp_path, make_idx_dir, caplog):
     input_dir = make_idx_dir((np.zeros((3000, 2, 2), np.uint8), np.arange(3000) % 3))
-    with caplog.at_level(logging.INFO):
+    # The lines are absl INFO records: set absl's own logger, whose level an earlier test (or
+    # absl's flag parsing) may have left above INFO, as test_datasets_pipeline does.
+    with caplog.at_level(logging.INFO, logger="absl"):
         prepare("idx", input_dir, str(tmp_path / "out"), num_shards=2, progress_interval=0.0)
     lines = [r.getMessage() for r in caplog.records]
     assert any(
