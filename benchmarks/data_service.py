@@ -62,23 +62,8 @@ def _start(role: str, *args: str) -> subprocess.Popen:
     return process
 
 
-def _pull(iterator, steps):
-    """Batches pulled inside a tf.function, as the trainer's multi-step chunk does."""
-
-    @tf.function
-    def pull():
-        total = tf.constant(0.0)
-        for _ in tf.range(steps):
-            images, _ = next(iterator)
-            # Depend on the batch so nothing is pruned; uint8 or float (augmented) pixels.
-            total += tf.cast(images[0, 0, 0, 0], tf.float32)
-        return total
-
-    return pull
-
-
 def _images_per_sec(ds) -> tuple[float, int, float]:
-    pull = _pull(iter(ds), tf.constant(FLAGS.steps_per_call))
+    pull = local_bench._pull(iter(ds), tf.constant(FLAGS.steps_per_call))
     local_bench._run(pull, FLAGS.warmup_seconds)
     batches, elapsed = local_bench._run(pull, FLAGS.seconds)
     return round(batches * FLAGS.batch_size / elapsed, 1), batches, round(elapsed, 3)
