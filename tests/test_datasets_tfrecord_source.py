@@ -183,14 +183,7 @@ def _one_line_error(call, *words: str) -> None:
 def _copy_with(tmp_path, imagenet_dir, name: str, records: list[bytes]) -> str:
     """A folder with the good files and one more, `name`, holding `records`."""
     source, written = imagenet_dir
-    directory = str(tmp_path / "bad")
-    os.makedirs(directory)
-    for good in written:
-        with (
-            open(os.path.join(source, good), "rb") as f,
-            open(os.path.join(directory, good), "wb") as g,
-        ):
-            g.write(f.read())
+    directory = _copy(source, written, str(tmp_path / "bad"))
     with tf.io.TFRecordWriter(os.path.join(directory, name)) as out:
         for record in records:
             out.write(record)
